@@ -1,0 +1,38 @@
+# The two commands a newcomer needs:  `make up`  (run the platform locally)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: setup up down status test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+up: setup
+	$(BIN)/faas up
+
+down: setup
+	$(BIN)/faas down
+
+status: setup
+	$(BIN)/faas status
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy faas gateway
+
+bench: setup
+	$(BIN)/python bench/invoke_latency.py
+
+clean:
+	rm -rf $(VENV) .faas .pytest_cache

@@ -1,0 +1,84 @@
+"""Code archives in the S3-compatible object store, addressed by sha256.
+
+Guarantees: an archive is stored under ``archives/<sha256>.zip`` and never overwritten with other
+bytes (same key, same content); a presigned URL lets an instance read exactly one archive for a short
+time without holding credentials.  boto3 is synchronous, so calls run in a worker thread; every S3 or
+network failure surfaces as ``Unavailable`` naming the endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from faas.core.errors import Unavailable
+from faas.core.models import CodeRef
+from faas.core.settings import Settings
+
+
+class CodeStore:
+    def __init__(self, settings: Settings) -> None:
+        self.endpoint = settings.s3_endpoint
+        self.bucket = settings.s3_bucket
+        self.presign_ttl_s = settings.presign_ttl_s
+        self._s3 = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint,
+            aws_access_key_id=settings.s3_access_key,
+            aws_secret_access_key=settings.s3_secret_key,
+            region_name=settings.s3_region,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                connect_timeout=3,
+                read_timeout=30,
+                retries={"max_attempts": 2, "mode": "standard"},
+            ),
+        )
+
+    def _fail(self, what: str, exc: Exception) -> Unavailable:
+        return Unavailable(f"object store at {self.endpoint} failed to {what}: {exc}")
+
+    async def ensure_bucket(self) -> None:
+        def _ensure() -> None:
+            try:
+                self._s3.head_bucket(Bucket=self.bucket)
+            except botocore.exceptions.ClientError:
+                self._s3.create_bucket(Bucket=self.bucket)
+
+        try:
+            await asyncio.to_thread(_ensure)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail(f"create bucket {self.bucket!r}", exc) from exc
+
+    async def put_archive(self, data: bytes) -> CodeRef:
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"archives/{sha}.zip"
+
+        def _put() -> None:
+            try:
+                head = self._s3.head_object(Bucket=self.bucket, Key=key)
+                if int(head["ContentLength"]) == len(data):
+                    return  # content-addressed: already stored
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/zip")
+
+        try:
+            await asyncio.to_thread(_put)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail("store the code archive", exc) from exc
+        return CodeRef(key=key, sha256=sha, size=len(data))
+
+    def presign_get(self, key: str) -> str:
+        """A GET URL for one archive, valid for ``presign_ttl_s`` (computed locally, no I/O)."""
+        return str(
+            self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
+            )
+        )

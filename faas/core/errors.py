@@ -1,0 +1,114 @@
+"""The one exception root of the platform, and the wire shape of every error.
+
+Adapters translate etcd, Redis, S3 and HTTP failures into these classes (``raise X(...) from exc``);
+services turn them into JSON ``{"error": {"kind", "type", "message"}}`` with ``http_status``.  A user
+therefore always sees a kind and a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FaasError(Exception):
+    """Root of all platform errors."""
+
+    http_status = 500
+    kind = "platform_error"
+
+    def __init__(self, message: str, *, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type or type(self).__name__
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"kind": self.kind, "type": self.error_type, "message": self.message}}
+
+
+class InvalidRequest(FaasError):
+    http_status = 400
+    kind = "invalid_request"
+
+
+class NotFound(FaasError):
+    http_status = 404
+    kind = "not_found"
+
+
+class Conflict(FaasError):
+    http_status = 409
+    kind = "conflict"
+
+
+class PayloadTooLarge(FaasError):
+    http_status = 413
+    kind = "payload_too_large"
+
+
+class TooManyRequests(FaasError):
+    http_status = 429
+    kind = "too_many_requests"
+
+
+class Unavailable(FaasError):
+    """A dependency (etcd, Redis, S3, a peer service) cannot be reached or is not ready."""
+
+    http_status = 503
+    kind = "unavailable"
+
+
+class NotLeader(Unavailable):
+    kind = "not_leader"
+
+
+class DeadlineExceeded(FaasError):
+    http_status = 504
+    kind = "deadline_exceeded"
+
+
+class FunctionError(FaasError):
+    """The user's handler raised: its exception type and message travel to the caller."""
+
+    http_status = 500
+    kind = "function_error"
+
+
+class FunctionTimeout(FaasError):
+    http_status = 504
+    kind = "function_timeout"
+
+
+class InstanceStartError(FaasError):
+    """An instance could not be started or specialised (bad archive, missing module, import error)."""
+
+    http_status = 502
+    kind = "instance_start_error"
+
+
+ERROR_CLASSES: dict[str, type[FaasError]] = {
+    cls.kind: cls
+    for cls in (
+        FaasError,
+        InvalidRequest,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        TooManyRequests,
+        Unavailable,
+        NotLeader,
+        DeadlineExceeded,
+        FunctionError,
+        FunctionTimeout,
+        InstanceStartError,
+    )
+}
+
+
+def error_from_body(body: Any, status: int) -> FaasError:
+    """Rebuild the error a peer service sent (the inverse of ``FaasError.to_body``)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return FaasError(f"unexpected response (HTTP {status}): {str(body)[:200]}")
+    cls = ERROR_CLASSES.get(str(err.get("kind")), FaasError)
+    exc = cls(str(err.get("message", "")), error_type=err.get("type"))
+    return exc

@@ -1,0 +1,159 @@
+"""Records the services exchange and store in etcd.
+
+Every record is a pydantic model serialised as JSON.  A function version is immutable once written;
+the function record holds the mutable part (aliases, counters).  Name rules live here so the gateway,
+the CLI and the manifest reader reject the same inputs with the same message.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.[A-Za-z_][A-Za-z0-9_]*$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RUNTIMES = ("python3.11",)
+RESERVED_ENV_PREFIXES = ("FAAS_", "AWS_")
+
+
+def name_problem(name: str, what: str = "function name") -> str | None:
+    """Why ``name`` is not a valid function or namespace name, or None when it is."""
+    if not NAME_RE.match(name):
+        return (
+            f"invalid {what} {name!r}: use 1-63 characters, lowercase letters, digits and '-', "
+            "starting with a letter"
+        )
+    if name.endswith("-"):
+        return f"invalid {what} {name!r}: must not end with '-'"
+    return None
+
+
+def now() -> float:
+    return time.time()
+
+
+class CodeRef(BaseModel):
+    """A code archive in the object store, addressed by its content."""
+
+    key: str
+    sha256: str
+    size: int
+
+
+class VersionConfig(BaseModel):
+    """What a user sets for a version (from ``faas.yaml`` or the API)."""
+
+    runtime: Literal["python3.11"] = "python3.11"
+    handler: str = "handler.handler"
+    memory_mb: int = Field(default=256, ge=64, le=10240)
+    timeout_s: float = Field(default=30.0, gt=0, le=900)
+    concurrency: int = Field(default=1, ge=1, le=1000)
+    min_instances: int = Field(default=0, ge=0, le=100)
+    max_instances: int = Field(default=10, ge=1, le=1000)
+    environment: dict[str, str] = Field(default_factory=dict)
+    description: str = ""
+
+    @field_validator("handler")
+    @classmethod
+    def _handler_shape(cls, value: str) -> str:
+        if not HANDLER_RE.match(value):
+            raise ValueError(f"handler {value!r} must look like 'module.function' (e.g. 'handler.handler')")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _env_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_KEY_RE.match(key):
+                raise ValueError(f"environment variable name {key!r} is not valid")
+            if key.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"environment variable {key!r} uses a reserved prefix {RESERVED_ENV_PREFIXES}")
+        return value
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.min_instances > self.max_instances:
+            raise ValueError("min_instances must not exceed max_instances")
+
+    @property
+    def handler_module(self) -> str:
+        return self.handler.rsplit(".", 1)[0]
+
+
+class VersionSpec(VersionConfig):
+    """One immutable, numbered version of a function."""
+
+    namespace: str
+    function: str
+    version: int
+    code: CodeRef
+    created_at: float = Field(default_factory=now)
+
+
+class FunctionRecord(BaseModel):
+    namespace: str
+    name: str
+    latest_version: int = 0
+    aliases: dict[str, int] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+
+class FunctionView(BaseModel):
+    """What the management API returns for a function."""
+
+    namespace: str
+    name: str
+    latest_version: int
+    aliases: dict[str, int]
+    created_at: float
+    updated_at: float
+    config: VersionSpec | None = None
+    url: str | None = None
+
+
+class InstanceRecord(BaseModel):
+    """A running instance, written by the scheduler under the node's lease."""
+
+    instance_id: str
+    namespace: str
+    function: str
+    version: int
+    node_id: str
+    address: str  # unix:///path/to.sock or http://127.0.0.1:PORT
+    concurrency: int
+    memory_mb: int = 0
+    started_at: float = Field(default_factory=now)
+
+
+class MemberRecord(BaseModel):
+    """A live service process (registered under its own lease)."""
+
+    role: str
+    member_id: str
+    address: str
+    pid: int
+    started_at: float = Field(default_factory=now)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeRecord(BaseModel):
+    node_id: str
+    address: str  # the node agent's HTTP address
+    lease_id: int
+    runtime: str
+    memory_total_mb: int
+    memory_free_mb: int
+    cpu_load: float = 0.0
+    instances: int = 0
+    updated_at: float = Field(default_factory=now)
+
+
+class LeaderRecord(BaseModel):
+    role: str
+    member_id: str
+    address: str
+    elected_at: float = Field(default_factory=now)

@@ -1,0 +1,159 @@
+"""Functions and their versions in etcd.
+
+Guarantees:
+- a version is created in one etcd transaction that also moves ``latest``; concurrent deploys of the
+  same function get consecutive numbers (compare-and-swap on the function record, retried);
+- versions are immutable; deleting a function deletes its record and every version in one transaction;
+- ``Catalog`` serves lookups from a watched in-memory copy and falls back to etcd on a miss, so a
+  version created a moment ago is never reported missing.
+"""
+
+from __future__ import annotations
+
+import time
+
+from faas.core import keys
+from faas.core.errors import Conflict, InvalidRequest, NotFound
+from faas.core.etcd import Etcd, PrefixMirror
+from faas.core.models import CodeRef, FunctionRecord, VersionConfig, VersionSpec
+
+_MAX_CAS_ATTEMPTS = 20
+
+
+class FunctionRegistry:
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+
+    async def get_function(self, ns: str, name: str) -> FunctionRecord:
+        kv = await self.etcd.get(keys.function(ns, name))
+        if kv is None:
+            raise NotFound(f"function {name!r} not found in namespace {ns!r}")
+        return FunctionRecord.model_validate_json(kv.value)
+
+    async def list_functions(self, ns: str) -> list[FunctionRecord]:
+        kvs, _ = await self.etcd.get_prefix(keys.functions_prefix(ns))
+        return [FunctionRecord.model_validate_json(kv.value) for kv in kvs]
+
+    async def get_version(self, ns: str, name: str, number: int) -> VersionSpec:
+        kv = await self.etcd.get(keys.version(ns, name, number))
+        if kv is None:
+            raise NotFound(f"version {number} of function {name!r} not found")
+        return VersionSpec.model_validate_json(kv.value)
+
+    async def list_versions(self, ns: str, name: str) -> list[VersionSpec]:
+        await self.get_function(ns, name)
+        kvs, _ = await self.etcd.get_prefix(keys.versions_prefix(ns, name))
+        return [VersionSpec.model_validate_json(kv.value) for kv in kvs]
+
+    async def resolve(self, ns: str, name: str, qualifier: str | None = None) -> VersionSpec:
+        record = await self.get_function(ns, name)
+        return await self.get_version(ns, name, resolve_qualifier(record, qualifier))
+
+    async def create_version(self, ns: str, name: str, config: VersionConfig, code: CodeRef) -> VersionSpec:
+        fkey = keys.function(ns, name)
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            kv = await self.etcd.get(fkey)
+            now = time.time()
+            if kv is None:
+                record = FunctionRecord(namespace=ns, name=name, created_at=now)
+                guard = self.etcd.create_revision(fkey) == 0
+            else:
+                record = FunctionRecord.model_validate_json(kv.value)
+                guard = self.etcd.mod_revision(fkey) == kv.mod_revision
+            number = record.latest_version + 1
+            spec = VersionSpec(
+                **config.model_dump(), namespace=ns, function=name, version=number, code=code, created_at=now
+            )
+            record.latest_version = number
+            record.aliases["latest"] = number
+            record.updated_at = now
+            ok, _ = await self.etcd.txn(
+                [guard],
+                [
+                    self.etcd.op_put(fkey, record.model_dump_json().encode()),
+                    self.etcd.op_put(keys.version(ns, name, number), spec.model_dump_json().encode()),
+                ],
+            )
+            if ok:
+                return spec
+        raise Conflict(f"function {name!r} is being changed concurrently; try again")
+
+    async def delete_function(self, ns: str, name: str) -> None:
+        fkey = keys.function(ns, name)
+        ok, _ = await self.etcd.txn(
+            [self.etcd.create_revision(fkey) > 0],
+            [self.etcd.op_delete(fkey), self.etcd.op_delete(keys.versions_prefix(ns, name), prefix=True)],
+        )
+        if not ok:
+            raise NotFound(f"function {name!r} not found in namespace {ns!r}")
+
+
+def resolve_qualifier(record: FunctionRecord, qualifier: str | None) -> int:
+    """The version number a qualifier (None, an alias, or a number) designates."""
+    if not qualifier:
+        qualifier = "latest"
+    if qualifier.isdigit():
+        number = int(qualifier)
+        if number < 1 or number > record.latest_version:
+            raise NotFound(f"version {number} of function {record.name!r} not found")
+        return number
+    if qualifier not in record.aliases:
+        raise InvalidRequest(f"unknown alias {qualifier!r} for function {record.name!r}")
+    return record.aliases[qualifier]
+
+
+class Catalog:
+    """Watched copy of every function record and version, for lookups on the invocation path."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.registry = FunctionRegistry(etcd)
+        self._functions = PrefixMirror(etcd, keys.functions_prefix())
+        self._versions = PrefixMirror(etcd, keys.all_versions_prefix())
+        self._parsed: dict[bytes, tuple[bytes, object]] = {}
+
+    def start(self) -> None:
+        self._functions.start()
+        self._versions.start()
+
+    async def wait_ready(self) -> None:
+        await self._functions.wait_ready()
+        await self._versions.wait_ready()
+
+    async def stop(self) -> None:
+        await self._functions.stop()
+        await self._versions.stop()
+
+    def _parse(self, key: bytes, raw: bytes, model: type) -> object:
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        value = model.model_validate_json(raw)
+        self._parsed[key] = (raw, value)
+        return value
+
+    def functions(self) -> list[FunctionRecord]:
+        return [self._parse(k, v, FunctionRecord) for k, v in list(self._functions.items.items())]  # type: ignore[misc]
+
+    def cached_function(self, ns: str, name: str) -> FunctionRecord | None:
+        key = keys.function(ns, name)
+        raw = self._functions.items.get(key)
+        return self._parse(key, raw, FunctionRecord) if raw is not None else None  # type: ignore[return-value]
+
+    async def function(self, ns: str, name: str) -> FunctionRecord:
+        return self.cached_function(ns, name) or await self.registry.get_function(ns, name)
+
+    async def version(self, ns: str, name: str, number: int) -> VersionSpec:
+        key = keys.version(ns, name, number)
+        raw = self._versions.items.get(key)
+        if raw is not None:
+            return self._parse(key, raw, VersionSpec)  # type: ignore[return-value]
+        return await self.registry.get_version(ns, name, number)
+
+    async def resolve(self, ns: str, name: str, qualifier: str | None = None) -> VersionSpec:
+        record = await self.function(ns, name)
+        try:
+            number = resolve_qualifier(record, qualifier)
+        except NotFound:
+            record = await self.registry.get_function(ns, name)  # the cache may lag a fresh deploy
+            number = resolve_qualifier(record, qualifier)
+        return await self.version(ns, name, number)

@@ -1,0 +1,178 @@
+"""How every platform process runs: one bound socket, one uvicorn server, one membership lease.
+
+``run_service`` binds the listening socket *before* building the app, so the app knows the address
+it registers in etcd; ``Membership`` keeps ``/faas/members/{role}/{id}`` alive under a lease and
+re-registers after the lease is lost.  ``install_error_handlers`` turns every ``FaasError`` into the
+platform's JSON error shape once, for the whole app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from faas.core import keys
+from faas.core.errors import FaasError, InvalidRequest
+from faas.core.etcd import Etcd, Lease
+from faas.core.models import MemberRecord
+from faas.core.settings import Settings
+
+log = logging.getLogger("faas.service")
+
+DEADLINE_HEADER = "x-faas-deadline-ms"
+REQUEST_ID_HEADER = "x-faas-request-id"
+
+
+def configure_logging(role: str, member_id: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("FAAS_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s {role}/{member_id} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every request at INFO: far too much on the invocation path.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def error_response(exc: FaasError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_faas_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, FaasError)
+        return error_response(exc)
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()
+        )
+        return error_response(InvalidRequest(problems or "invalid request"))
+
+    app.add_exception_handler(FaasError, on_faas_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+
+
+def deadline_from_header(value: str | None, default_s: float) -> float:
+    """Absolute deadline (epoch seconds) from the header, or now + ``default_s``."""
+    if value:
+        try:
+            return int(value) / 1000.0
+        except ValueError:
+            pass
+    return time.time() + default_s
+
+
+def deadline_header(deadline: float) -> str:
+    return str(int(deadline * 1000))
+
+
+def etcd_from_settings(settings: Settings) -> Etcd:
+    host, port = settings.etcd_host_port
+    return Etcd(host, port)
+
+
+class Membership:
+    """Keeps this process's member record in etcd for as long as it runs."""
+
+    def __init__(self, etcd: Etcd, record: MemberRecord, ttl_s: int) -> None:
+        self.etcd = etcd
+        self.record = record
+        self.ttl_s = ttl_s
+        self.lease: Lease | None = None
+
+    async def register(self) -> None:
+        self.lease = Lease(self.etcd, self.ttl_s, owner=f"{self.record.role}:{self.record.member_id}")
+        lease_id = await self.lease.grant()
+        await self.etcd.put(
+            keys.member(self.record.role, self.record.member_id),
+            self.record.model_dump_json().encode(),
+            lease=lease_id,
+        )
+
+    async def keep_forever(self) -> NoReturn:
+        """Register (retrying while etcd is unreachable), then re-register whenever the lease is lost."""
+        while True:
+            if self.lease is None or self.lease.lost.is_set():
+                if self.lease is not None:
+                    log.warning("membership lease lost; registering again")
+                    await self.lease.revoke()
+                    self.lease = None
+                try:
+                    await self.register()
+                except FaasError as exc:
+                    log.warning("registration of %s failed: %s", self.record.member_id, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+            assert self.lease is not None
+            await self.lease.lost.wait()
+
+    async def deregister(self) -> None:
+        try:
+            await self.etcd.delete(keys.member(self.record.role, self.record.member_id))
+        except FaasError:
+            pass
+        if self.lease is not None:
+            await self.lease.revoke()
+
+
+def parse_service_args(role: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"faas-{role}")
+    parser.add_argument("--id", default=f"{role}-1", help="member id, unique per role")
+    parser.add_argument("--host", default=None, help="bind host (default FAAS_BIND_HOST)")
+    parser.add_argument("--port", type=int, default=0, help="bind port (default: ephemeral)")
+    return parser.parse_args()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_service(
+    *,
+    role: str,
+    build_app: Callable[[Settings, str, str], FastAPI],
+    default_host: str | None = None,
+    default_port: int = 0,
+) -> None:
+    """Entry point shared by every service: ``python -m faas.<role> --id ID``."""
+    args = parse_service_args(role)
+    settings = Settings()
+    configure_logging(role, args.id)
+    host = args.host or default_host or settings.bind_host
+    port = args.port or default_port
+    sock = bind_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    address = f"http://{bound_host}:{bound_port}"
+    app = build_app(settings, args.id, address)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        loop="uvloop",
+        http="httptools",
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
+    log.info("%s %s listening on %s", role, args.id, address)
+    server.run(sockets=[sock])

@@ -1,0 +1,91 @@
+"""One settings model for every process of the platform.
+
+Every value comes from an environment variable ``FAAS_<FIELD>`` (or a keyword argument in tests), so
+each service can point at an external etcd, Redis and S3 instead of the embedded ones.  Nothing here
+is read at import time: services build a ``Settings`` in their entry point and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAAS_", extra="ignore")
+
+    # Where the embedded platform keeps data, logs, sockets and pid files.
+    home: Path = Path(".faas")
+
+    # Backing services.  The embedded launcher starts them on these ports.
+    etcd_url: str = "http://127.0.0.1:2379"
+    etcd_peer_port: int = 2380
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_access_key: str = "faas"
+    s3_secret_key: str = "faas-secret-key"
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "faas-code"
+    # Base port for SeaweedFS' internal servers (master, volume, filer and their gRPC ports).
+    weed_base_port: int = 9333
+
+    # Public gateway.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+
+    # Internal services bind to this host on an ephemeral port and register their address in etcd.
+    bind_host: str = "127.0.0.1"
+
+    # Leases and elections.
+    lease_ttl_s: int = 5
+
+    # Functions.
+    default_namespace: str = "default"
+    max_sync_payload_bytes: int = 6 * 1024 * 1024
+    max_archive_bytes: int = 250 * 1024 * 1024
+    max_unpacked_bytes: int = 512 * 1024 * 1024
+    keepalive_s: float = 300.0
+    reap_interval_s: float = 5.0
+    cold_start_timeout_s: float = 30.0
+    presign_ttl_s: int = 300
+
+    # Node agent.
+    node_id: str = "node-1"
+    runtime: str = "process"
+    pool_size: int = Field(default=2, ge=0)
+    node_memory_mb: int = 0  # 0 = read the machine's memory
+
+    # Logs kept per function in Redis.
+    logs_per_function: int = 1000
+
+    @property
+    def etcd_host_port(self) -> tuple[str, int]:
+        parsed = urlparse(self.etcd_url)
+        return parsed.hostname or "127.0.0.1", parsed.port or 2379
+
+    @property
+    def redis_port(self) -> int:
+        return urlparse(self.redis_url).port or 6379
+
+    @property
+    def s3_port(self) -> int:
+        return urlparse(self.s3_endpoint).port or 80
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def code_cache_dir(self) -> Path:
+        return self.home / "cache" / "code"

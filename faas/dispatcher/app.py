@@ -1,0 +1,69 @@
+"""HTTP face of a dispatcher (internal contract, see docs/contracts.md)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request, Response
+
+from faas.core.models import MemberRecord
+from faas.core.registry import Catalog
+from faas.core.service import (
+    DEADLINE_HEADER,
+    REQUEST_ID_HEADER,
+    Membership,
+    deadline_from_header,
+    etcd_from_settings,
+    install_error_handlers,
+)
+from faas.core.settings import Settings
+from faas.core.tasks import TaskSet
+from faas.dispatcher.service import Dispatcher
+
+
+def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        etcd = etcd_from_settings(settings)
+        await etcd.connect()
+        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        dispatcher = Dispatcher(settings=settings, etcd=etcd, catalog=Catalog(etcd), redis=redis)
+        membership = Membership(
+            etcd, MemberRecord(role="dispatcher", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+        )
+        tasks = TaskSet("dispatcher-app")
+        await dispatcher.start()
+        await membership.register()
+        tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        app.state.dispatcher = dispatcher
+        try:
+            yield
+        finally:
+            await tasks.cancel_all()
+            await membership.deregister()
+            await dispatcher.close()
+            await redis.aclose()
+            await etcd.close()
+
+    app = FastAPI(title="faas dispatcher", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        return {"ok": True}
+
+    @app.post("/v1/invoke/{ns}/{name}/{version}")
+    async def invoke(ns: str, name: str, version: int, request: Request) -> Response:
+        dispatcher: Dispatcher = app.state.dispatcher
+        deadline = deadline_from_header(request.headers.get(DEADLINE_HEADER), settings.cold_start_timeout_s + 60)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        result = await dispatcher.invoke(
+            ns, name, version, await request.body(), request_id=request_id, deadline=deadline
+        )
+        return Response(result.body, status_code=result.status, headers=result.headers, media_type="application/json")
+
+    return app

@@ -1,0 +1,104 @@
+"""Warm instances of one function version and the requests waiting for them (pure logic, no I/O).
+
+Guarantees:
+- an instance never has more requests in flight through this dispatcher than its concurrency;
+- a released slot goes straight to the oldest waiter, so waiters are served in arrival order;
+- ``wants_start`` asks for a new instance only while the waiters outnumber the capacity already
+  being started, and never beyond ``max_instances`` (coalescing on the dispatcher's side);
+- routing picks the least-loaded instance with a free slot: the lowest in-flight/concurrency ratio,
+  ties broken by the load its node reports (JAE's weighted routing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from faas.core.models import InstanceRecord
+
+
+@dataclass(eq=False)
+class WarmInstance:
+    record: InstanceRecord
+    client: Any  # the HTTP client bound to this instance's address
+    inflight: int = 0
+    invocations: int = 0
+    dead: bool = False
+
+    @property
+    def instance_id(self) -> str:
+        return self.record.instance_id
+
+    @property
+    def free(self) -> bool:
+        return not self.dead and self.inflight < self.record.concurrency
+
+
+@dataclass(eq=False)
+class FunctionPool:
+    instances: dict[str, WarmInstance] = field(default_factory=dict)
+    waiters: deque[asyncio.Future[WarmInstance]] = field(default_factory=deque)
+    pending_starts: int = 0
+
+    def pick(self, node_load: Callable[[str], float]) -> WarmInstance | None:
+        best: WarmInstance | None = None
+        best_score = (2.0, 0.0)
+        for inst in self.instances.values():
+            if not inst.free:
+                continue
+            score = (inst.inflight / inst.record.concurrency, node_load(inst.record.node_id))
+            if best is None or score < best_score:
+                best, best_score = inst, score
+        if best is not None:
+            best.inflight += 1
+        return best
+
+    def capacity_starting(self, concurrency: int) -> int:
+        return self.pending_starts * concurrency
+
+    def wants_start(self, concurrency: int, max_instances: int) -> bool:
+        live_waiters = sum(1 for w in self.waiters if not w.done())
+        if live_waiters <= self.capacity_starting(concurrency):
+            return False
+        return len(self.instances) + self.pending_starts < max_instances
+
+    def add(self, inst: WarmInstance) -> bool:
+        """Add an instance (idempotent); returns False if it was known already."""
+        if inst.instance_id in self.instances:
+            return False
+        self.instances[inst.instance_id] = inst
+        self.hand_out(inst)
+        return True
+
+    def remove(self, instance_id: str) -> WarmInstance | None:
+        inst = self.instances.pop(instance_id, None)
+        if inst is not None:
+            inst.dead = True
+        return inst
+
+    def release(self, inst: WarmInstance) -> None:
+        inst.inflight -= 1
+        if not inst.dead:
+            self.hand_out(inst)
+
+    def hand_out(self, inst: WarmInstance) -> None:
+        """Give the instance's free slots to the oldest waiters."""
+        while inst.free and self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.done():
+                continue
+            inst.inflight += 1
+            waiter.set_result(inst)
+
+    def fail_waiters(self, exc: BaseException) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    @property
+    def idle(self) -> bool:
+        return not self.instances and not self.waiters and self.pending_starts == 0

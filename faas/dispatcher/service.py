@@ -1,0 +1,352 @@
+"""The dispatcher: routes each invocation to a warm instance, or gets one from the scheduler.
+
+Guarantees:
+- the table of warm instances is a watched copy of ``/faas/instances/`` plus what the scheduler just
+  returned; an instance deleted in etcd stops receiving work at once;
+- an invocation never waits past its deadline (header ``X-Faas-Deadline-Ms``): waiting for a slot, for
+  a start, and the call to the instance all share it;
+- a request the instance never received (connection refused, socket gone, instance busy) is retried on
+  another instance within the deadline; a request the instance received is never retried (a sync
+  invocation runs at most once per call);
+- an instance that timed out, ran out of memory, crashed or announced ``X-Faas-Retire`` is dropped
+  and reported to the scheduler;
+- each invocation's captured output is appended to the function's log list in Redis, off the
+  response path, bounded to ``logs_per_function`` entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, NoReturn
+
+import httpx
+import redis.asyncio as aioredis
+
+from faas.core import keys, redis_keys
+from faas.core.election import LeaderWatch
+from faas.core.errors import (
+    DeadlineExceeded,
+    FaasError,
+    FunctionTimeout,
+    InstanceStartError,
+    TooManyRequests,
+    Unavailable,
+    error_from_body,
+)
+from faas.core.etcd import Etcd, PrefixMirror
+from faas.core.instance_client import client_for
+from faas.core.models import InstanceRecord, NodeRecord, VersionSpec
+from faas.core.registry import Catalog
+from faas.core.service import deadline_header
+from faas.core.settings import Settings
+from faas.core.tasks import TaskSet
+from faas.dispatcher.pool import FunctionPool, WarmInstance
+
+log = logging.getLogger("faas.dispatcher")
+
+VersionKey = tuple[str, str, int]
+# Grace on top of the function timeout for the host to answer a timed-out call itself.
+TIMEOUT_GRACE_S = 1.5
+
+
+class InvocationResult:
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class LogSink:
+    """Batches invocation log records into Redis lists, one per function."""
+
+    def __init__(self, redis: aioredis.Redis, keep: int) -> None:
+        self.redis = redis
+        self.keep = keep
+        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=10000)
+
+    def add(self, ns: str, name: str, record: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait((redis_keys.function_logs(ns, name), json.dumps(record).encode()))
+        except asyncio.QueueFull:
+            log.warning("log queue full; dropping a log record of %s", name)
+
+    async def run_forever(self) -> NoReturn:
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and len(batch) < 500:
+                batch.append(self.queue.get_nowait())
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, value in batch:
+                        pipe.lpush(key, value)
+                    for key in {k for k, _ in batch}:
+                        pipe.ltrim(key, 0, self.keep - 1)
+                    await pipe.execute()
+            except Exception as exc:  # Redis down: logs are best effort, invocations go on
+                log.warning("could not write %d log records: %s", len(batch), exc)
+
+
+class Dispatcher:
+    def __init__(self, *, settings: Settings, etcd: Etcd, catalog: Catalog, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.catalog = catalog
+        self.pools: dict[VersionKey, FunctionPool] = {}
+        self.instances = PrefixMirror(etcd, keys.instances_prefix(), on_change=self._on_instance_change)
+        self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
+        self.scheduler = LeaderWatch(etcd, "scheduler")
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.cold_start_timeout_s, connect=3.0))
+        self.logs = LogSink(redis, settings.logs_per_function)
+        self.tasks = TaskSet("dispatcher")
+        self._node_load: dict[str, float] = {}
+
+    async def start(self) -> None:
+        self.catalog.start()
+        self.instances.start()
+        self.nodes.start()
+        self.scheduler.start()
+        self.tasks.spawn(self.logs.run_forever(), name="logs", long_lived=True)
+        await self.instances.wait_ready()
+
+    async def close(self) -> None:
+        await self.tasks.cancel_all()
+        await self.instances.stop()
+        await self.nodes.stop()
+        await self.scheduler.stop()
+        await self.catalog.stop()
+        for pool in self.pools.values():
+            for inst in pool.instances.values():
+                await inst.client.aclose()
+        await self.http.aclose()
+
+    # -- instance table ----------------------------------------------------------------------
+
+    def _pool(self, key: VersionKey) -> FunctionPool:
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = FunctionPool()
+        return pool
+
+    def _on_instance_change(self, kind: str, key: bytes, value: bytes | None) -> None:
+        parts = key.decode().split("/")  # /faas/instances/{ns}/{name}/{version}/{id}
+        ns, name, version, instance_id = parts[3], parts[4], int(parts[5]), parts[6]
+        pool = self._pool((ns, name, version))
+        if value is None:
+            inst = pool.remove(instance_id)
+            if inst is not None:
+                self.tasks.spawn(self._close_when_drained(inst), name=f"close:{instance_id}")
+        else:
+            self._add_instance(pool, InstanceRecord.model_validate_json(value))
+
+    def _add_instance(self, pool: FunctionPool, record: InstanceRecord) -> None:
+        if record.instance_id in pool.instances:
+            return
+        client = client_for(record.address, max_connections=max(record.concurrency, 1) + 2)
+        pool.add(WarmInstance(record=record, client=client))
+
+    async def _close_when_drained(self, inst: WarmInstance) -> None:
+        while inst.inflight > 0:  # noqa: ASYNC110 - runs only when an instance leaves; a poll is enough
+            await asyncio.sleep(0.1)
+        await inst.client.aclose()
+
+    def node_load(self, node_id: str) -> float:
+        raw = self.nodes.items.get(keys.node(node_id))
+        if raw is None:
+            return 0.0
+        return NodeRecord.model_validate_json(raw).cpu_load
+
+    # -- invocation --------------------------------------------------------------------------
+
+    async def invoke(
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+    ) -> InvocationResult:
+        spec = await self.catalog.version(ns, name, version)
+        key: VersionKey = (ns, name, version)
+        pool = self._pool(key)
+        started = time.perf_counter()
+        while True:
+            inst, cold = await self._acquire(pool, key, spec, deadline)
+            try:
+                outcome = await self._call(inst, spec, body, request_id=request_id, deadline=deadline)
+            finally:
+                pool.release(inst)
+            if outcome is None:  # never delivered: try another instance
+                continue
+            status, payload, retire = outcome
+            if retire:
+                self._drop(pool, inst, reason="instance retired itself")
+            return self._finish(
+                spec, inst, status, payload, request_id=request_id, cold=cold,
+                total_ms=(time.perf_counter() - started) * 1000,
+            )
+
+    async def _acquire(
+        self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float
+    ) -> tuple[WarmInstance, bool]:
+        inst = pool.pick(self.node_load)
+        if inst is not None:
+            return inst, inst.invocations == 0
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[WarmInstance] = loop.create_future()
+        pool.waiters.append(waiter)
+        if pool.wants_start(spec.concurrency, spec.max_instances):
+            pool.pending_starts += 1
+            self.tasks.spawn(self._request_instance(pool, key, spec, deadline), name=f"acquire:{spec.function}")
+        remaining = deadline - time.time()
+        try:
+            inst = await asyncio.wait_for(waiter, max(remaining, 0.001))
+        except TimeoutError as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                pool.release(waiter.result())
+            raise DeadlineExceeded(
+                f"no instance of {spec.function!r} became available before the deadline"
+            ) from exc
+        return inst, inst.invocations == 0
+
+    async def _request_instance(self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float) -> None:
+        try:
+            record = await self._ask_scheduler(key, deadline)
+        except TooManyRequests:
+            return  # at max instances: waiters get slots as calls finish
+        except FaasError as exc:
+            if not pool.instances:
+                pool.fail_waiters(exc)
+            return
+        finally:
+            pool.pending_starts -= 1
+        self._add_instance(pool, record)
+        # Waiters that remain beyond what is being started may need one more instance.
+        if pool.wants_start(spec.concurrency, spec.max_instances):
+            pool.pending_starts += 1
+            self.tasks.spawn(self._request_instance(pool, key, spec, deadline), name=f"acquire:{spec.function}")
+
+    async def _ask_scheduler(self, key: VersionKey, deadline: float) -> InstanceRecord:
+        ns, name, version = key
+        tried_address: str | None = None
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"the scheduler did not start an instance of {name!r} before the deadline")
+            leader = await self.scheduler.wait_for_leader(min(remaining, 10.0), not_address=tried_address)
+            try:
+                resp = await self.http.post(
+                    f"{leader.address}/v1/acquire/{ns}/{name}/{version}", timeout=max(remaining, 0.01)
+                )
+            except httpx.TimeoutException as exc:
+                raise DeadlineExceeded(f"starting an instance of {name!r} took longer than the deadline") from exc
+            except httpx.HTTPError:
+                tried_address = leader.address
+                await asyncio.sleep(0.1)
+                continue
+            if resp.status_code == 200:
+                return InstanceRecord.model_validate_json(resp.content)
+            exc2 = error_from_body(_json(resp), resp.status_code)
+            if resp.status_code == 503 and exc2.kind == "not_leader":
+                tried_address = leader.address
+                await asyncio.sleep(0.1)
+                continue
+            raise exc2
+
+    async def _call(
+        self, inst: WarmInstance, spec: VersionSpec, body: bytes, *, request_id: str, deadline: float
+    ) -> tuple[int, dict[str, Any], bool] | None:
+        """Send one invocation; None means it was not delivered (safe to retry elsewhere)."""
+        timeout = min(spec.timeout_s + TIMEOUT_GRACE_S, max(deadline - time.time(), 0.001))
+        pool = self._pool((spec.namespace, spec.function, spec.version))
+        inst.invocations += 1
+        try:
+            resp = await inst.client.post(
+                "/_/invoke",
+                content=body,
+                headers={"x-faas-request-id": request_id, "x-faas-deadline-ms": deadline_header(deadline)},
+                timeout=timeout,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._drop(pool, inst, reason=f"unreachable ({exc!r})")
+            return None
+        except httpx.TimeoutException:
+            self._drop(pool, inst, reason="did not answer within its timeout")
+            err = FunctionTimeout(f"function exceeded its timeout of {spec.timeout_s:g} s")
+            return 504, {**err.to_body(), "logs": ""}, False
+        except httpx.HTTPError as exc:
+            self._drop(pool, inst, reason=f"connection broke during an invocation ({exc!r})")
+            err = InstanceStartError("the instance crashed during the invocation", error_type="InstanceCrashed")
+            return 502, {**err.to_body(), "logs": ""}, False
+        if resp.status_code in (429, 409):  # busy or not ready: it never ran the request
+            if resp.status_code == 409:
+                self._drop(pool, inst, reason="instance is not specialised")
+            await asyncio.sleep(0.005)
+            return None
+        try:
+            payload = json.loads(resp.content)
+        except ValueError:
+            payload = {"error": {"kind": "platform_error", "type": "BadResponse", "message": "instance sent invalid JSON"}}
+        return resp.status_code, payload, resp.headers.get("x-faas-retire") == "1"
+
+    def _drop(self, pool: FunctionPool, inst: WarmInstance, *, reason: str) -> None:
+        if pool.remove(inst.instance_id) is None:
+            return
+        log.warning("dropping instance %s: %s", inst.instance_id, reason)
+        self.tasks.spawn(self._report_broken(inst), name=f"retire:{inst.instance_id}")
+
+    async def _report_broken(self, inst: WarmInstance) -> None:
+        await self._close_when_drained(inst)
+        leader = self.scheduler.current()
+        if leader is None:
+            return
+        try:
+            await self.http.post(f"{leader.address}/v1/instances/{inst.instance_id}/retire", timeout=10.0)
+        except httpx.HTTPError as exc:
+            log.warning("could not report %s to the scheduler: %r", inst.instance_id, exc)
+
+    def _finish(
+        self, spec: VersionSpec, inst: WarmInstance, status: int, payload: dict[str, Any], *,
+        request_id: str, cold: bool, total_ms: float,
+    ) -> InvocationResult:
+        headers = {
+            "x-faas-request-id": request_id,
+            "x-faas-version": str(spec.version),
+            "x-faas-instance": inst.instance_id,
+            "x-faas-cold": "1" if cold else "0",
+            "x-faas-duration-ms": f"{float(payload.get('duration_ms', 0.0)):.3f}",
+        }
+        if status == 200:
+            body = json.dumps(payload.get("result")).encode()
+            outcome = "ok"
+        else:
+            error = payload.get("error") or {}
+            outcome = str(error.get("kind", "error"))
+            if outcome in ("function_error", "out_of_memory", "function_timeout"):
+                headers["x-faas-function-error"] = "Unhandled"
+            if status == 507:
+                status = 500
+            body = json.dumps({"error": error}).encode()
+        self.logs.add(
+            spec.namespace,
+            spec.function,
+            {
+                "ts": time.time(),
+                "request_id": request_id,
+                "version": spec.version,
+                "instance_id": inst.instance_id,
+                "status": outcome,
+                "duration_ms": round(total_ms, 3),
+                "output": payload.get("logs", ""),
+            },
+        )
+        return InvocationResult(status, body, headers)
+
+
+def _json(resp: httpx.Response) -> object:
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
+__all__ = ["Dispatcher", "InvocationResult", "Unavailable"]

@@ -1,0 +1,316 @@
+"""The scheduler: owns placement and the life of instances.
+
+Guarantees:
+- only the elected leader starts, records or reaps instances; a standby answers 503 ``not_leader``;
+  every instance record is written in a transaction fenced by the leader's election revision, so a
+  deposed leader cannot record anything (the instance it just started is stopped again);
+- concurrent acquire calls for one version share a start in flight up to the instance's concurrency
+  (``StartBook``); running + starting never exceeds ``max_instances`` (429 beyond it);
+- a start has a deadline (``cold_start_timeout_s``); a failed start surfaces the host's error;
+- the reaper (leader only, every ``reap_interval_s``) drops records of dead instances, stops instances
+  idle longer than ``keepalive_s`` (keeping ``min_instances`` of each function's latest version),
+  stops instances of deleted functions and orphans no record points at, and starts instances until each
+  latest version has ``min_instances``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import defaultdict
+from typing import NoReturn
+
+import httpx
+
+from faas.core import keys
+from faas.core.codestore import CodeStore
+from faas.core.election import Election
+from faas.core.errors import (
+    FaasError,
+    InstanceStartError,
+    NotFound,
+    NotLeader,
+    TooManyRequests,
+    Unavailable,
+    error_from_body,
+)
+from faas.core.etcd import Etcd, PrefixMirror
+from faas.core.models import InstanceRecord, NodeRecord, VersionSpec
+from faas.core.registry import Catalog
+from faas.core.settings import Settings
+from faas.core.tasks import TaskSet
+from faas.scheduler.placement import StartBook, StartTicket, VersionKey, pick_node
+
+log = logging.getLogger("faas.scheduler")
+
+
+class Scheduler:
+    def __init__(
+        self, *, settings: Settings, etcd: Etcd, election: Election, catalog: Catalog, code_store: CodeStore
+    ) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.election = election
+        self.catalog = catalog
+        self.code_store = code_store
+        self.instances = PrefixMirror(etcd, keys.instances_prefix())
+        self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
+        self.book = StartBook()
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.cold_start_timeout_s, connect=3.0))
+        self.tasks = TaskSet("scheduler")
+        self._orphan_suspects: set[str] = set()
+
+    async def start(self) -> None:
+        self.instances.start()
+        self.nodes.start()
+        self.catalog.start()
+        self.tasks.spawn(self.election.campaign_forever(), name="election", long_lived=True)
+        self.tasks.spawn(self._reap_forever(), name="reaper", long_lived=True)
+
+    async def close(self) -> None:
+        await self.tasks.cancel_all()
+        await self.election.resign()
+        await self.instances.stop()
+        await self.nodes.stop()
+        await self.catalog.stop()
+        await self.http.aclose()
+
+    # -- views -------------------------------------------------------------------------------
+
+    def instance_records(self) -> list[InstanceRecord]:
+        return [InstanceRecord.model_validate_json(v) for v in list(self.instances.items.values())]
+
+    def node_records(self) -> list[NodeRecord]:
+        return [NodeRecord.model_validate_json(v) for v in list(self.nodes.items.values())]
+
+    def running(self, key: VersionKey) -> int:
+        ns, name, version = key
+        prefix = keys.instance(ns, name, version, "")
+        return sum(1 for k in list(self.instances.items) if k.startswith(prefix))
+
+    # -- acquire -----------------------------------------------------------------------------
+
+    async def acquire(self, ns: str, name: str, version: int) -> InstanceRecord:
+        """Start (or share a start of) an instance of one version and return it once it serves."""
+        self.election.require_leader()
+        spec = await self.catalog.version(ns, name, version)
+        key: VersionKey = (ns, name, version)
+        ticket = self.book.join(key)
+        if ticket is None:
+            if self.running(key) + self.book.count(key) >= spec.max_instances:
+                raise TooManyRequests(
+                    f"function {name!r} version {version} is at its max_instances ({spec.max_instances})"
+                )
+            ticket = self.book.open(key, capacity=spec.concurrency - 1)
+            self.tasks.spawn(self._fulfil(key, spec, ticket), name=f"start:{name}:{version}")
+        return await asyncio.shield(ticket.future)
+
+    async def _fulfil(self, key: VersionKey, spec: VersionSpec, ticket: StartTicket) -> None:
+        try:
+            record = await asyncio.wait_for(self._start_instance(spec), self.settings.cold_start_timeout_s)
+        except TimeoutError:
+            ticket.future.set_exception(
+                InstanceStartError(
+                    f"instance of {spec.function!r} did not start within {self.settings.cold_start_timeout_s:.0f} s"
+                )
+            )
+        except FaasError as exc:
+            ticket.future.set_exception(exc)
+        except Exception as exc:  # never leave waiters hanging
+            log.exception("start of %s failed", spec.function)
+            ticket.future.set_exception(InstanceStartError(f"instance start failed: {exc}"))
+        else:
+            ticket.future.set_result(record)
+        finally:
+            self.book.close(key, ticket)
+            # Mark retrieved so an exception nobody awaited is not reported as "never retrieved".
+            if ticket.future.done() and not ticket.future.cancelled():
+                ticket.future.exception()
+
+    async def _start_instance(self, spec: VersionSpec) -> InstanceRecord:
+        nodes = self.node_records()
+        if not nodes:
+            raise Unavailable("no node agent is registered")
+        reserved: dict[str, int] = defaultdict(int)
+        for rec in self.instance_records():
+            reserved[rec.node_id] += rec.memory_mb
+        for node in nodes:
+            node.memory_free_mb = min(node.memory_free_mb, node.memory_total_mb - reserved[node.node_id])
+        node = pick_node(nodes, spec.memory_mb)
+        if node is None:
+            raise Unavailable(f"no node has {spec.memory_mb} MB of free memory")
+        instance_id = f"{spec.function}-v{spec.version}-{secrets.token_hex(4)}"
+        body = {
+            "instance_id": instance_id,
+            "namespace": spec.namespace,
+            "function": spec.function,
+            "version": spec.version,
+            "handler": spec.handler,
+            "code_url": self.code_store.presign_get(spec.code.key),
+            "sha256": spec.code.sha256,
+            "size": spec.code.size,
+            "memory_mb": spec.memory_mb,
+            "timeout_s": spec.timeout_s,
+            "concurrency": spec.concurrency,
+            "environment": spec.environment,
+        }
+        try:
+            resp = await self.http.post(f"{node.address}/v1/instances", json=body)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"node agent {node.node_id} at {node.address} unreachable: {exc!r}") from exc
+        if resp.status_code != 200:
+            raise error_from_body(_json(resp), resp.status_code)
+        address = resp.json()["address"]
+        record = InstanceRecord(
+            instance_id=instance_id,
+            namespace=spec.namespace,
+            function=spec.function,
+            version=spec.version,
+            node_id=node.node_id,
+            address=address,
+            concurrency=spec.concurrency,
+            memory_mb=spec.memory_mb,
+        )
+        try:
+            ok, _ = await self.etcd.txn(
+                [self.election.fence()],
+                [
+                    self.etcd.op_put(
+                        keys.instance(spec.namespace, spec.function, spec.version, instance_id),
+                        record.model_dump_json().encode(),
+                        lease=node.lease_id,
+                    )
+                ],
+            )
+        except FaasError:
+            ok = False
+        if not ok:
+            await self._stop_on_node(node, instance_id)
+            raise NotLeader("lost scheduler leadership while starting an instance")
+        log.info("started %s on %s at %s", instance_id, node.node_id, address)
+        return record
+
+    async def _stop_on_node(self, node: NodeRecord, instance_id: str) -> None:
+        try:
+            await self.http.delete(f"{node.address}/v1/instances/{instance_id}", timeout=5.0)
+        except httpx.HTTPError as exc:
+            log.warning("could not stop %s on %s: %r", instance_id, node.node_id, exc)
+
+    async def retire(self, instance_id: str) -> None:
+        """Remove an instance a dispatcher found broken (record first, then the process)."""
+        self.election.require_leader()
+        for rec in self.instance_records():
+            if rec.instance_id == instance_id:
+                await self._reap(rec, reason="reported broken")
+                return
+        raise NotFound(f"instance {instance_id!r} not found")
+
+    # -- reaper ------------------------------------------------------------------------------
+
+    async def _reap_forever(self) -> NoReturn:
+        while True:
+            await asyncio.sleep(self.settings.reap_interval_s)
+            if not self.election.is_leader:
+                continue
+            try:
+                await self.reap_once()
+            except FaasError as exc:
+                log.warning("reaper pass failed: %s", exc)
+            except Exception:
+                log.exception("reaper pass crashed")
+
+    async def _reap(self, rec: InstanceRecord, *, reason: str) -> None:
+        key = keys.instance(rec.namespace, rec.function, rec.version, rec.instance_id)
+        ok, _ = await self.etcd.txn([self.election.fence()], [self.etcd.op_delete(key)])
+        if not ok:
+            raise NotLeader("lost scheduler leadership while reaping")
+        log.info("reaping %s (%s)", rec.instance_id, reason)
+        node = next((n for n in self.node_records() if n.node_id == rec.node_id), None)
+        if node is not None:
+            # Give dispatchers a moment to see the deletion before the process goes away.
+            await asyncio.sleep(0.2)
+            await self._stop_on_node(node, rec.instance_id)
+
+    async def reap_once(self) -> None:
+        records = self.instance_records()
+        nodes = {n.node_id: n for n in self.node_records()}
+        statuses: dict[str, dict[str, object]] = {}
+        located: dict[str, NodeRecord] = {}
+        reachable_nodes: set[str] = set()
+        for node in nodes.values():
+            try:
+                resp = await self.http.get(f"{node.address}/v1/instances", timeout=5.0)
+                resp.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning("node %s unreachable for the reaper: %r", node.node_id, exc)
+                continue
+            reachable_nodes.add(node.node_id)
+            for item in resp.json():
+                statuses[item["instance_id"]] = item
+                located[item["instance_id"]] = node
+        recorded = {r.instance_id for r in records}
+        # Orphans: running on a node but recorded nowhere, two passes in a row (a start in flight
+        # is recorded within one pass).
+        suspects = {iid for iid in statuses if iid not in recorded}
+        for iid in suspects & self._orphan_suspects:
+            log.info("stopping orphan instance %s", iid)
+            await self._stop_on_node(located[iid], iid)
+        self._orphan_suspects = suspects
+
+        by_version: dict[VersionKey, list[InstanceRecord]] = defaultdict(list)
+        for rec in records:
+            by_version[(rec.namespace, rec.function, rec.version)].append(rec)
+        now_latest = {(f.namespace, f.name): f.aliases.get("latest", f.latest_version) for f in self.catalog.functions()}
+        for key, recs in by_version.items():
+            ns, name, version = key
+            alive: list[tuple[InstanceRecord, dict[str, object]]] = []
+            for rec in recs:
+                status = statuses.get(rec.instance_id)
+                if rec.node_id in reachable_nodes and (status is None or not status.get("alive")):
+                    if status is None and time.time() - rec.started_at < 5.0:
+                        continue  # just recorded; the node may not list it yet
+                    await self._reap(rec, reason="instance died")
+                    continue
+                alive.append((rec, status or {}))
+            if (ns, name) not in now_latest:
+                for rec, _ in alive:
+                    await self._reap(rec, reason="function deleted")
+                continue
+            keep = 0
+            if now_latest[(ns, name)] == version:
+                try:
+                    keep = (await self.catalog.version(ns, name, version)).min_instances
+                except NotFound:
+                    keep = 0
+            idle = [
+                (rec, st)
+                for rec, st in alive
+                if float(st.get("idle_s", 0.0)) >= self.settings.keepalive_s and int(st.get("inflight", 0)) == 0
+            ]
+            idle.sort(key=lambda item: -float(item[1].get("idle_s", 0.0)))
+            removable = max(0, len(alive) - keep)
+            for rec, _ in idle[:removable]:
+                await self._reap(rec, reason=f"idle for more than {self.settings.keepalive_s:.0f} s")
+        await self._ensure_min_instances()
+
+    async def _ensure_min_instances(self) -> None:
+        for record in self.catalog.functions():
+            version = record.aliases.get("latest", record.latest_version)
+            try:
+                spec = await self.catalog.version(record.namespace, record.name, version)
+            except NotFound:
+                continue
+            key: VersionKey = (record.namespace, record.name, version)
+            deficit = spec.min_instances - self.running(key) - self.book.count(key)
+            for _ in range(max(0, deficit)):
+                ticket = self.book.open(key, capacity=0)
+                self.tasks.spawn(self._fulfil(key, spec, ticket), name=f"min:{record.name}:{version}")
+
+
+def _json(resp: httpx.Response) -> object:
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text

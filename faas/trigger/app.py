@@ -1,0 +1,66 @@
+"""HTTP face of a trigger (internal contract, see docs/contracts.md)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from faas.core.election import Election
+from faas.core.models import MemberRecord
+from faas.core.service import (
+    DEADLINE_HEADER,
+    REQUEST_ID_HEADER,
+    Membership,
+    deadline_from_header,
+    etcd_from_settings,
+    install_error_handlers,
+)
+from faas.core.settings import Settings
+from faas.core.tasks import TaskSet
+from faas.trigger.service import Trigger, passed_headers
+
+
+def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        etcd = etcd_from_settings(settings)
+        await etcd.connect()
+        election = Election(etcd, role="trigger", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s)
+        trigger = Trigger(settings=settings, etcd=etcd, election=election)
+        membership = Membership(
+            etcd, MemberRecord(role="trigger", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+        )
+        tasks = TaskSet("trigger-app")
+        await trigger.start()
+        await membership.register()
+        tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        app.state.trigger = trigger
+        try:
+            yield
+        finally:
+            await tasks.cancel_all()
+            await membership.deregister()
+            await trigger.close()
+            await etcd.close()
+
+    app = FastAPI(title="faas trigger", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        trigger: Trigger = app.state.trigger
+        return {"ok": True, "primary": trigger.election.is_leader}
+
+    @app.post("/v1/invoke/{ns}/{name}/{version}")
+    async def invoke(ns: str, name: str, version: int, request: Request) -> Response:
+        trigger: Trigger = app.state.trigger
+        deadline = deadline_from_header(request.headers.get(DEADLINE_HEADER), settings.cold_start_timeout_s + 60)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        resp = await trigger.invoke_sync(ns, name, version, await request.body(), request_id=request_id, deadline=deadline)
+        return Response(resp.content, status_code=resp.status_code, headers=passed_headers(resp), media_type="application/json")
+
+    return app

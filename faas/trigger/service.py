@@ -1,0 +1,104 @@
+"""The trigger: the single entry for events, primary/standby through an etcd election.
+
+Guarantees:
+- only the elected primary forwards events; a standby answers 503 ``not_leader`` so the gateway
+  re-resolves the primary;
+- a sync event goes to the dispatcher that rendezvous hashing assigns to its function (warm instances
+  stay on one dispatcher); if that dispatcher is unreachable or saturated (429), the next one in the
+  ranking gets it, within the event's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import httpx
+
+from faas.core import keys
+from faas.core.election import Election
+from faas.core.errors import DeadlineExceeded, Unavailable
+from faas.core.etcd import Etcd, PrefixMirror
+from faas.core.models import MemberRecord
+from faas.core.rendezvous import rank
+from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
+from faas.core.settings import Settings
+from faas.core.tasks import TaskSet
+
+log = logging.getLogger("faas.trigger")
+
+_PASSED_HEADERS = (
+    "x-faas-request-id",
+    "x-faas-version",
+    "x-faas-instance",
+    "x-faas-cold",
+    "x-faas-duration-ms",
+    "x-faas-function-error",
+)
+
+
+class Trigger:
+    def __init__(self, *, settings: Settings, etcd: Etcd, election: Election) -> None:
+        self.settings = settings
+        self.election = election
+        self.dispatchers = PrefixMirror(etcd, keys.members_prefix("dispatcher"))
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(60.0, connect=2.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        self.tasks = TaskSet("trigger")
+        self._addresses: dict[bytes, tuple[bytes, str]] = {}
+
+    async def start(self) -> None:
+        self.dispatchers.start()
+        self.tasks.spawn(self.election.campaign_forever(), name="election", long_lived=True)
+        await self.dispatchers.wait_ready()
+
+    async def close(self) -> None:
+        await self.tasks.cancel_all()
+        await self.election.resign()
+        await self.dispatchers.stop()
+        await self.http.aclose()
+
+    def dispatcher_addresses(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, raw in list(self.dispatchers.items.items()):
+            cached = self._addresses.get(key)
+            if cached is None or cached[0] is not raw:
+                record = MemberRecord.model_validate_json(raw)
+                cached = (raw, record.address)
+                self._addresses[key] = cached
+            out[key.decode().rsplit("/", 1)[-1]] = cached[1]
+        return out
+
+    async def invoke_sync(
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+    ) -> httpx.Response:
+        self.election.require_leader()
+        members = self.dispatcher_addresses()
+        if not members:
+            raise Unavailable("no dispatcher is registered")
+        headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)}
+        last_error = "no dispatcher answered"
+        for member_id in rank(members, f"{ns}/{name}"):
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                break
+            url = f"{members[member_id]}/v1/invoke/{ns}/{name}/{version}"
+            try:
+                resp = await self.http.post(url, content=body, headers=headers, timeout=remaining + 0.5)
+            except httpx.TimeoutException as exc:
+                raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline") from exc
+            except httpx.HTTPError as exc:
+                last_error = f"dispatcher {member_id} unreachable: {exc!r}"
+                log.warning(last_error)
+                continue
+            if resp.status_code == 429 and resp.headers.get("x-faas-saturated") == "1":
+                last_error = f"dispatcher {member_id} saturated"
+                continue
+            return resp
+        raise Unavailable(last_error)
+
+
+def passed_headers(resp: httpx.Response) -> dict[str, str]:
+    return {h: resp.headers[h] for h in _PASSED_HEADERS if h in resp.headers}

@@ -1,0 +1,257 @@
+"""The public gateway: management API, HTTP invocation, logs.  OpenAPI at ``/docs``.
+
+Guarantees:
+- a deploy is atomic: the archive is checked, stored in S3 by content hash, then the version is
+  created in one etcd transaction; if either store fails the caller gets 503 and no version exists;
+- an invocation payload over ``max_sync_payload_bytes`` is refused with 413 before it is read whole;
+- every error is ``{"error": {"kind", "type", "message"}}`` with a precise status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, File, Form, Query, Request, Response, UploadFile
+from pydantic import ValidationError
+
+from faas.core import redis_keys
+from faas.core.codestore import CodeStore
+from faas.core.election import LeaderWatch
+from faas.core.errors import FaasError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable
+from faas.core.models import (
+    FunctionRecord,
+    FunctionView,
+    MemberRecord,
+    VersionConfig,
+    VersionSpec,
+    name_problem,
+)
+from faas.core.registry import Catalog, FunctionRegistry
+from faas.core.service import Membership, etcd_from_settings, install_error_handlers
+from faas.core.settings import Settings
+from faas.core.tasks import TaskSet
+from faas.trigger.service import passed_headers
+from gateway.archive import check_archive
+from gateway.http_events import build_event, build_response
+from gateway.invoker import TriggerClient
+
+NamespaceQuery = Annotated[str | None, Query(description="namespace (default: the platform's default)")]
+
+
+def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        etcd = etcd_from_settings(settings)
+        await etcd.connect()
+        catalog = Catalog(etcd)
+        catalog.start()
+        leader = LeaderWatch(etcd, "trigger")
+        leader.start()
+        code_store = CodeStore(settings)
+        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        membership = Membership(
+            etcd, MemberRecord(role="gateway", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+        )
+        tasks = TaskSet("gateway")
+        # The gateway starts even while etcd is unreachable: it then answers 503 until etcd is back.
+        tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        app.state.registry = FunctionRegistry(etcd)
+        app.state.catalog = catalog
+        app.state.code_store = code_store
+        app.state.trigger = TriggerClient(leader)
+        app.state.redis = redis
+        try:
+            yield
+        finally:
+            await tasks.cancel_all()
+            await membership.deregister()
+            await app.state.trigger.close()
+            await leader.stop()
+            await catalog.stop()
+            await redis.aclose()
+            await etcd.close()
+
+    app = FastAPI(
+        title="faas gateway",
+        description="Deploy and invoke Python functions.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    def namespace_of(namespace: str | None) -> str:
+        ns = namespace or settings.default_namespace
+        problem = name_problem(ns, "namespace")
+        if problem:
+            raise InvalidRequest(problem)
+        return ns
+
+    def check_name(name: str) -> str:
+        problem = name_problem(name)
+        if problem:
+            raise InvalidRequest(problem)
+        return name
+
+    def function_url(name: str) -> str:
+        return f"{settings.gateway_url}/fn/{name}/"
+
+    def view(record: FunctionRecord, spec: VersionSpec | None) -> FunctionView:
+        return FunctionView(**record.model_dump(), config=spec, url=function_url(record.name))
+
+    @app.get("/healthz", tags=["platform"])
+    async def healthz() -> dict[str, object]:
+        return {"ok": True}
+
+    # -- management ---------------------------------------------------------------------------
+
+    @app.put("/v1/functions/{name}", status_code=201, response_model=FunctionView, tags=["functions"])
+    async def deploy(
+        name: str,
+        config: Annotated[str, Form(description="JSON of the version's configuration (VersionConfig)")],
+        code: Annotated[UploadFile, File(description="zip archive of the function's code")],
+        namespace: NamespaceQuery = None,
+    ) -> FunctionView:
+        """Create the function, or a new version of it, from a config and a code archive."""
+        ns = namespace_of(namespace)
+        check_name(name)
+        try:
+            parsed = VersionConfig.model_validate_json(config)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise InvalidRequest(f"invalid function config: {problems}") from exc
+        data = await code.read(settings.max_archive_bytes + 1)
+        check_archive(
+            data,
+            handler_module=parsed.handler_module,
+            handler=parsed.handler,
+            max_bytes=settings.max_archive_bytes,
+            max_unpacked=settings.max_unpacked_bytes,
+        )
+        code_store: CodeStore = app.state.code_store
+        registry: FunctionRegistry = app.state.registry
+        ref = await code_store.put_archive(data)
+        spec = await registry.create_version(ns, name, parsed, ref)
+        record = await registry.get_function(ns, name)
+        return view(record, spec)
+
+    @app.get("/v1/functions", tags=["functions"])
+    async def list_functions(namespace: NamespaceQuery = None) -> dict[str, list[FunctionView]]:
+        ns = namespace_of(namespace)
+        registry: FunctionRegistry = app.state.registry
+        out = []
+        for record in await registry.list_functions(ns):
+            try:
+                spec = await registry.get_version(ns, record.name, record.aliases.get("latest", record.latest_version))
+            except NotFound:
+                spec = None
+            out.append(view(record, spec))
+        return {"functions": out}
+
+    @app.get("/v1/functions/{name}", response_model=FunctionView, tags=["functions"])
+    async def get_function(name: str, namespace: NamespaceQuery = None) -> FunctionView:
+        ns = namespace_of(namespace)
+        registry: FunctionRegistry = app.state.registry
+        record = await registry.get_function(ns, check_name(name))
+        spec = await registry.get_version(ns, name, record.aliases.get("latest", record.latest_version))
+        return view(record, spec)
+
+    @app.get("/v1/functions/{name}/versions", tags=["functions"])
+    async def list_versions(name: str, namespace: NamespaceQuery = None) -> dict[str, list[VersionSpec]]:
+        registry: FunctionRegistry = app.state.registry
+        return {"versions": await registry.list_versions(namespace_of(namespace), check_name(name))}
+
+    @app.delete("/v1/functions/{name}", status_code=204, tags=["functions"])
+    async def delete_function(name: str, namespace: NamespaceQuery = None) -> Response:
+        ns = namespace_of(namespace)
+        registry: FunctionRegistry = app.state.registry
+        await registry.delete_function(ns, check_name(name))
+        try:
+            await app.state.redis.delete(redis_keys.function_logs(ns, name))
+        except Exception:  # logs are best effort; the function is gone either way
+            pass
+        return Response(status_code=204)
+
+    @app.get("/v1/functions/{name}/logs", tags=["functions"])
+    async def function_logs(
+        name: str, namespace: NamespaceQuery = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> dict[str, list[dict[str, Any]]]:
+        ns = namespace_of(namespace)
+        await app.state.catalog.function(ns, check_name(name))
+        try:
+            raw = await app.state.redis.lrange(redis_keys.function_logs(ns, name), 0, limit - 1)
+        except Exception as exc:
+            raise Unavailable(f"log store (Redis) unreachable: {exc}") from exc
+        return {"logs": [json.loads(item) for item in reversed(raw)]}
+
+    # -- invocation ---------------------------------------------------------------------------
+
+    async def read_payload(request: Request) -> bytes:
+        limit = settings.max_sync_payload_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"payload is {declared} bytes; the limit for a synchronous call is {limit}")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"payload exceeds the limit of {limit} bytes for a synchronous call")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def invoke_version(ns: str, name: str, qualifier: str | None, body: bytes, request_id: str) -> tuple[Any, VersionSpec]:
+        catalog: Catalog = app.state.catalog
+        spec = await catalog.resolve(ns, name, qualifier)
+        deadline = time.time() + settings.cold_start_timeout_s + spec.timeout_s + 2.0
+        trigger: TriggerClient = app.state.trigger
+        resp = await trigger.invoke(ns, name, spec.version, body, request_id=request_id, deadline=deadline)
+        return resp, spec
+
+    @app.post("/v1/functions/{name}/invoke", tags=["invocation"])
+    async def invoke(
+        name: str,
+        request: Request,
+        namespace: NamespaceQuery = None,
+        qualifier: Annotated[str | None, Query(description="version number or alias (default: latest)")] = None,
+    ) -> Response:
+        """Invoke synchronously: the request body is the event (JSON), the response is the result."""
+        ns = namespace_of(namespace)
+        check_name(name)
+        body = await read_payload(request) or b"{}"
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise InvalidRequest(f"the event must be JSON: {exc}") from exc
+        request_id = uuid.uuid4().hex
+        resp, _ = await invoke_version(ns, name, qualifier, body, request_id)
+        return Response(resp.content, status_code=resp.status_code, headers=passed_headers(resp), media_type="application/json")
+
+    @app.api_route(
+        "/fn/{name}/{path:path}",
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        tags=["invocation"],
+    )
+    async def http_trigger(name: str, path: str, request: Request, namespace: NamespaceQuery = None) -> Response:
+        """HTTP trigger: the handler receives an API Gateway proxy (v2.0) event."""
+        ns = namespace_of(namespace)
+        check_name(name)
+        body = await read_payload(request)
+        request_id = uuid.uuid4().hex
+        event = build_event(request, path, body, request_id)
+        resp, _ = await invoke_version(ns, name, None, json.dumps(event).encode(), request_id)
+        headers = passed_headers(resp)
+        if resp.status_code != 200:
+            return Response(resp.content, status_code=resp.status_code, headers=headers, media_type="application/json")
+        return build_response(json.loads(resp.content), headers)
+
+    return app
+
+
+__all__ = ["build_app", "FaasError"]

@@ -1,0 +1,74 @@
+"""The gateway's path to the primary trigger.
+
+Guarantees: a call goes to whoever holds the trigger election; when the primary answers 503
+``not_leader`` or cannot be reached, the call waits (within its deadline) for the next primary and
+is sent there, so a trigger failover shows up as added latency, not as an error.  Only calls that
+were not delivered are re-sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from faas.core.election import LeaderWatch
+from faas.core.errors import DeadlineExceeded, Unavailable, error_from_body
+from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
+
+
+class TriggerClient:
+    def __init__(self, leader: LeaderWatch) -> None:
+        self.leader = leader
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(60.0, connect=2.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def invoke(
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+    ) -> httpx.Response:
+        headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)}
+        skip: str | None = None
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline")
+            leader = await self.leader.wait_for_leader(min(remaining, 15.0), not_address=skip)
+            try:
+                resp = await self.http.post(
+                    f"{leader.address}/v1/invoke/{ns}/{name}/{version}",
+                    content=body,
+                    headers=headers,
+                    timeout=remaining + 1.0,
+                )
+            except httpx.TimeoutException as exc:
+                raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline") from exc
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                if isinstance(exc, httpx.RemoteProtocolError) and not _is_disconnect_before_response(exc):
+                    raise Unavailable(f"trigger connection broke: {exc}") from exc
+                skip = leader.address
+                await asyncio.sleep(0.05)
+                continue
+            if resp.status_code == 503:
+                err = error_from_body(_json(resp), 503)
+                if err.kind == "not_leader":
+                    skip = leader.address
+                    await asyncio.sleep(0.05)
+                    continue
+            return resp
+
+
+def _is_disconnect_before_response(exc: httpx.RemoteProtocolError) -> bool:
+    return "without sending" in str(exc) or "disconnected" in str(exc).lower()
+
+
+def _json(resp: httpx.Response) -> object:
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
