@@ -1,0 +1,500 @@
+"""The function commands of ``faas``: init, deploy, invoke, ls, get, versions, logs, rm.
+
+Each command is ``cmd_x(args) -> int`` (the exit status) and registers itself in ``add_parsers``.
+Results go to stdout, progress and errors to stderr.  Commands raise ``FaasError``s and leave their
+printing to ``faas.cli.main``, except ``invoke``, which prints a function's error itself as
+``error: <kind>: <type>: <message>``.  A ``UsageError`` (bad arguments, bad -d JSON) exits 2; errors
+from the platform or the function exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from faas.core.errors import Conflict, FaasError, InvalidRequest, NotFound
+from faas.core.models import name_problem
+
+from .archive import build_archive
+from .client import GatewayClient, GatewayError, error_from_response
+from .manifest import MANIFEST_FILE, load_manifest
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_LOG_LIMIT = 50
+INVOKE_HEADERS = (
+    ("request-id", "X-Faas-Request-Id"),
+    ("version", "X-Faas-Version"),
+    ("instance", "X-Faas-Instance"),
+    ("cold", "X-Faas-Cold"),
+    ("duration-ms", "X-Faas-Duration-Ms"),
+)
+
+
+class UsageError(InvalidRequest):
+    """The command line is wrong; nothing was sent (exit status 2)."""
+
+
+def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Register the function commands; ``parents`` carry the options every command accepts."""
+    parents = list(parents)
+
+    p = subparsers.add_parser("init", parents=parents, help="create a function project folder")
+    p.add_argument("name", help="the function's name")
+    p.add_argument("--dir", help="the folder to create (default: ./NAME)")
+    p.set_defaults(func=cmd_init)
+
+    p = subparsers.add_parser(
+        "deploy", parents=parents, help="package a project and deploy it as a new version"
+    )
+    p.add_argument(
+        "dir", nargs="?", default=".", help=f"the project folder holding {MANIFEST_FILE} (default: .)"
+    )
+    _output_option(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = subparsers.add_parser(
+        "invoke",
+        parents=parents,
+        help="invoke a function and print its result",
+        description="The event is -d JSON, else stdin when it is not a terminal, else {}.",
+    )
+    p.add_argument("name")
+    p.add_argument("-d", "--data", help="the event as JSON, or @FILE to read it from a file")
+    p.add_argument("-q", "--qualifier", help="a version number or an alias (default: latest)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the request id, version, instance, cold start and duration on stderr",
+    )
+    p.set_defaults(func=cmd_invoke)
+
+    p = subparsers.add_parser("ls", parents=parents, help="list the functions of the namespace")
+    _output_option(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = subparsers.add_parser("get", parents=parents, help="show a function and its latest version")
+    p.add_argument("name")
+    _output_option(p)
+    p.set_defaults(func=cmd_get)
+
+    p = subparsers.add_parser("versions", parents=parents, help="list a function's versions")
+    p.add_argument("name")
+    _output_option(p)
+    p.set_defaults(func=cmd_versions)
+
+    p = subparsers.add_parser("logs", parents=parents, help="print a function's recent invocation logs")
+    p.add_argument("name")
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=DEFAULT_LOG_LIMIT,
+        help=f"at most this many records (default: {DEFAULT_LOG_LIMIT})",
+    )
+    _output_option(p)
+    p.set_defaults(func=cmd_logs)
+
+    p = subparsers.add_parser("rm", parents=parents, help="delete a function and all its versions")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
+
+
+# -- init -------------------------------------------------------------------------------------------
+
+MANIFEST_TEMPLATE = """\
+# faas.yaml: how the platform runs this function ('faas deploy' reads it).
+
+# The function's name: lowercase letters, digits and '-', starting with a letter.
+name: {name}
+# The Python version the function runs on.
+runtime: python3.11
+# module.function called for each event: here handler() in handler.py.
+handler: handler.handler
+# Memory per instance, in MB (64 to 10240).
+memory: 256
+# Seconds one invocation may run (at most 900).
+timeout: 30
+# Invocations one instance serves at the same time.
+concurrency: 1
+# Instances kept running even when idle (0: start on the first event, stop when idle).
+min_instances: 0
+# The most instances running at once.
+max_instances: 10
+# Environment variables the function sees, e.g. {{GREETING: hello}}.
+environment: {{}}
+# description: what this function does
+# Package only these files (default: everything in the folder):
+# include: ["*.py", "data/*"]
+# Never package these (.git, .venv, __pycache__ and *.pyc never are):
+# exclude: ["tests", "*.md"]
+"""
+
+HANDLER_TEMPLATE = '''\
+"""The function: the platform calls handler(event, context) once per invocation.
+
+event is the invocation's JSON payload (for 'faas invoke NAME -d JSON', that JSON; for an HTTP call to
+/fn/NAME/, an API-gateway style request).  Return anything JSON can encode.  What the function prints
+shows up in 'faas logs NAME'.
+"""
+
+
+def handler(event, context):
+    name = event.get("name", "world") if isinstance(event, dict) else "world"
+    print(f"greeting {name}")
+    return {"message": f"Hello, {name}!"}
+'''
+
+REQUIREMENTS_TEMPLATE = """\
+# Packages this function needs, one per line in pip's format (for example: requests>=2.31).
+# 'faas deploy' installs them into the function's archive.
+"""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    name: str = args.name
+    if problem := name_problem(name):
+        raise UsageError(problem)
+    target = Path(args.dir) if args.dir else Path(name)
+    if target.exists() and not target.is_dir():
+        raise Conflict(f"{target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()):
+        raise Conflict(f"folder {target} already exists and is not empty: not overwriting it")
+    files = {
+        MANIFEST_FILE: MANIFEST_TEMPLATE.format(name=name),
+        "handler.py": HANDLER_TEMPLATE,
+        "requirements.txt": REQUIREMENTS_TEMPLATE,
+    }
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for filename, text in files.items():
+            (target / filename).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise FaasError(f"cannot create {exc.filename or target}: {exc.strerror or exc}") from None
+    print(f"created {target}/ with {', '.join(files)}")
+    print(f'next: faas deploy {shlex.quote(str(target))} && faas invoke {name} -d \'{{"name": "world"}}\'')
+    return 0
+
+
+# -- deploy -----------------------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        manifest = load_manifest(args.dir)
+        _progress(f"packaging {manifest.name} from {manifest.project_dir}")
+        archive = build_archive(manifest.project_dir, manifest, progress=_progress)
+        _progress(f"sha256 {hashlib.sha256(archive).hexdigest()[:16]}…, uploading to {client.url}")
+        view = client.deploy(manifest.name, manifest.config.model_dump(mode="json"), archive)
+    if args.output == "json":
+        _print_json(view)
+        return 0
+    config = view.get("config") or {}
+    version = config.get("version", view.get("latest_version", "?"))
+    print(f"deployed {manifest.name} version {version}")
+    print(f"url: {_function_url(view, client, manifest.name)}")
+    print(f"invoke: faas invoke {manifest.name}{_ns_flag(args)} -d '{{}}'")
+    return 0
+
+
+# -- invoke -----------------------------------------------------------------------------------------
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    name = _name(args)
+    payload = read_payload(args.data)
+    with _client(args) as client:
+        status, headers, body = client.invoke(name, payload, qualifier=args.qualifier)
+    if args.verbose:
+        for label, header in INVOKE_HEADERS:
+            print(f"{label}: {headers.get(header, '-')}", file=sys.stderr)
+    if status >= 400:
+        err = error_from_response(status, body)
+        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
+        return 1
+    try:
+        result = json.loads(body) if body else None
+    except ValueError:
+        sys.stdout.write(body.decode("utf-8", "replace") + "\n")
+        return 0
+    _print_json(result)
+    return 0
+
+
+def read_payload(data: str | None) -> bytes:
+    """The invocation event: ``-d`` (JSON, or ``@FILE``), else stdin when it is not a terminal, else ``{}``."""
+    if data is not None:
+        source = "-d"
+        text = data
+        if data.startswith("@"):
+            source = data[1:]
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"cannot read the event from {source}: {exc}") from None
+    elif sys.stdin is not None and not sys.stdin.isatty():
+        source = "stdin"
+        try:
+            text = sys.stdin.read()
+        except OSError:
+            text = ""
+    else:
+        return b"{}"
+    if not text.strip():
+        return b"{}"
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"the event from {source} is not valid JSON: {exc}") from None
+    return text.encode("utf-8")
+
+
+# -- ls / get / versions ----------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        functions = client.list()
+    if args.output == "json":
+        _print_json(functions)
+        return 0
+    if not functions:
+        print(f"no functions in namespace {args.namespace!r}", file=sys.stderr)
+        return 0
+    rows = []
+    for fn in sorted(functions, key=lambda f: str(f.get("name", ""))):
+        config = fn.get("config") or {}
+        rows.append(
+            [
+                str(fn.get("name", "?")),
+                str(fn.get("latest_version", "-")),
+                str(config.get("runtime", "-")),
+                str(config.get("handler", "-")),
+                _memory(config.get("memory_mb")),
+                _seconds(config.get("timeout_s")),
+                _when(fn.get("updated_at")),
+            ]
+        )
+    print(format_table(["NAME", "VERSION", "RUNTIME", "HANDLER", "MEMORY", "TIMEOUT", "UPDATED"], rows))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    name = _name(args)
+    with _client(args) as client:
+        view = _named(name, args, lambda: client.get(name))
+        if args.output == "json":
+            _print_json(view)
+            return 0
+        url = _function_url(view, client, name)
+    config = view.get("config") or {}
+    code = config.get("code") or {}
+    aliases = view.get("aliases") or {}
+    env = config.get("environment") or {}
+    fields = [
+        ("name", view.get("name", name)),
+        ("namespace", view.get("namespace", args.namespace)),
+        ("version", f"{view.get('latest_version', '-')} (latest)"),
+        ("aliases", ", ".join(f"{k}={v}" for k, v in sorted(aliases.items())) or "(none)"),
+        ("url", url),
+        ("runtime", config.get("runtime", "-")),
+        ("handler", config.get("handler", "-")),
+        ("memory", _memory(config.get("memory_mb"))),
+        ("timeout", _seconds(config.get("timeout_s"))),
+        ("concurrency", config.get("concurrency", "-")),
+        ("instances", f"min {config.get('min_instances', '-')}, max {config.get('max_instances', '-')}"),
+        ("environment", ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "(none)"),
+        ("description", config.get("description") or "(none)"),
+        (
+            "code",
+            f"sha256 {str(code.get('sha256', '-'))[:16]}… ({_bytes(code.get('size'))})" if code else "-",
+        ),
+        ("created", _when(view.get("created_at"))),
+        ("updated", _when(view.get("updated_at"))),
+    ]
+    width = max(len(label) for label, _ in fields) + 2
+    for label, value in fields:
+        print(f"{label + ':':<{width}}{value}")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    name = _name(args)
+    with _client(args) as client:
+        versions = _named(name, args, lambda: client.versions(name))
+    if args.output == "json":
+        _print_json(versions)
+        return 0
+    rows = []
+    for spec in sorted(
+        versions, key=lambda v: v.get("version", 0) if isinstance(v.get("version"), int) else 0
+    ):
+        code = spec.get("code") or {}
+        rows.append(
+            [
+                str(spec.get("version", "?")),
+                _when(spec.get("created_at")),
+                str(spec.get("handler", "-")),
+                _memory(spec.get("memory_mb")),
+                _seconds(spec.get("timeout_s")),
+                str(code.get("sha256", "-"))[:12],
+                _bytes(code.get("size")),
+            ]
+        )
+    print(format_table(["VERSION", "CREATED", "HANDLER", "MEMORY", "TIMEOUT", "SHA256", "SIZE"], rows))
+    return 0
+
+
+# -- logs / rm --------------------------------------------------------------------------------------
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    name = _name(args)
+    with _client(args) as client:
+        records = _named(name, args, lambda: client.logs(name, args.limit))
+    if args.output == "json":
+        _print_json(records)
+        return 0
+    if not records:
+        print(f"no logs for {name!r} yet", file=sys.stderr)
+        return 0
+    for record in records:
+        print(format_log_record(record))
+    return 0
+
+
+def format_log_record(record: dict[str, Any]) -> str:
+    """One record: a header line (time, request id, version, status, duration), then the output indented."""
+    duration = record.get("duration_ms")
+    head = "  ".join(
+        [
+            _when(record.get("ts"), millis=True),
+            str(record.get("request_id", "-")),
+            f"v{record.get('version', '?')}",
+            str(record.get("status", "-")),
+            f"{duration:.1f} ms" if isinstance(duration, int | float) else "- ms",
+        ]
+    )
+    output = str(record.get("output") or "").rstrip("\n")
+    lines = [head, *("    " + line for line in output.splitlines())] if output else [head]
+    return "\n".join(lines)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    name = _name(args)
+    with _client(args) as client:
+        _named(name, args, lambda: client.delete(name))
+    print(f"deleted {name}")
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    lines = [
+        "   ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip()
+        for row in [headers, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _client(args: argparse.Namespace) -> GatewayClient:
+    url = str(args.url or "").strip()
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"invalid gateway URL {url!r}: it must start with http:// or https://")
+    if problem := name_problem(args.namespace, "namespace"):
+        raise UsageError(problem)
+    return GatewayClient(url, args.namespace)
+
+
+def _name(args: argparse.Namespace) -> str:
+    name: str = args.name
+    if problem := name_problem(name):
+        raise UsageError(problem)
+    return name
+
+
+def _named(name: str, args: argparse.Namespace, call: Any) -> Any:
+    """Run ``call``; a 404 becomes "function 'x' not found" (naming the namespace unless it is the default)."""
+    try:
+        return call()
+    except GatewayError as exc:
+        if exc.status == 404:
+            where = "" if args.namespace == DEFAULT_NAMESPACE else f" in namespace {args.namespace!r}"
+            raise NotFound(f"function {name!r} not found{where}") from None
+        raise
+
+
+def _function_url(view: dict[str, Any], client: GatewayClient, name: str) -> str:
+    url = view.get("url")
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        return url
+    if isinstance(url, str) and url.startswith("/"):
+        return client.url + url
+    query = "" if client.namespace == DEFAULT_NAMESPACE else f"?namespace={client.namespace}"
+    return f"{client.url}/fn/{name}/{query}"
+
+
+def _ns_flag(args: argparse.Namespace) -> str:
+    return "" if args.namespace == DEFAULT_NAMESPACE else f" -n {args.namespace}"
+
+
+def _output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text for people (default) or the gateway's JSON",
+    )
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {number})")
+    return number
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _when(ts: Any, *, millis: bool = False) -> str:
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return str(ts) if ts not in (None, "") else "-"
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return f"{text}.{int((ts % 1) * 1000):03d}" if millis else text
+
+
+def _memory(mb: Any) -> str:
+    return f"{mb}MB" if isinstance(mb, int) else "-"
+
+
+def _seconds(seconds: Any) -> str:
+    return f"{seconds:g}s" if isinstance(seconds, int | float) else "-"
+
+
+def _bytes(size: Any) -> str:
+    if not isinstance(size, int):
+        return "-"
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"

@@ -1,0 +1,128 @@
+"""The embedded launcher against the real etcd, Valkey and SeaweedFS binaries (nothing mocked).
+
+Skips on a machine without the binaries, but fails in CI (``CI=true``), where they must be installed.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+
+import aetcd
+import boto3
+import pytest
+import redis.asyncio as aioredis
+from botocore.config import Config
+
+from faas.core.errors import Conflict, Unavailable
+from faas.core.launcher import (
+    EmbeddedCluster,
+    etcd_binary,
+    pid_alive,
+    read_state,
+    settings_for_test,
+    valkey_binary,
+    weed_binary,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+def _require_binaries() -> None:
+    try:
+        etcd_binary()
+        valkey_binary()
+        weed_binary()
+    except Unavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"a backing server binary is missing in CI: {exc.message}")
+        pytest.skip(exc.message)
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """The local addresses (hex ip:port from /proc/net/tcp*) of the TCP sockets ``pid`` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1])
+    return found
+
+
+def _assert_listening_on_loopback_only(pids: list[int]) -> None:
+    if not os.path.exists("/proc/net/tcp"):
+        return  # not Linux: nothing to read the sockets from
+    for pid in pids:
+        addresses = _listening_addresses(pid)
+        assert addresses, f"pid {pid} listens on nothing"
+        # 127.0.0.1 is 0100007F in /proc/net/tcp; an IPv6 or 0.0.0.0 listener fails here.
+        assert all(a.startswith("0100007F:") for a in addresses), addresses
+
+
+async def test_start_backing_serves_etcd_valkey_and_s3_then_stops_every_process(tmp_path: Path) -> None:
+    _require_binaries()
+    settings = settings_for_test(tmp_path / "home")
+    cluster = EmbeddedCluster(settings)
+    await cluster.start_backing()
+    pids: list[int] = []
+    try:
+        state = read_state(settings)
+        assert state is not None
+        assert [c["name"] for c in state["components"]] == ["etcd", "valkey", "seaweedfs"]
+        pids = [c["pid"] for c in state["components"]]
+        assert all(pid_alive(pid) for pid in pids)
+        assert cluster.is_running()
+
+        _assert_listening_on_loopback_only(pids)
+
+        host, port = settings.etcd_host_port
+        async with aetcd.Client(host=host, port=port, timeout=5) as etcd:
+            await etcd.put(b"/test/launcher", b"hello")
+            got = await etcd.get(b"/test/launcher")
+            assert got is not None and got.value == b"hello"
+
+        valkey = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            assert await valkey.config_get("appendonly") == {"appendonly": "yes"}
+            assert await valkey.config_get("appendfsync") == {"appendfsync": "always"}
+        finally:
+            await valkey.aclose()
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint,
+            aws_access_key_id=settings.s3_access_key,
+            aws_secret_access_key=settings.s3_secret_key,
+            region_name=settings.s3_region,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
+        s3.put_object(Bucket=settings.s3_bucket, Key="archives/x.zip", Body=b"code bytes")
+        body = s3.get_object(Bucket=settings.s3_bucket, Key="archives/x.zip")["Body"].read()
+        assert body == b"code bytes"
+        url = s3.generate_presigned_url(
+            "get_object", Params={"Bucket": settings.s3_bucket, "Key": "archives/x.zip"}, ExpiresIn=60
+        )
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with no_proxy.open(url, timeout=10) as resp:
+            assert resp.read() == b"code bytes"
+
+        # A second launcher on the same home refuses, naming the running pids.
+        with pytest.raises(Conflict, match="already running .*faas down"):
+            await EmbeddedCluster(settings).start_backing()
+    finally:
+        outcomes = await cluster.stop()
+
+    assert {o.name for o in outcomes} == {"etcd", "valkey", "seaweedfs"}
+    assert not any(pid_alive(pid) for pid in pids)
+    assert not cluster.is_running()
+    assert read_state(settings) is None
