@@ -1,0 +1,60 @@
+"""Test helpers: build code archives in memory, deploy through the API, read instance records."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import textwrap
+import time
+import zipfile
+from typing import Any
+
+import httpx
+
+from faas.core import keys
+from faas.core.etcd import Etcd
+from faas.core.models import InstanceRecord
+from faas.core.settings import Settings
+
+
+def make_zip(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, text in files.items():
+            zf.writestr(name, textwrap.dedent(text))
+    return buf.getvalue()
+
+
+async def deploy(
+    gw: httpx.AsyncClient, name: str, handler_code: str, *, files: dict[str, str] | None = None, **config: Any
+) -> dict[str, Any]:
+    archive = make_zip({"handler.py": handler_code, **(files or {})})
+    resp = await gw.put(
+        f"/v1/functions/{name}",
+        data={"config": json.dumps({"handler": "handler.handler", **config})},
+        files={"code": ("code.zip", archive, "application/zip")},
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def instances_of(settings: Settings, name: str, ns: str = "default") -> list[InstanceRecord]:
+    host, port = settings.etcd_host_port
+    etcd = Etcd(host, port)
+    try:
+        kvs, _ = await etcd.get_prefix(keys.instances_prefix(ns, name))
+    finally:
+        await etcd.close()
+    return [InstanceRecord.model_validate_json(kv.value) for kv in kvs]
+
+
+async def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
