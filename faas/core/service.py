@@ -62,8 +62,13 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(InvalidRequest(problems or "invalid request"))
 
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}"))
+
     app.add_exception_handler(FaasError, on_faas_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
 
 
 def deadline_from_header(value: str | None, default_s: float) -> float:

@@ -1,0 +1,120 @@
+"""Leaders and standbys: standbys refuse work, a killed leader is replaced, min_instances is kept.
+
+The failover tests start one extra trigger or scheduler process of their own, so that after the
+current leader is killed the platform still has a standby, as it had before.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from faas.core import keys
+from faas.core.etcd import Etcd
+from faas.core.launcher import settings_env
+from faas.core.models import LeaderRecord, MemberRecord
+from tests.conftest import ROOT, Platform
+from tests.helpers import deploy, instances_of, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def _members(platform: Platform, role: str) -> dict[str, MemberRecord]:
+    host, port = platform.settings.etcd_host_port
+    etcd = Etcd(host, port)
+    try:
+        kvs, _ = await etcd.get_prefix(keys.members_prefix(role))
+        leader_kv = await etcd.get(keys.election(role))
+    finally:
+        await etcd.close()
+    members = {m.member_id: m for m in (MemberRecord.model_validate_json(kv.value) for kv in kvs)}
+    if leader_kv is not None:
+        members["__leader__"] = members[LeaderRecord.model_validate_json(leader_kv.value).member_id]
+    return members
+
+
+@contextmanager
+def extra_service(platform: Platform, module: str, member_id: str) -> Iterator[subprocess.Popen[bytes]]:
+    env = dict(os.environ)
+    env.update(settings_env(platform.settings))
+    env["PYTHONPATH"] = str(ROOT)
+    log = open(platform.settings.log_dir / f"{member_id}.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", module, "--id", member_id], env=env, stderr=log)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("role", ["trigger", "scheduler"])
+async def test_standby_answers_503_not_leader(platform: Platform, role: str) -> None:
+    members = await _members(platform, role)
+    leader = members.pop("__leader__")
+    standbys = [m for m in members.values() if m.member_id != leader.member_id]
+    assert standbys, f"no standby {role}"
+    path = "/v1/invoke/default/x/1" if role == "trigger" else "/v1/acquire/default/x/1"
+    async with httpx.AsyncClient() as client:
+        resp = await client.post(standbys[0].address + path, content=b"{}")
+    assert resp.status_code == 503
+    assert resp.json()["error"]["kind"] == "not_leader"
+
+
+@pytest.mark.parametrize(("role", "module"), [("trigger", "faas.trigger"), ("scheduler", "faas.scheduler")])
+async def test_killed_leader_is_replaced_and_calls_keep_working(
+    platform: Platform, gw: httpx.AsyncClient, role: str, module: str
+) -> None:
+    name = f"survivor-{role}"
+    await deploy(gw, name, "def handler(event, context):\n    return 'alive'\n")
+    assert (await gw.post(f"/v1/functions/{name}/invoke", json={})).status_code == 200
+    with extra_service(platform, module, f"{role}-extra"):
+        await wait_until(
+            lambda: _has_member(platform, role, f"{role}-extra"), timeout_s=20, what=f"{role}-extra to register"
+        )
+        leader = (await _members(platform, role))["__leader__"]
+        os.kill(leader.pid, signal.SIGKILL)
+        started = time.monotonic()
+        # A call made right away waits for the new leader instead of failing.
+        if role == "scheduler":
+            # Force a cold start, which needs the scheduler.
+            await deploy(gw, name, "def handler(event, context):\n    return 'alive again'\n")
+        resp = await gw.post(f"/v1/functions/{name}/invoke", json={})
+        assert resp.status_code == 200, resp.text
+        assert time.monotonic() - started < platform.settings.lease_ttl_s + 10
+        new_leader = (await _members(platform, role))["__leader__"]
+        assert new_leader.member_id != leader.member_id
+
+
+async def _has_member(platform: Platform, role: str, member_id: str) -> bool:
+    return member_id in await _members(platform, role)
+
+
+async def test_min_instances_are_kept_warm(platform: Platform, gw: httpx.AsyncClient) -> None:
+    await deploy(gw, "always-on", "def handler(event, context):\n    return 'on'\n", min_instances=1)
+    await wait_until(
+        lambda: instances_of(platform.settings, "always-on"), timeout_s=20, what="min_instances to be started"
+    )
+    first = await instances_of(platform.settings, "always-on")
+    # Well past the test platform's 4 s keep-alive, the instance is still there.
+    await wait_until(lambda: _older_than(platform, 6.0), timeout_s=20, what="the instance to outlive its keep-alive")
+    after = await instances_of(platform.settings, "always-on")
+    assert [i.instance_id for i in after] == [i.instance_id for i in first]
+    resp = await gw.post("/v1/functions/always-on/invoke", json={})
+    assert resp.headers["x-faas-cold"] == "0" or resp.headers["x-faas-instance"] == first[0].instance_id
+
+
+async def _older_than(platform: Platform, seconds: float) -> bool:
+    found = await instances_of(platform.settings, "always-on")
+    return bool(found) and all(time.time() - i.started_at > seconds for i in found)
