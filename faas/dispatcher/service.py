@@ -277,9 +277,11 @@ class Dispatcher:
             self._drop(pool, inst, reason=f"connection broke during an invocation ({exc!r})")
             err = InstanceStartError("the instance crashed during the invocation", error_type="InstanceCrashed")
             return 502, {**err.to_body(), "logs": ""}, False
-        if resp.status_code in (429, 409):  # busy or not ready: it never ran the request
+        if resp.status_code in (429, 409):  # busy, retiring or not ready: it never ran the request
             if resp.status_code == 409:
                 self._drop(pool, inst, reason="instance is not specialised")
+            elif resp.headers.get("x-faas-retire") == "1":
+                self._drop(pool, inst, reason="instance is retiring")
             await asyncio.sleep(0.005)
             return None
         try:

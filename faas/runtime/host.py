@@ -1,0 +1,1023 @@
+"""The function host: one process that becomes one instance of one function version.
+
+Started as ``python -S -E host.py --socket PATH --cache-dir DIR --instance-id ID``.  It imports the
+standard library only, so the user's code sees the standard library and its own archive, nothing of
+the platform.  It serves HTTP/1.1 with keep-alive on a unix socket; the wire contract is in
+``docs/contracts.md`` ("Function host").
+
+Lifecycle: *generic* (started, answering ``GET /_/health``) -> one ``POST /_/specialize`` -> *ready*.
+A failed specialisation is answered with ``instance_start_error`` and then the process exits: a host is
+specialised at most once and never reused after a failure.
+
+Guarantees:
+
+- At most ``concurrency`` invocations run at once; one more is refused at once with 429 (no queue).
+- Every invocation is answered within its budget, ``min(timeout_s, X-Faas-Deadline-Ms - now)``.  An
+  async handler that overruns is cancelled and the host stays.  A sync handler cannot be stopped in its
+  thread, so the host answers 504 with ``X-Faas-Retire: 1``, refuses new invocations (429 with the same
+  header) and exits as soon as every other admitted invocation has been answered.  A ``MemoryError``
+  retires the host the same way (507).
+- Anything the handler raises, ``SystemExit`` included, is a ``function_error`` (500); the host stays.
+- Text written to ``sys.stdout`` / ``sys.stderr`` while a handler runs (in its executor thread or its
+  asyncio tasks) is returned with that invocation only, truncated to 64 KiB with a marker.
+- The code archive is verified against its sha256 before use and unpacked once per sha256 into the
+  shared cache dir through an atomic rename; hosts sharing the cache reuse each other's result.
+- Host diagnostics go to the real stderr; nothing reaches the real stdout except handler output
+  written outside any invocation (for instance at import time).
+
+Caveats:
+
+- Output from threads the handler starts itself (``threading.Thread`` does not copy contextvars) and
+  bytes written to ``sys.stdout.buffer`` go to the host's log, not to the invocation.
+- The unpacked code dir is shared by every host of the same archive and is the working directory; a
+  handler that writes into it affects the others.
+- The memory cap is ``RLIMIT_AS`` (address space, not resident memory), set once specialised; it is
+  best-effort (see ``_apply_memory_limit``).
+- A handler module named like a standard-library module the host has already imported (``json``,
+  ``asyncio``, ...) cannot be loaded; specialisation says so.
+- An empty invoke body is the event ``{}`` (as an AWS Lambda invoke without payload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import hashlib
+import http.client
+import importlib
+import inspect
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+MIB = 1024 * 1024
+MAX_ARCHIVE_BYTES = 512 * MIB
+MAX_UNPACKED_BYTES = 512 * MIB
+MAX_REQUEST_BODY_BYTES = 64 * MIB
+MAX_LOG_CHARS = 64 * 1024
+DOWNLOAD_TIMEOUT_S = 30.0
+DOWNLOAD_CHUNK_BYTES = 1 * MIB
+# RLIMIT_AS counts address space, not resident memory: the interpreter, its shared libraries and the
+# malloc arenas reserve a few hundred MiB that a function never "uses".  Without this allowance a
+# 128 MiB function would fail its first allocations.
+MEMORY_OVERHEAD_MIB = 384
+TRACEBACK_FRAMES = 20
+CLOSE_FLUSH_TIMEOUT_S = 2.0
+
+EXIT_SIGNALLED = 0
+EXIT_START_FAILED = 3
+EXIT_RETIRED = 4
+
+_HOST_FILE = __file__
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    409: b"Conflict",
+    413: b"Payload Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
+    507: b"Insufficient Storage",
+}
+
+
+def _diag(message: str) -> None:
+    """Host diagnostics: always the real stderr, never an invocation's captured output."""
+    stream = sys.__stderr__
+    if stream is None:
+        return
+    try:
+        stream.write(f"faas-host[{os.getpid()}]: {message}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Output capture
+
+
+class _LogBuffer:
+    """One invocation's captured output, truncated to ``MAX_LOG_CHARS`` characters."""
+
+    __slots__ = ("parts", "size", "dropped")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.dropped = 0
+
+    def write(self, text: str) -> None:
+        room = MAX_LOG_CHARS - self.size
+        if len(text) <= room:
+            self.parts.append(text)
+            self.size += len(text)
+            return
+        if room > 0:
+            self.parts.append(text[:room])
+            self.size = MAX_LOG_CHARS
+        self.dropped += len(text) - max(room, 0)
+
+    def getvalue(self) -> str:
+        text = "".join(self.parts)
+        if self.dropped:
+            text += f"\n[... output truncated at 64 KiB: {self.dropped} more characters dropped ...]\n"
+        return text
+
+
+_current_log: contextvars.ContextVar[_LogBuffer | None] = contextvars.ContextVar(
+    "faas_current_log", default=None
+)
+
+
+class _CapturingStream:
+    """Stands in for sys.stdout / sys.stderr: writes go to the current invocation's buffer if any.
+
+    The buffer is found through a contextvar, which asyncio tasks inherit and which is copied into the
+    executor thread running a sync handler, so concurrent invocations never see each other's output.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def write(self, text: str) -> int:
+        buffer = _current_log.get()
+        if buffer is None:
+            return self._real.write(text)
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        buffer.write(text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if _current_log.get() is None:
+            self._real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the handler sees
+
+
+class InvocationContext:
+    """The ``context`` argument of a handler (the familiar subset of AWS Lambda's)."""
+
+    __slots__ = (
+        "request_id",
+        "aws_request_id",
+        "function_name",
+        "function_version",
+        "namespace",
+        "memory_limit_in_mb",
+        "invoked_function_arn",
+        "_deadline",
+    )
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        function_name: str,
+        function_version: str,
+        namespace: str,
+        memory_limit_in_mb: int,
+        deadline_monotonic: float,
+    ) -> None:
+        self.request_id = request_id
+        self.aws_request_id = request_id
+        self.function_name = function_name
+        self.function_version = function_version
+        self.namespace = namespace
+        self.memory_limit_in_mb = memory_limit_in_mb
+        self.invoked_function_arn = f"arn:faas:{namespace}:function:{function_name}:{function_version}"
+        self._deadline = deadline_monotonic
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+    def __repr__(self) -> str:
+        return (
+            f"InvocationContext(request_id={self.request_id!r}, function_name={self.function_name!r}, "
+            f"function_version={self.function_version!r}, namespace={self.namespace!r})"
+        )
+
+
+def _call_sync(handler: Any, event: Any, context: InvocationContext) -> tuple[bool, Any]:
+    # Runs in an executor thread.  Returning the exception instead of raising keeps BaseExceptions
+    # (SystemExit, KeyboardInterrupt) away from asyncio, which would re-raise them in the loop.
+    try:
+        return True, handler(event, context)
+    except BaseException as exc:  # noqa: BLE001 - every failure of user code is a function error
+        return False, exc
+
+
+async def _call_async(handler: Any, event: Any, context: InvocationContext) -> tuple[bool, Any]:
+    try:
+        return True, await handler(event, context)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - see _call_sync
+        return False, exc
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a user exception whose __str__ itself fails
+        return f"<{type(exc).__name__} whose str() failed>"
+
+
+def _user_frames(exc: BaseException) -> list[str]:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != _HOST_FILE]
+    out = []
+    for frame in frames[-TRACEBACK_FRAMES:]:
+        text = f'File "{frame.filename}", line {frame.lineno}, in {frame.name}'
+        if frame.line:
+            text += f": {frame.line}"
+        out.append(text)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Specialisation: fetch, verify, unpack, import
+
+
+class _StartError(Exception):
+    """Specialisation failed; answered as ``instance_start_error`` and then the host exits."""
+
+    def __init__(self, message: str, error_type: str, *, status: int = 502, frames: list[str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+        self.status = status
+        self.frames = frames
+
+
+def _bad_spec(field: str, why: str) -> _StartError:
+    return _StartError(f"invalid specialize request: {field} {why}", "InvalidRequest", status=400)
+
+
+def _require_int(raw: dict[str, Any], field: str, *, minimum: int | None) -> int:
+    value = raw.get(field)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad_spec(field, "must be an integer")
+    if minimum is not None and value < minimum:
+        raise _bad_spec(field, f"must be at least {minimum}")
+    return value
+
+
+class _Spec:
+    __slots__ = (
+        "code_url",
+        "sha256",
+        "handler",
+        "namespace",
+        "function",
+        "version",
+        "memory_mb",
+        "timeout_s",
+        "concurrency",
+        "environment",
+    )
+
+    def __init__(self, raw: Any) -> None:
+        bad = _bad_spec
+        if not isinstance(raw, dict):
+            raise bad("body", "must be a JSON object")
+        for field in ("code_url", "sha256", "handler", "namespace", "function"):
+            if not isinstance(raw.get(field), str) or not raw[field]:
+                raise bad(field, "must be a non-empty string")
+        self.code_url: str = raw["code_url"]
+        self.sha256: str = raw["sha256"].lower()
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise bad("sha256", "must be 64 hex digits")
+        self.handler: str = raw["handler"]
+        module, _, attr = self.handler.rpartition(".")
+        if not module or not attr:
+            raise bad("handler", "must look like 'module.function'")
+        self.namespace: str = raw["namespace"]
+        self.function: str = raw["function"]
+        self.version = _require_int(raw, "version", minimum=None)
+        self.memory_mb = _require_int(raw, "memory_mb", minimum=1)
+        self.concurrency = _require_int(raw, "concurrency", minimum=1)
+        timeout_s = raw.get("timeout_s")
+        if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or not timeout_s > 0:
+            raise bad("timeout_s", "must be a positive number")
+        self.timeout_s = float(timeout_s)
+        environment = raw.get("environment") or {}
+        if not isinstance(environment, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in environment.items()
+        ):
+            raise bad("environment", "must map strings to strings")
+        self.environment: dict[str, str] = environment
+
+
+def _download(url: str, dest: str, expected_sha256: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise _StartError("cannot download the code archive: code_url must be an http(s) URL", "InvalidURL")
+    digest = hashlib.sha256()
+    total = 0
+    give_up_at = time.monotonic() + DOWNLOAD_TIMEOUT_S
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
+            while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
+                total += len(chunk)
+                if total > MAX_ARCHIVE_BYTES:
+                    raise _StartError("code archive is larger than 512 MiB", "ArchiveTooLarge")
+                if time.monotonic() > give_up_at:
+                    raise _StartError(
+                        f"cannot download the code archive: no complete download within {DOWNLOAD_TIMEOUT_S:g} s",
+                        "DownloadError",
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+    except urllib.error.HTTPError as exc:
+        raise _StartError(
+            f"cannot download the code archive: HTTP {exc.code} {exc.reason}", "DownloadError"
+        ) from exc
+    except urllib.error.URLError as exc:
+        raise _StartError(f"cannot download the code archive: {exc.reason}", "DownloadError") from exc
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise _StartError(f"cannot download the code archive: {exc}", "DownloadError") from exc
+    got = digest.hexdigest()
+    if got != expected_sha256:
+        raise _StartError(
+            f"code archive sha256 mismatch: expected {expected_sha256}, got {got}", "ChecksumMismatch"
+        )
+
+
+def _is_unsafe_member(name: str) -> bool:
+    normalised = name.replace("\\", "/")
+    return (
+        normalised.startswith("/")
+        or (len(normalised) > 1 and normalised[1] == ":")  # a Windows drive
+        or ".." in normalised.split("/")
+    )
+
+
+def _unpack(archive: str, dest: str) -> None:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _StartError("code archive is not a valid zip file", "BadZipFile") from exc
+    with zf:
+        total = 0
+        for info in zf.infolist():
+            if _is_unsafe_member(info.filename):
+                raise _StartError(f"code archive contains an unsafe path: {info.filename!r}", "UnsafeArchive")
+            # file_size is what extraction will produce at most: zipfile stops reading there.
+            total += info.file_size
+        if total > MAX_UNPACKED_BYTES:
+            raise _StartError(
+                f"code archive unpacks to {total} bytes, more than the limit of 512 MiB", "ArchiveTooLarge"
+            )
+        os.mkdir(dest)
+        try:
+            zf.extractall(dest)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise _StartError(f"code archive is not a valid zip file: {exc}", "BadZipFile") from exc
+
+
+def _fetch_code(cache_dir: str, code_url: str, sha256: str) -> str:
+    """The unpacked code dir for ``sha256``, downloading and unpacking it unless another host did."""
+    final = os.path.join(cache_dir, sha256)
+    if os.path.isdir(final):
+        return final
+    staging = tempfile.mkdtemp(prefix=f".unpack-{sha256[:16]}-", dir=cache_dir)
+    try:
+        archive = os.path.join(staging, "archive.zip")
+        _download(code_url, archive, sha256)
+        unpacked = os.path.join(staging, "code")
+        _unpack(archive, unpacked)
+        try:
+            os.rename(unpacked, final)
+        except OSError as exc:
+            # Another host renamed the same verified content into place first: use theirs.
+            if not os.path.isdir(final):
+                raise _StartError(f"cannot store the unpacked code archive: {exc}", "OSError") from exc
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+
+
+def _load_handler(spec: _Spec, code_dir: str) -> Any:
+    os.environ.update(spec.environment)
+    sys.path.insert(0, code_dir)
+    os.chdir(code_dir)
+    importlib.invalidate_caches()
+    module_name, _, attr = spec.handler.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise _StartError(
+                f"handler module {module_name!r} not found in the code archive (handler {spec.handler!r})",
+                "ModuleNotFoundError",
+            ) from exc
+        raise _StartError(
+            f"importing handler module {module_name!r} raised ModuleNotFoundError: {exc}",
+            "ModuleNotFoundError",
+            frames=_user_frames(exc),
+        ) from exc
+    except BaseException as exc:  # noqa: BLE001 - SystemExit at import time is the user's error too
+        raise _StartError(
+            f"importing handler module {module_name!r} raised {type(exc).__name__}: {exc}",
+            type(exc).__name__,
+            frames=_user_frames(exc),
+        ) from exc
+    origin = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or ()), None)
+    if origin is None or not _is_within(origin, code_dir):
+        raise _StartError(
+            f"handler module {module_name!r} is not in the code archive: the name resolves to "
+            f"{origin or 'a built-in module'}; rename the module",
+            "ImportError",
+        )
+    handler = getattr(module, attr, None)
+    if handler is None:
+        raise _StartError(f"module {module_name!r} has no function {attr!r}", "AttributeError")
+    if not callable(handler):
+        raise _StartError(f"handler {spec.handler!r} is not callable", "TypeError")
+    return handler
+
+
+def _is_async_callable(handler: Any) -> bool:
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(handler, "__call__", None)  # noqa: B004 - an object with an async __call__
+    return not inspect.isfunction(handler) and inspect.iscoroutinefunction(call)
+
+
+def _mapped_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _apply_memory_limit(memory_mb: int, concurrency: int) -> None:
+    """Cap the address space at ``memory_mb`` plus the host's overhead; silently skip if refused.
+
+    The overhead is ``MEMORY_OVERHEAD_MIB`` (interpreter, libraries, malloc arenas) plus one stack
+    reservation per handler thread (each thread reserves its full stack size up front).  It never goes
+    below what is mapped already plus ``memory_mb``: heavy imports (numpy, BLAS thread pools) can
+    reserve more address space than the fixed allowance before the first invocation.
+    """
+    try:
+        stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+        if stack == resource.RLIM_INFINITY or stack <= 0:
+            stack = 8 * MIB
+        limit = (memory_mb + MEMORY_OVERHEAD_MIB) * MIB + concurrency * stack
+        limit = max(limit, _mapped_bytes() + memory_mb * MIB)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ValueError, OSError):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP
+
+
+class _Response:
+    __slots__ = ("status", "body", "retire", "close", "exit_code", "admitted")
+
+    def __init__(
+        self,
+        status: int,
+        payload: Any,
+        *,
+        retire: bool = False,
+        close: bool = False,
+        exit_code: int | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body if body is not None else json.dumps(payload).encode()
+        self.retire = retire
+        self.close = close or retire or exit_code is not None
+        self.exit_code = exit_code
+        self.admitted = False  # an admitted invocation: counted until its response is written
+
+
+def _error(status: int, kind: str, error_type: str, message: str, **extra: Any) -> _Response:
+    payload: dict[str, Any] = {"error": {"kind": kind, "type": error_type, "message": message}}
+    payload.update(extra)
+    return _Response(status, payload)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes], bool]:
+    lines = head[:-4].split(b"\r\n")
+    while lines and not lines[0]:  # tolerate stray CRLFs between requests
+        del lines[0]
+    try:
+        method, target, version = lines[0].split(b" ", 2)
+    except (ValueError, IndexError):
+        raise _BadRequest(400, "malformed request line") from None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise _BadRequest(400, "malformed header line")
+        headers[name.strip().lower()] = value.strip()
+    connection = headers.get(b"connection", b"").lower()
+    if version == b"HTTP/1.1":
+        keep_alive = connection != b"close"
+    else:
+        keep_alive = connection == b"keep-alive"
+    path = target.split(b"?", 1)[0]
+    return method, path, headers, keep_alive
+
+
+# --------------------------------------------------------------------------------------------------
+# The host
+
+
+class FunctionHost:
+    """State of one host process; all of it lives on the event loop thread."""
+
+    def __init__(self, *, socket_path: str, cache_dir: str, instance_id: str) -> None:
+        self.socket_path = socket_path
+        self.cache_dir = cache_dir
+        self.instance_id = instance_id
+        self.state = "generic"
+        self.specializing = False
+        self.retiring = False
+        self.spec: _Spec | None = None
+        self.handler: Any = None
+        self.handler_is_async = False
+        self.executor: ThreadPoolExecutor | None = None
+        self.inflight = 0  # concurrency slots taken (a handler still running)
+        self.open_invocations = 0  # admitted invocations whose response is not written yet
+        self.invocations = 0
+        self.last_active = time.monotonic()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- process ------------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        # A plain handler, not loop.add_signal_handler: it also runs while the loop thread is busy
+        # (a module importing for minutes, a handler blocking the loop), so SIGTERM always ends us.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        server = await asyncio.start_unix_server(self._serve_connection, path=self.socket_path)
+        try:
+            os.chmod(self.socket_path, 0o600)
+        except OSError:
+            pass
+        _diag(f"generic host {self.instance_id} listening on {self.socket_path}")
+        async with server:
+            await server.serve_forever()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.exit(EXIT_SIGNALLED)
+
+    def exit(self, code: int) -> None:
+        # os._exit: a handler thread that never returns must not keep the process alive, and nothing
+        # of the interpreter's orderly shutdown is needed.
+        for stream in (sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError, RuntimeError):  # RuntimeError: a reentrant flush
+                pass
+        try:
+            os.unlink(self.socket_path)
+        except OSError:
+            pass
+        os._exit(code)
+
+    # -- connections --------------------------------------------------------------------------------
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return  # the peer closed the connection between requests
+                except asyncio.LimitOverrunError:
+                    await self._send(
+                        writer, _error(431, "invalid_request", "BadRequest", "headers too large"), False
+                    )
+                    return
+                try:
+                    method, path, headers, keep_alive = _parse_head(head)
+                    if b"transfer-encoding" in headers:
+                        raise _BadRequest(501, "chunked request bodies are not supported")
+                    length = int(headers.get(b"content-length", b"0"))
+                    if length < 0:
+                        raise ValueError
+                except _BadRequest as exc:
+                    await self._send(
+                        writer, _error(exc.status, "invalid_request", "BadRequest", str(exc)), False
+                    )
+                    return
+                except ValueError:
+                    await self._send(
+                        writer, _error(400, "invalid_request", "BadRequest", "bad Content-Length"), False
+                    )
+                    return
+                if length > MAX_REQUEST_BODY_BYTES:
+                    await self._send(
+                        writer,
+                        _error(413, "payload_too_large", "PayloadTooLarge", "request body too large"),
+                        False,
+                    )
+                    return
+                body = await reader.readexactly(length) if length else b""
+                try:
+                    response = await self._route(method, path, headers, body)
+                except Exception as exc:  # noqa: BLE001 - a host bug answers 500, the host keeps serving
+                    _diag("error handling a request:\n" + traceback.format_exc())
+                    response = _error(
+                        500, "platform_error", type(exc).__name__, f"function host error: {exc}"
+                    )
+                keep_alive = keep_alive and not response.close
+                try:
+                    await self._send(writer, response, keep_alive)
+                finally:
+                    if response.admitted:
+                        self.open_invocations -= 1
+                    if response.exit_code is not None:
+                        self.exit(response.exit_code)
+                    if self.retiring and self.open_invocations == 0:
+                        _diag("retiring: every admitted invocation is answered, exiting")
+                        self.exit(EXIT_RETIRED)
+                if not keep_alive:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return  # the client went away; nothing to answer
+        finally:
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, response: _Response, keep_alive: bool) -> None:
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s" % (
+            response.status,
+            _REASONS.get(response.status, b"Unknown"),
+            len(response.body),
+            b"X-Faas-Retire: 1\r\n" if response.retire else b"",
+            b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+        )
+        writer.write(head + response.body)
+        if keep_alive:
+            await writer.drain()
+            return
+        # Closing flushes what is buffered; waiting for it matters before the process exits.
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_FLUSH_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            pass
+
+    async def _route(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> _Response:
+        if path == b"/_/invoke":
+            if method != b"POST":
+                return _error(405, "invalid_request", "MethodNotAllowed", "use POST")
+            return await self._invoke(headers, body)
+        if path == b"/_/health":
+            if method != b"GET":
+                return _error(405, "invalid_request", "MethodNotAllowed", "use GET")
+            return self._health()
+        if path == b"/_/specialize":
+            if method != b"POST":
+                return _error(405, "invalid_request", "MethodNotAllowed", "use POST")
+            return await self._specialize(body)
+        return _error(404, "not_found", "NotFound", f"no route {path.decode(errors='replace')}")
+
+    # -- health -------------------------------------------------------------------------------------
+
+    def _health(self) -> _Response:
+        idle_s = 0.0 if self.inflight else time.monotonic() - self.last_active
+        return _Response(
+            200,
+            {
+                "state": self.state,
+                "inflight": self.inflight,
+                "idle_s": round(idle_s, 3),
+                "invocations": self.invocations,
+                "pid": os.getpid(),
+            },
+        )
+
+    # -- specialise ---------------------------------------------------------------------------------
+
+    async def _specialize(self, body: bytes) -> _Response:
+        if self.state != "generic" or self.specializing:
+            return _error(409, "conflict", "AlreadySpecialized", "this host is already specialised")
+        self.specializing = True
+        started = time.perf_counter()
+        try:
+            try:
+                raw = json.loads(body)
+            except ValueError as exc:
+                raise _StartError(
+                    "invalid specialize request: body is not JSON", "InvalidRequest", status=400
+                ) from exc
+            spec = _Spec(raw)
+            code_dir = await asyncio.to_thread(_fetch_code, self.cache_dir, spec.code_url, spec.sha256)
+            # Imported on the loop thread, the main thread: modules may install signal handlers.
+            handler = _load_handler(spec, code_dir)
+        except _StartError as exc:
+            _diag(f"specialisation failed ({exc.error_type}): {exc.message}")
+            return self._start_failure(exc.status, exc.error_type, exc.message, exc.frames)
+        except Exception as exc:  # noqa: BLE001 - a host bug still ends as a clear start error
+            _diag("specialisation failed unexpectedly:\n" + traceback.format_exc())
+            return self._start_failure(502, type(exc).__name__, f"specialisation failed: {exc}", None)
+        self.spec = spec
+        self.handler = handler
+        self.handler_is_async = _is_async_callable(handler)
+        self.executor = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="handler")
+        _apply_memory_limit(spec.memory_mb, spec.concurrency)
+        self.state = "ready"
+        self.specializing = False
+        self.last_active = time.monotonic()
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        _diag(
+            f"specialised as {spec.namespace}/{spec.function}:{spec.version} ({spec.handler}) in {duration_ms} ms"
+        )
+        return _Response(200, {"state": "ready", "duration_ms": duration_ms})
+
+    @staticmethod
+    def _start_failure(status: int, error_type: str, message: str, frames: list[str] | None) -> _Response:
+        error: dict[str, Any] = {"kind": "instance_start_error", "type": error_type, "message": message}
+        if frames:
+            error["traceback"] = frames
+        return _Response(status, {"error": error}, exit_code=EXIT_START_FAILED)
+
+    # -- invoke -------------------------------------------------------------------------------------
+
+    async def _invoke(self, headers: dict[bytes, bytes], body: bytes) -> _Response:
+        spec = self.spec
+        if spec is None:
+            return _error(
+                409, "conflict", "NotSpecialized", "this host is not specialised", logs="", duration_ms=0.0
+            )
+        if self.retiring:
+            response = _error(
+                429,
+                "too_many_requests",
+                "TooManyRequests",
+                "this instance is retiring",
+                logs="",
+                duration_ms=0.0,
+            )
+            response.retire = True
+            response.close = True
+            return response
+        if self.inflight >= spec.concurrency:
+            return _error(
+                429,
+                "too_many_requests",
+                "TooManyRequests",
+                f"all {spec.concurrency} concurrency slots of this instance are busy",
+                logs="",
+                duration_ms=0.0,
+            )
+        try:
+            event = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            return _error(
+                400,
+                "invalid_request",
+                "InvalidRequest",
+                f"event is not valid JSON: {exc}",
+                logs="",
+                duration_ms=0.0,
+            )
+
+        budget = spec.timeout_s
+        deadline_bound = False
+        raw_deadline = headers.get(b"x-faas-deadline-ms")
+        if raw_deadline:
+            try:
+                remaining = int(raw_deadline) / 1000 - time.time()
+            except ValueError:
+                return _error(
+                    400,
+                    "invalid_request",
+                    "InvalidRequest",
+                    "bad X-Faas-Deadline-Ms",
+                    logs="",
+                    duration_ms=0.0,
+                )
+            if remaining < budget:
+                budget, deadline_bound = remaining, True
+        if budget <= 0:
+            return _error(
+                504,
+                "function_timeout",
+                "TimeoutError",
+                "the invocation deadline passed before the function started",
+                logs="",
+                duration_ms=0.0,
+            )
+
+        request_id = headers.get(b"x-faas-request-id", b"").decode(errors="replace") or uuid.uuid4().hex
+        context = InvocationContext(
+            request_id=request_id,
+            function_name=spec.function,
+            function_version=str(spec.version),
+            namespace=spec.namespace,
+            memory_limit_in_mb=spec.memory_mb,
+            deadline_monotonic=time.monotonic() + budget,
+        )
+        logs = _LogBuffer()
+        run_context = contextvars.copy_context()
+        run_context.run(_current_log.set, logs)
+
+        self.inflight += 1
+        self.open_invocations += 1
+        self.invocations += 1
+        slot = _Slot(self)
+        loop = self.loop
+        assert loop is not None
+        started = time.perf_counter()
+        future: asyncio.Future[tuple[bool, Any]]
+        if self.handler_is_async:
+            future = loop.create_task(_call_async(self.handler, event, context), context=run_context)
+        else:
+            future = loop.run_in_executor(
+                self.executor, run_context.run, _call_sync, self.handler, event, context
+            )
+        future.add_done_callback(slot.release)
+        try:
+            done, _ = await asyncio.wait((future,), timeout=budget)
+        except BaseException:
+            future.cancel()
+            self.open_invocations -= 1
+            raise
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+
+        if done:
+            ok, value = future.result()
+            status, payload = self._outcome(ok, value)
+        else:
+            status, payload = self._timed_out(future, slot, budget, deadline_bound, spec.timeout_s)
+        payload["logs"] = logs.getvalue()
+        payload["duration_ms"] = duration_ms
+        try:
+            body = json.dumps(payload, allow_nan=False).encode()
+        except MemoryError:
+            status, payload = self._out_of_memory()
+            payload["logs"] = logs.getvalue()
+            payload["duration_ms"] = duration_ms
+            body = json.dumps(payload).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            status = 500
+            body = json.dumps(
+                {
+                    "error": {
+                        "kind": "function_error",
+                        "type": type(exc).__name__,
+                        "message": f"the function's result is not JSON serialisable: {exc}",
+                    },
+                    "logs": payload["logs"],
+                    "duration_ms": duration_ms,
+                }
+            ).encode()
+        response = _Response(status, None, body=body, retire=self.retiring)
+        response.admitted = True
+        return response
+
+    def _outcome(self, ok: bool, value: Any) -> tuple[int, dict[str, Any]]:
+        if ok:
+            if not inspect.isawaitable(value):
+                return 200, {"result": value}
+            if inspect.iscoroutine(value):
+                value.close()  # never awaited: close it to avoid the "never awaited" warning
+            return 500, _function_error(
+                "TypeError", "the handler returned an awaitable; declare it with 'async def'"
+            )
+        exc: BaseException = value
+        if isinstance(exc, MemoryError):
+            return self._out_of_memory()
+        return 500, _function_error(type(exc).__name__, _describe(exc), _user_frames(exc))
+
+    def _out_of_memory(self) -> tuple[int, dict[str, Any]]:
+        assert self.spec is not None
+        self._retire("the function ran out of memory")
+        message = f"the function exceeded its memory limit of {self.spec.memory_mb} MB"
+        return 507, {"error": {"kind": "out_of_memory", "type": "MemoryError", "message": message}}
+
+    def _timed_out(
+        self, future: asyncio.Future[Any], slot: _Slot, budget: float, deadline_bound: bool, timeout_s: float
+    ) -> tuple[int, dict[str, Any]]:
+        if deadline_bound:
+            message = f"the invocation deadline passed after {budget:.3g} s (the function's timeout is {timeout_s:g} s)"
+        else:
+            message = f"function exceeded its timeout of {timeout_s:g} s"
+        if self.handler_is_async:
+            future.cancel()  # its slot is released once the task has unwound
+        else:
+            # The thread cannot be stopped: stop counting its slot, answer, and retire the process.
+            slot.release(None)
+            self._retire("a sync handler overran its timeout")
+        return 504, {"error": {"kind": "function_timeout", "type": "TimeoutError", "message": message}}
+
+    def _retire(self, why: str) -> None:
+        if self.retiring:
+            return
+        self.retiring = True
+        _diag(f"retiring: {why}")
+        assert self.loop is not None and self.spec is not None
+        # Backstop: admitted invocations are answered within their budget, so this only fires if a
+        # client stops reading its response.
+        self.loop.call_later(self.spec.timeout_s + 5.0, self.exit, EXIT_RETIRED)
+
+
+def _function_error(error_type: str, message: str, frames: list[str] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"kind": "function_error", "type": error_type, "message": message}
+    if frames is not None:
+        error["traceback"] = frames
+    return {"error": error}
+
+
+class _Slot:
+    """One concurrency slot, released exactly once: when the handler ends or when it is abandoned."""
+
+    __slots__ = ("host", "released")
+
+    def __init__(self, host: FunctionHost) -> None:
+        self.host = host
+        self.released = False
+
+    def release(self, _future: Any) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.host.inflight -= 1
+        self.host.last_active = time.monotonic()
+
+
+def _drop_script_dir_from_path() -> None:
+    # ``python host.py`` puts faas/runtime first on sys.path; the platform's modules must not be
+    # importable by (or shadow) the user's code.
+    here = os.path.dirname(os.path.abspath(_HOST_FILE))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="FaaS function host")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--instance-id", required=True)
+    args = parser.parse_args(argv)
+    _drop_script_dir_from_path()
+    os.makedirs(args.cache_dir, exist_ok=True)
+    sys.stdout = _CapturingStream(sys.stdout)
+    sys.stderr = _CapturingStream(sys.stderr)
+    host = FunctionHost(
+        socket_path=args.socket, cache_dir=os.path.abspath(args.cache_dir), instance_id=args.instance_id
+    )
+    try:
+        asyncio.run(host.serve())
+    except KeyboardInterrupt:
+        pass
+    host.exit(EXIT_SIGNALLED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""ProcessBackend with real host processes: pool, launch, stop, exit callbacks, close.
+
+Code archives come from a local http.server, as they would from a presigned S3 URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from faas.core.errors import InstanceStartError
+from faas.runtime.backend import InstanceSpec
+from faas.runtime.process_backend import ProcessBackend
+from tests.helpers import make_zip
+
+pytestmark = pytest.mark.timeout(30)
+
+APP = {
+    "app.py": """
+        import time
+
+        def handler(event, context):
+            if event.get("sleep"):
+                time.sleep(event["sleep"])
+            print("invoked", context.function_name)
+            return {"echo": event, "instance_function": context.function_name}
+    """
+}
+
+
+class CodeServer:
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        files = self.files
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                data = files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def spec(self, files: dict[str, str], **overrides: Any) -> InstanceSpec:
+        archive = make_zip(files)
+        path = f"/code/{uuid.uuid4().hex}.zip"
+        self.files[path] = archive
+        fields: dict[str, Any] = {
+            "instance_id": f"i-{uuid.uuid4().hex[:8]}",
+            "namespace": "default",
+            "function": "echo",
+            "version": 1,
+            "handler": "app.handler",
+            "code_url": f"http://127.0.0.1:{self.httpd.server_port}{path}",
+            "sha256": hashlib.sha256(archive).hexdigest(),
+            "size": len(archive),
+            "memory_mb": 128,
+            "timeout_s": 5.0,
+            "concurrency": 1,
+        }
+        fields.update(overrides)
+        return InstanceSpec(**fields)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def code_server() -> Iterator[CodeServer]:
+    server = CodeServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    # Not tmp_path: unix socket paths must stay under 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="fb-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def sockets_in(run_dir: Path) -> list[str]:
+    return [str(path) for path in (run_dir / "instances").glob("*.sock")]
+
+
+async def health_pids(run_dir: Path) -> dict[str, int]:
+    """pid of every host answering on a socket in run_dir/instances, by socket name."""
+    pids = {}
+    for sock in sorted((run_dir / "instances").glob("*.sock")):
+        async with uds_client(sock) as client:
+            try:
+                pids[sock.name] = (await client.get("/_/health")).json()["pid"]
+            except httpx.TransportError:
+                pass
+    return pids
+
+
+def uds_client(path: str | Path) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(path), verify=False),
+        base_url="http://host",
+        verify=False,
+        trust_env=False,
+        timeout=10,
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 5.0) -> None:
+    give_up_at = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < give_up_at, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def make_backend(run_dir: Path) -> AsyncIterator[Callable[..., Awaitable[ProcessBackend]]]:
+    backends: list[ProcessBackend] = []
+    started_pids: set[int] = set()
+
+    async def make(pool_size: int = 1) -> ProcessBackend:
+        backend = ProcessBackend(run_dir=run_dir, cache_dir=run_dir / "cache", pool_size=pool_size)
+        backends.append(backend)
+        await backend.start()
+        return backend
+
+    yield make
+    for backend in backends:
+        started_pids.update((await health_pids(run_dir)).values())
+        await backend.close()
+    leftovers = [pid for pid in started_pids if alive(pid)]
+    for pid in leftovers:
+        os.killpg(pid, signal.SIGKILL)
+    assert not leftovers, f"hosts left running: {leftovers}"
+
+
+async def test_start_fills_the_pool(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], run_dir: Path
+) -> None:
+    backend = await make_backend(pool_size=2)
+    pids = await health_pids(run_dir)
+    assert len(pids) == 2
+    assert all(alive(pid) for pid in pids.values())
+    assert await backend.list_instances() == []
+
+
+async def test_launch_specialises_a_pooled_host_and_refills(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], run_dir: Path, code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=1)
+    pooled = await health_pids(run_dir)
+    spec = code_server.spec(APP)
+
+    address = await backend.launch(spec, timeout_s=10)
+
+    assert address.startswith("unix://")
+    socket_path = address.removeprefix("unix://")
+    assert Path(socket_path).name in pooled  # the warm host was used, not a new one
+    async with uds_client(socket_path) as client:
+        response = await client.post("/_/invoke", json={"x": 1}, headers={"X-Faas-Request-Id": "r1"})
+    assert response.status_code == 200
+    assert response.json()["result"] == {"echo": {"x": 1}, "instance_function": "echo"}
+    assert response.json()["logs"] == "invoked echo\n"
+
+    [status] = await backend.list_instances()
+    assert (status.instance_id, status.address, status.alive, status.state) == (
+        spec.instance_id,
+        address,
+        True,
+        "ready",
+    )
+    assert status.invocations == 1 and status.pid == pooled[Path(socket_path).name]
+
+    async def pool_refilled() -> bool:
+        return len(await health_pids(run_dir)) == 2  # the instance plus a new warm host
+
+    await eventually(pool_refilled)
+
+
+async def test_launch_with_empty_pool_starts_a_host(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=0)
+    address = await backend.launch(code_server.spec(APP), timeout_s=10)
+    async with uds_client(address.removeprefix("unix://")) as client:
+        assert (await client.post("/_/invoke", json={})).status_code == 200
+
+
+async def test_concurrent_launches_get_distinct_hosts(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=1)
+    specs = [code_server.spec(APP) for _ in range(3)]
+    addresses = await asyncio.gather(*(backend.launch(spec, timeout_s=10) for spec in specs))
+    assert len(set(addresses)) == 3
+    statuses = await backend.list_instances()
+    assert {s.instance_id for s in statuses} == {spec.instance_id for spec in specs}
+    assert len({s.pid for s in statuses}) == 3
+
+
+@pytest.mark.parametrize(
+    "files, handler, error_type, message",
+    [
+        (
+            APP,
+            "missing.handler",
+            "ModuleNotFoundError",
+            "handler module 'missing' not found in the code archive",
+        ),
+        (APP, "app.main", "AttributeError", "module 'app' has no function 'main'"),
+        ({"app.py": "1/0\n"}, "app.handler", "ZeroDivisionError", "division by zero"),
+    ],
+)
+async def test_failed_launch_raises_start_error_and_destroys_the_host(
+    make_backend: Callable[..., Awaitable[ProcessBackend]],
+    run_dir: Path,
+    code_server: CodeServer,
+    files: dict[str, str],
+    handler: str,
+    error_type: str,
+    message: str,
+) -> None:
+    backend = await make_backend(pool_size=1)
+    [pid] = (await health_pids(run_dir)).values()
+    with pytest.raises(InstanceStartError) as raised:
+        await backend.launch(code_server.spec(files, handler=handler), timeout_s=10)
+    assert raised.value.error_type == error_type
+    assert message in raised.value.message
+    assert raised.value.to_body()["error"]["kind"] == "instance_start_error"
+    assert not alive(pid)
+    assert await backend.list_instances() == []
+
+
+async def test_sha256_mismatch_fails_the_launch(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=1)
+    spec = code_server.spec(APP)
+    wrong = spec.model_copy(update={"sha256": "f" * 64})
+    with pytest.raises(InstanceStartError, match="code archive sha256 mismatch: expected f{64}, got "):
+        await backend.launch(wrong, timeout_s=10)
+
+
+async def test_specialise_timeout_raises_start_error(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], run_dir: Path, code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=1)
+    [pid] = (await health_pids(run_dir)).values()
+    slow_import = {"app.py": "import time\ntime.sleep(20)\ndef handler(e, c):\n    return 1\n"}
+    started = time.monotonic()
+    with pytest.raises(InstanceStartError) as raised:
+        await backend.launch(code_server.spec(slow_import), timeout_s=0.5)
+    assert time.monotonic() - started < 4
+    assert raised.value.error_type == "TimeoutError"
+    assert not alive(pid)
+
+
+async def test_stop_ends_the_instance(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], run_dir: Path, code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=1)
+    exits: list[str] = []
+
+    async def on_exit(instance_id: str) -> None:
+        exits.append(instance_id)
+
+    backend.set_exit_callback(on_exit)
+    spec = code_server.spec(APP)
+    address = await backend.launch(spec, timeout_s=10)
+    [status] = await backend.list_instances()
+    assert status.pid is not None
+
+    await backend.stop(spec.instance_id)
+
+    assert not alive(status.pid)
+    assert address.removeprefix("unix://") not in sockets_in(run_dir)
+    assert await backend.list_instances() == []
+    await backend.stop(spec.instance_id)  # already gone: a no-op
+    await asyncio.sleep(0.1)
+    assert exits == []  # a requested stop is not an unexpected exit
+
+
+async def test_exit_callback_fires_when_an_instance_dies(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=1)
+    exited = asyncio.Queue[str]()
+    backend.set_exit_callback(exited.put)
+    spec = code_server.spec(APP)
+    await backend.launch(spec, timeout_s=10)
+    [status] = await backend.list_instances()
+    assert status.pid is not None
+
+    os.kill(status.pid, signal.SIGKILL)
+
+    assert await asyncio.wait_for(exited.get(), 5) == spec.instance_id
+    assert await backend.list_instances() == []
+
+
+async def test_exit_callback_fires_when_a_sync_timeout_retires_the_host(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=1)
+    exited = asyncio.Queue[str]()
+    backend.set_exit_callback(exited.put)
+    spec = code_server.spec(APP, timeout_s=0.2)
+    address = await backend.launch(spec, timeout_s=10)
+    async with uds_client(address.removeprefix("unix://")) as client:
+        response = await client.post("/_/invoke", json={"sleep": 10})
+    assert response.status_code == 504
+    assert response.headers["X-Faas-Retire"] == "1"
+    assert await asyncio.wait_for(exited.get(), 5) == spec.instance_id
+
+
+async def test_dead_pool_member_is_replaced_without_callback(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], run_dir: Path
+) -> None:
+    backend = await make_backend(pool_size=1)
+    exits: list[str] = []
+
+    async def on_exit(instance_id: str) -> None:
+        exits.append(instance_id)
+
+    backend.set_exit_callback(on_exit)
+    [(name, pid)] = (await health_pids(run_dir)).items()
+
+    os.kill(pid, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        pids = await health_pids(run_dir)
+        return len(pids) == 1 and name not in pids
+
+    await eventually(replaced)
+    assert exits == []
+
+
+async def test_unreachable_instance_is_listed_as_not_alive(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=0)
+    spec = code_server.spec(APP)
+    await backend.launch(spec, timeout_s=10)
+    [status] = await backend.list_instances()
+    assert status.pid is not None
+    os.kill(status.pid, signal.SIGSTOP)  # alive but not answering
+    try:
+        [frozen] = await backend.list_instances()
+        assert frozen.instance_id == spec.instance_id and frozen.alive is False
+    finally:
+        os.kill(status.pid, signal.SIGCONT)
+
+
+async def test_close_stops_pool_and_instances(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], run_dir: Path, code_server: CodeServer
+) -> None:
+    backend = await make_backend(pool_size=2)
+    await backend.launch(code_server.spec(APP), timeout_s=10)
+
+    async def pool_refilled() -> bool:
+        return len(await health_pids(run_dir)) == 3
+
+    await eventually(pool_refilled)
+    pids = list((await health_pids(run_dir)).values())
+
+    await backend.close()
+
+    assert not any(alive(pid) for pid in pids)
+    assert sockets_in(run_dir) == []
