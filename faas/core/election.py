@@ -102,6 +102,7 @@ class LeaderWatch:
 
     def __init__(self, etcd: Etcd, role: str) -> None:
         self.role = role
+        self.etcd = etcd
         self._key = keys.election(role)
         self.mirror = PrefixMirror(etcd, self._key)
 
@@ -116,18 +117,29 @@ class LeaderWatch:
         return LeaderRecord.model_validate_json(raw) if raw else None
 
     async def wait_for_leader(self, timeout_s: float, *, not_address: str | None = None) -> LeaderRecord:
-        """The current leader, waiting up to ``timeout_s`` for one (other than ``not_address``) to appear."""
+        """The current leader, waiting up to ``timeout_s`` for one (other than ``not_address``) to appear.
+
+        While waiting it also reads the key directly, so a failover is seen even if the watch lags.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
             leader = self.current()
             if leader is not None and leader.address != not_address:
                 return leader
+            try:
+                kv = await self.etcd.get(self._key)
+            except Unavailable:
+                kv = None
+            if kv is not None:
+                fresh = LeaderRecord.model_validate_json(kv.value)
+                if fresh.address != not_address:
+                    return fresh
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise Unavailable(f"no {self.role} leader is elected")
             async with self.mirror.changed:
                 try:
-                    await asyncio.wait_for(self.mirror.changed.wait(), min(remaining, 0.5))
+                    await asyncio.wait_for(self.mirror.changed.wait(), min(remaining, 0.25))
                 except TimeoutError:
                     pass

@@ -5,7 +5,8 @@ Guarantees:
   never see gRPC or aetcd exceptions;
 - ``Lease`` keeps a lease alive in a guarded task and tells its owner when it is lost;
 - ``PrefixMirror`` keeps an in-memory copy of a key prefix (list, then watch from the next revision,
-  re-list after any watch failure), so readers on the hot path never wait on etcd.
+  re-list after any watch failure and every ``resync_s`` in case a watch stalls silently), so readers
+  on the hot path never wait on etcd.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class Etcd:
             raise Unavailable(f"etcd at {self.host}:{self.port} failed on {what}: {exc or type(exc).__name__}") from exc
         except TimeoutError as exc:
             raise Unavailable(f"etcd at {self.host}:{self.port} did not answer {what} in {self.timeout_s:.0f} s") from exc
+
+    def fork(self) -> Etcd:
+        """A separate connection to the same etcd (its own gRPC channel and watch stream)."""
+        return Etcd(self.host, self.port, timeout_s=self.timeout_s)
 
     async def connect(self) -> None:
         await self._call("connect", self.client.connect())
@@ -176,9 +181,15 @@ MirrorCallback = Callable[[str, bytes, bytes | None], None]  # (kind, key, value
 class PrefixMirror:
     """An in-memory copy of every key under a prefix, kept current by a watch."""
 
-    def __init__(self, etcd: Etcd, prefix: bytes, *, on_change: MirrorCallback | None = None) -> None:
-        self.etcd = etcd
+    def __init__(
+        self, etcd: Etcd, prefix: bytes, *, on_change: MirrorCallback | None = None, resync_s: float = 5.0
+    ) -> None:
+        # Each mirror watches on a connection of its own: aetcd multiplexes every watch of a client on
+        # one stream and, when a watch creation times out under load, can hand the late reply to the
+        # next watch created, which then silently follows the wrong prefix.
+        self.etcd = etcd.fork()
         self.prefix = prefix
+        self.resync_s = resync_s
         self.items: dict[bytes, bytes] = {}
         self.ready = asyncio.Event()
         self.changed = asyncio.Condition()
@@ -187,9 +198,11 @@ class PrefixMirror:
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name="watch", long_lived=True)
+        self._tasks.spawn(self._resync_forever(), name="resync", long_lived=True)
 
     async def stop(self) -> None:
         await self._tasks.cancel_all()
+        await self.etcd.close()
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         try:
@@ -212,23 +225,34 @@ class PrefixMirror:
         async with self.changed:
             self.changed.notify_all()
 
+    async def _relist(self) -> int:
+        kvs, revision = await self.etcd.get_prefix(self.prefix)
+        fresh = {kv.key: kv.value for kv in kvs}
+        changed = False
+        for key in list(self.items):
+            if key not in fresh:
+                self._apply("DELETE", key, None)
+                changed = True
+        for key, value in fresh.items():
+            if self.items.get(key) != value:
+                self._apply("PUT", key, value)
+                changed = True
+        self.ready.set()
+        if changed:
+            await self._notify()
+        return revision
+
     async def _run(self) -> None:
         backoff = 0.2
         while True:
             try:
-                kvs, revision = await self.etcd.get_prefix(self.prefix)
-                fresh = {kv.key: kv.value for kv in kvs}
-                for key in list(self.items):
-                    if key not in fresh:
-                        self._apply("DELETE", key, None)
-                for key, value in fresh.items():
-                    if self.items.get(key) != value:
-                        self._apply("PUT", key, value)
-                self.ready.set()
+                revision = await self._relist()
                 await self._notify()
                 watch = await self.etcd.watch_prefix(self.prefix, start_revision=revision + 1)
                 backoff = 0.2
                 async for event in watch:
+                    if not event.kv.key.startswith(self.prefix):
+                        raise RuntimeError(f"watch delivered a foreign key {event.kv.key!r}")
                     if event.kind == "PUT":
                         self._apply("PUT", event.kv.key, event.kv.value)
                     else:
@@ -240,3 +264,12 @@ class PrefixMirror:
                 log.warning("watch on %s failed (%s); re-listing", self.prefix.decode(), exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 3.0)
+
+    async def _resync_forever(self) -> None:
+        """Re-list now and then: a watch that stalls silently cannot leave the copy stale for long."""
+        while True:
+            await asyncio.sleep(self.resync_s)
+            try:
+                await self._relist()
+            except Unavailable as exc:
+                log.warning("resync of %s failed: %s", self.prefix.decode(), exc)

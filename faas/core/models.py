@@ -157,3 +157,16 @@ class LeaderRecord(BaseModel):
     member_id: str
     address: str
     elected_at: float = Field(default_factory=now)
+
+
+class InstanceStatus(BaseModel):
+    """What a node agent reports about one instance it runs (``GET /v1/instances``)."""
+
+    instance_id: str
+    address: str
+    alive: bool
+    state: str = "unknown"  # generic | ready | unknown
+    inflight: int = 0
+    idle_s: float = 0.0
+    invocations: int = 0
+    pid: int | None = None

@@ -11,6 +11,9 @@ Guarantees:
 from __future__ import annotations
 
 import time
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from faas.core import keys
 from faas.core.errors import Conflict, InvalidRequest, NotFound
@@ -18,6 +21,7 @@ from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.models import CodeRef, FunctionRecord, VersionConfig, VersionSpec
 
 _MAX_CAS_ATTEMPTS = 20
+M = TypeVar("M", bound=BaseModel)
 
 
 class FunctionRegistry:
@@ -123,21 +127,22 @@ class Catalog:
         await self._functions.stop()
         await self._versions.stop()
 
-    def _parse(self, key: bytes, raw: bytes, model: type) -> object:
+    def _parse(self, key: bytes, raw: bytes, model: type[M]) -> M:
+        """Parse once per stored value: the mirror keeps the same bytes object until the key changes."""
         cached = self._parsed.get(key)
         if cached is not None and cached[0] is raw:
-            return cached[1]
+            return cached[1]  # type: ignore[return-value]
         value = model.model_validate_json(raw)
         self._parsed[key] = (raw, value)
         return value
 
     def functions(self) -> list[FunctionRecord]:
-        return [self._parse(k, v, FunctionRecord) for k, v in list(self._functions.items.items())]  # type: ignore[misc]
+        return [self._parse(k, v, FunctionRecord) for k, v in list(self._functions.items.items())]
 
     def cached_function(self, ns: str, name: str) -> FunctionRecord | None:
         key = keys.function(ns, name)
         raw = self._functions.items.get(key)
-        return self._parse(key, raw, FunctionRecord) if raw is not None else None  # type: ignore[return-value]
+        return self._parse(key, raw, FunctionRecord) if raw is not None else None
 
     async def function(self, ns: str, name: str) -> FunctionRecord:
         return self.cached_function(ns, name) or await self.registry.get_function(ns, name)
@@ -146,7 +151,7 @@ class Catalog:
         key = keys.version(ns, name, number)
         raw = self._versions.items.get(key)
         if raw is not None:
-            return self._parse(key, raw, VersionSpec)  # type: ignore[return-value]
+            return self._parse(key, raw, VersionSpec)
         return await self.registry.get_version(ns, name, number)
 
     async def resolve(self, ns: str, name: str, qualifier: str | None = None) -> VersionSpec:

@@ -275,8 +275,8 @@ class Dispatcher:
             return 504, {**err.to_body(), "logs": ""}, False
         except httpx.HTTPError as exc:
             self._drop(pool, inst, reason=f"connection broke during an invocation ({exc!r})")
-            err = InstanceStartError("the instance crashed during the invocation", error_type="InstanceCrashed")
-            return 502, {**err.to_body(), "logs": ""}, False
+            crash = InstanceStartError("the instance crashed during the invocation", error_type="InstanceCrashed")
+            return 502, {**crash.to_body(), "logs": ""}, False
         if resp.status_code in (429, 409):  # busy, retiring or not ready: it never ran the request
             if resp.status_code == 409:
                 self._drop(pool, inst, reason="instance is not specialised")

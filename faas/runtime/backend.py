@@ -13,6 +13,10 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
+from faas.core.models import InstanceStatus
+
+__all__ = ["InstanceSpec", "InstanceStatus", "RuntimeBackend", "InstanceExitCallback"]
+
 
 class InstanceSpec(BaseModel):
     """Everything a host needs to become an instance of one function version."""
@@ -44,17 +48,6 @@ class InstanceSpec(BaseModel):
             "concurrency": self.concurrency,
             "environment": self.environment,
         }
-
-
-class InstanceStatus(BaseModel):
-    instance_id: str
-    address: str
-    alive: bool
-    state: str = "unknown"  # generic | ready | unknown
-    inflight: int = 0
-    idle_s: float = 0.0
-    invocations: int = 0
-    pid: int | None = None
 
 
 InstanceExitCallback = Callable[[str], Awaitable[None]]

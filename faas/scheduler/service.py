@@ -37,7 +37,7 @@ from faas.core.errors import (
     error_from_body,
 )
 from faas.core.etcd import Etcd, PrefixMirror
-from faas.core.models import InstanceRecord, NodeRecord, VersionSpec
+from faas.core.models import InstanceRecord, InstanceStatus, NodeRecord, VersionSpec
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
@@ -136,11 +136,12 @@ class Scheduler:
         reserved: dict[str, int] = defaultdict(int)
         for rec in self.instance_records():
             reserved[rec.node_id] += rec.memory_mb
-        for node in nodes:
-            node.memory_free_mb = min(node.memory_free_mb, node.memory_total_mb - reserved[node.node_id])
-        node = pick_node(nodes, spec.memory_mb)
-        if node is None:
+        for candidate in nodes:
+            candidate.memory_free_mb = min(candidate.memory_free_mb, candidate.memory_total_mb - reserved[candidate.node_id])
+        chosen = pick_node(nodes, spec.memory_mb)
+        if chosen is None:
             raise Unavailable(f"no node has {spec.memory_mb} MB of free memory")
+        node = chosen
         instance_id = f"{spec.function}-v{spec.version}-{secrets.token_hex(4)}"
         body = {
             "instance_id": instance_id,
@@ -236,7 +237,7 @@ class Scheduler:
     async def reap_once(self) -> None:
         records = self.instance_records()
         nodes = {n.node_id: n for n in self.node_records()}
-        statuses: dict[str, dict[str, object]] = {}
+        statuses: dict[str, InstanceStatus] = {}
         located: dict[str, NodeRecord] = {}
         reachable_nodes: set[str] = set()
         for node in nodes.values():
@@ -248,8 +249,9 @@ class Scheduler:
                 continue
             reachable_nodes.add(node.node_id)
             for item in resp.json():
-                statuses[item["instance_id"]] = item
-                located[item["instance_id"]] = node
+                status = InstanceStatus.model_validate(item)
+                statuses[status.instance_id] = status
+                located[status.instance_id] = node
         recorded = {r.instance_id for r in records}
         # Orphans: running on a node but recorded nowhere, two passes in a row (a start in flight
         # is recorded within one pass).
@@ -265,15 +267,15 @@ class Scheduler:
         now_latest = {(f.namespace, f.name): f.aliases.get("latest", f.latest_version) for f in self.catalog.functions()}
         for key, recs in by_version.items():
             ns, name, version = key
-            alive: list[tuple[InstanceRecord, dict[str, object]]] = []
+            alive: list[tuple[InstanceRecord, InstanceStatus | None]] = []
             for rec in recs:
-                status = statuses.get(rec.instance_id)
-                if rec.node_id in reachable_nodes and (status is None or not status.get("alive")):
-                    if status is None and time.time() - rec.started_at < 5.0:
+                found = statuses.get(rec.instance_id)
+                if rec.node_id in reachable_nodes and (found is None or not found.alive):
+                    if found is None and time.time() - rec.started_at < 5.0:
                         continue  # just recorded; the node may not list it yet
                     await self._reap(rec, reason="instance died")
                     continue
-                alive.append((rec, status or {}))
+                alive.append((rec, found))
             if (ns, name) not in now_latest:
                 for rec, _ in alive:
                     await self._reap(rec, reason="function deleted")
@@ -287,9 +289,9 @@ class Scheduler:
             idle = [
                 (rec, st)
                 for rec, st in alive
-                if float(st.get("idle_s", 0.0)) >= self.settings.keepalive_s and int(st.get("inflight", 0)) == 0
+                if st is not None and st.idle_s >= self.settings.keepalive_s and st.inflight == 0
             ]
-            idle.sort(key=lambda item: -float(item[1].get("idle_s", 0.0)))
+            idle.sort(key=lambda item: -(item[1].idle_s if item[1] else 0.0))
             removable = max(0, len(alive) - keep)
             for rec, _ in idle[:removable]:
                 await self._reap(rec, reason=f"idle for more than {self.settings.keepalive_s:.0f} s")
