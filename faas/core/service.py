@@ -173,7 +173,9 @@ def run_service(
         log_level="warning",
         access_log=False,
         lifespan="on",
-        loop="uvloop",
+        # Not uvloop: grpc.aio (under aetcd) misses wake-ups on it; watches and lease calls stalled for
+        # tens of seconds and a gateway never saw a new trigger primary (tests/test_failover.py).
+        loop="asyncio",
         http="httptools",
         timeout_keep_alive=75,
         timeout_graceful_shutdown=3,
