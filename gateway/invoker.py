@@ -55,12 +55,11 @@ class TriggerClient:
                 skip = leader.address
                 await asyncio.sleep(0.05)
                 continue
-            if resp.status_code == 503:
-                err = error_from_body(_json(resp), 503)
-                if err.kind == "not_leader":
-                    skip = leader.address
-                    await asyncio.sleep(0.05)
-                    continue
+            if resp.status_code == 503 and error_from_body(_json(resp), 503).kind == "not_leader":
+                # A standby, or a member elected a moment ago that does not know it yet: ask again
+                # shortly, without excluding it (the election key tells who leads).
+                await asyncio.sleep(0.1)
+                continue
             return resp
 
 

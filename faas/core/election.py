@@ -64,15 +64,15 @@ class Election:
             lease_id = await lease.grant()
             record = LeaderRecord(role=self.role, member_id=self.member_id, address=self.address)
             while True:
-                ok, _ = await self.etcd.txn(
+                ok, responses = await self.etcd.txn(
                     [self.etcd.create_revision(self.key) == 0],
                     [self.etcd.op_put(self.key, record.model_dump_json().encode(), lease=lease_id)],
                 )
                 if ok:
-                    kv = await self.etcd.get(self.key)
-                    if kv is None or kv.lease != lease_id:
-                        continue
-                    self.revision = kv.create_revision
+                    # The transaction created the key, so its revision is the key's create_revision:
+                    # lead at once, without a second round trip during which peers already see our
+                    # record but we would still answer "not leader".
+                    self.revision = int(responses[0].response_put.header.revision)
                     self.is_leader = True
                     self.became_leader.set()
                     log.info("%s %s: elected leader (revision %d)", self.role, self.member_id, self.revision)

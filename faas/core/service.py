@@ -143,7 +143,10 @@ def parse_service_args(role: str) -> argparse.Namespace:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening
+    # socket's proto says TCP.  Without it Nagle holds each response body for the client's delayed
+    # ACK (~40 ms per hop, measured by bench/invoke_latency.py).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
@@ -173,9 +176,7 @@ def run_service(
         log_level="warning",
         access_log=False,
         lifespan="on",
-        # Not uvloop: grpc.aio (under aetcd) misses wake-ups on it; watches and lease calls stalled for
-        # tens of seconds and a gateway never saw a new trigger primary (tests/test_failover.py).
-        loop="asyncio",
+        loop="uvloop",
         http="httptools",
         timeout_keep_alive=75,
         timeout_graceful_shutdown=3,

@@ -50,6 +50,7 @@ log = logging.getLogger("faas.dispatcher")
 VersionKey = tuple[str, str, int]
 # Grace on top of the function timeout for the host to answer a timed-out call itself.
 TIMEOUT_GRACE_S = 1.5
+_LOG_LINGER_S = 0.05
 
 
 class InvocationResult:
@@ -78,6 +79,9 @@ class LogSink:
     async def run_forever(self) -> NoReturn:
         while True:
             batch = [await self.queue.get()]
+            # Linger briefly: Valkey fsyncs every write, so one pipeline per record would cost an fsync
+            # per invocation.
+            await asyncio.sleep(_LOG_LINGER_S)
             while not self.queue.empty() and len(batch) < 500:
                 batch.append(self.queue.get_nowait())
             try:
@@ -247,8 +251,7 @@ class Dispatcher:
                 return InstanceRecord.model_validate_json(resp.content)
             exc2 = error_from_body(_json(resp), resp.status_code)
             if resp.status_code == 503 and exc2.kind == "not_leader":
-                tried_address = leader.address
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # a standby or a just-elected leader: ask again shortly
                 continue
             raise exc2
 

@@ -1,0 +1,897 @@
+"""The production runtime backend: every instance is a Docker container driven through aiodocker.
+
+A cold start follows the same protocol as ``process_backend``: take a generic container from the
+warm pool (or create one when the pool is empty), put the code where the container can see it,
+apply the function's limits, ``POST /_/specialize`` to the host inside, refill the pool in the
+background.  The host listens on ``/run/faas/host.sock`` inside the container, a bind mount of
+``<run_dir>/containers/<folder>/``, so the address handed out is
+``unix://<run_dir>/containers/<folder>/host.sock``: nothing is reached over a container network.
+
+Each container: ``--network none``; memory from the function (swap capped: ``MemorySwap ==
+Memory``), one CPU, ``PidsLimit``; read-only root with a 64 MiB ``noexec`` tmpfs on ``/tmp``; every
+capability dropped, ``no-new-privileges``, Docker's default seccomp profile; user 10001:10001.
+
+Code delivery (the container has no network, so it cannot use the presigned URL itself):
+
+- The backend downloads the archive by its presigned URL on the node, checks its sha256, and unpacks
+  it into the node's cache, ``<cache_dir>/<sha256>/``, with host.py's own download and unpack
+  functions (size caps, unsafe paths refused), through a staging dir and an atomic rename.  Only the
+  backend writes the cache; concurrent launches of one archive share one download.
+- Every container gets its own read-only view, ``<run_dir>/code/<folder>/`` bind-mounted on
+  ``/code``, into which the backend hard-links exactly the one ``<sha256>/`` tree it is specialised
+  with, just before specialising.  The host is started with ``--cache-dir /code``; it finds
+  ``/code/<sha256>/`` already there and uses it without downloading (``host._fetch_code`` reuses an
+  existing dir).  Containers of one version therefore share the same inodes, read-only, and a
+  container never sees another function's code.
+- Integrity: a ``<sha256>/`` dir exists in the cache only after its archive matched that sha256 (the
+  rename is the last step), and no container can write to the cache or to its view, so a container
+  that finds ``/code/<sha256>/`` runs exactly the verified archive.  The host is told a
+  ``file:///code/<sha256>`` URL instead of the presigned one: user code never holds a presigned URL.
+
+Invariants (as in the process backend):
+
+- A container is specialised at most once.  One whose specialisation failed, timed out or was
+  cancelled is removed, never returned to the pool.
+- The exit callback fires only for specialised instances whose container stops on its own (a crash,
+  an OOM kill, the host retiring itself, ``docker kill`` from outside), never for ``stop`` or
+  ``close``.  A pool member that dies is replaced without a callback.  Deaths are learnt from the
+  daemon's event stream (filtered by this node's label), reconnected with ``since`` so none is lost.
+- ``launch`` holds no lock across I/O: concurrent launches each take their own pool member.
+- On ``start``, containers labelled with this node id that a previous agent left behind are removed,
+  not re-registered: their instance records died with the old agent's lease, nothing routes to them,
+  and a pool member's binding to a function lived only in the old agent's memory.
+
+Labels: ``faas.platform=1`` and ``faas.node=<node id>`` on every container.  A container created
+for a launch also carries ``faas.instance``, ``faas.function`` (``<namespace>/<name>``) and
+``faas.version``; a pool member carries ``faas.pool=1`` instead, for ever: labels cannot change on a
+running container, so which function a specialised pool member serves is known only to this
+backend's memory (hence the orphan rule above).
+
+Caveats:
+
+- An OOM kill (the cgroup limit, unlike host.py's ``RLIMIT_AS`` backstop) kills the host mid-
+  invocation: the caller sees a broken connection, not a 507; the backend logs ``OOMKilled`` and
+  fires the exit callback.  Writes to ``/tmp`` are charged to the same memory limit.
+- The host's socket is created by uid 10001 with the runtime's default umask (mode 755): connecting
+  to it needs root (or uid 10001).  The platform runs as root on a Docker node.
+- ``docker_url`` must name a daemon on this machine (the default socket, a rootless daemon's socket):
+  the bind mounts and the unix-socket addresses are paths on this machine.
+- The cache is never evicted (as with the process backend); container logs (host diagnostics,
+  output outside invocations) are copied to this process's log when a container dies on its own,
+  then removed with the container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aiodocker
+import httpx
+
+from faas.core.errors import InstanceStartError, Unavailable
+from faas.core.tasks import TaskSet
+from faas.runtime import host as _host
+from faas.runtime.backend import InstanceExitCallback, InstanceSpec, InstanceStatus
+from faas.runtime.image import (
+    CODE_DIR_IN_CONTAINER,
+    DEFAULT_TAG,
+    FAAS_GID,
+    FAAS_UID,
+    SOCKET_DIR_IN_CONTAINER,
+    RuntimeLayout,
+    ensure_runtime_image,
+    runtime_layout,
+)
+
+__all__ = ["DockerBackend"]
+
+logger = logging.getLogger(__name__)
+
+SOCKET_NAME = "host.sock"
+LABEL_PLATFORM = "faas.platform"
+LABEL_NODE = "faas.node"
+LABEL_POOL = "faas.pool"
+LABEL_INSTANCE = "faas.instance"
+LABEL_FUNCTION = "faas.function"
+LABEL_VERSION = "faas.version"
+
+HOST_READY_TIMEOUT_S = 15.0
+READY_POLL_INTERVAL_S = 0.005
+HEALTH_TIMEOUT_S = 0.5
+DOCKER_PING_TIMEOUT_S = 5.0
+EVENTS_RECONNECT_S = 1.0
+REMOVAL_WAIT_S = 10.0
+LOG_TAIL_LINES = 30
+PIDS_LIMIT = 128
+NANO_CPUS = 1_000_000_000
+TMPFS = {"/tmp": "rw,size=64m,noexec,nosuid,nodev"}
+# Memory of a generic pool member, until specialising sets the function's own (a running container's
+# memory can be changed; its mounts, network and user cannot).  The default function memory, so the
+# common case needs no update call.
+POOL_MEMORY_MB = 256
+CONTAINER_ENV = ("HOME=/tmp", "TMPDIR=/tmp", "LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin")
+# sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def _api_error(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+@dataclass(eq=False)
+class _Container:
+    """One container: generic while ``instance_id`` is None, an instance afterwards."""
+
+    name: str  # the container's name
+    folder: str  # its folder name under run_dir/containers and run_dir/code
+    socket_dir: Path
+    code_dir: Path
+    client: httpx.AsyncClient
+    container_id: str | None = None
+    instance_id: str | None = None
+    role: str = "spawning"  # spawning | pool | launching | instance
+    stopping: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    removal: asyncio.Task[None] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket_dir / SOCKET_NAME
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.socket_path}"
+
+
+class DockerBackend:
+    """Runs function hosts as Docker containers, keeping ``pool_size`` generic ones warm."""
+
+    name = "docker"
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        cache_dir: Path,
+        pool_size: int,
+        docker_url: str | None = None,
+        node_id: str,
+        image_tag: str = DEFAULT_TAG,
+    ) -> None:
+        self._containers_dir = Path(run_dir) / "containers"
+        self._views_dir = Path(run_dir) / "code"
+        self._cache_dir = Path(cache_dir)
+        self._pool_size = pool_size
+        self._docker_url = docker_url
+        self._node_id = node_id
+        self._name_prefix = "faas-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", node_id)
+        self._image_tag = image_tag
+        self._docker: aiodocker.Docker | None = None
+        self._layout: RuntimeLayout | None = None
+        self._pool: deque[_Container] = deque()
+        self._pool_spawning = 0
+        self._instances: dict[str, _Container] = {}
+        self._launching: set[str] = set()
+        self._by_id: dict[str, _Container] = {}  # every created container not yet removed
+        self._prefetches: dict[str, asyncio.Task[Path | BaseException]] = {}
+        self._tasks = TaskSet("docker-backend")
+        self._exit_callback: InstanceExitCallback | None = None
+        self._closed = False
+
+    @property
+    def _daemon(self) -> str:
+        return self._docker_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    # -- RuntimeBackend -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        probe = self._containers_dir / f"c-{secrets.token_hex(5)}" / SOCKET_NAME
+        if len(os.fsencode(probe)) > MAX_SOCKET_PATH_BYTES:
+            raise Unavailable(
+                f"run dir {self._containers_dir} is too long for unix socket paths "
+                f"(at most {MAX_SOCKET_PATH_BYTES} bytes); choose a shorter FAAS_HOME"
+            )
+        docker = await self._connect()
+        try:
+            self._layout = await runtime_layout(
+                docker, await ensure_runtime_image(docker, tag=self._image_tag)
+            )
+            await self._remove_orphans(docker)
+            for directory in (self._containers_dir, self._views_dir):
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            await docker.close()
+            raise Unavailable(f"cannot create the runtime directories: {exc}") from exc
+        except BaseException:
+            await docker.close()
+            raise
+        self._docker = docker
+        # Events are replayed from this moment on, however late the stream is established.
+        self._tasks.spawn(self._watch_events(since=time.time() - 1.0), name="events", long_lived=True)
+        results = await asyncio.gather(
+            *(self._spawn(None) for _ in range(self._pool_size)), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        members = [r for r in results if isinstance(r, _Container)]
+        if failures:
+            await asyncio.gather(*(self._destroy(c) for c in members))
+            await self.close()
+            first = failures[0]
+            if isinstance(first, Unavailable):
+                raise first
+            raise Unavailable(f"cannot start function containers: {first}") from first
+        for member in members:
+            member.role = "pool"
+        self._pool.extend(members)
+        logger.info(
+            "docker backend started with %d warm containers (image %s, daemon %s)",
+            len(members),
+            self._layout.image[:19],
+            self._daemon,
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        containers = list(self._by_id.values())
+        self._pool.clear()
+        self._instances.clear()
+        await asyncio.gather(*(self._destroy(c) for c in containers), return_exceptions=True)
+        await self._tasks.cancel_all()
+        # A refill cancelled while its container was being created leaves it behind: remove it here.
+        leftovers = list(self._by_id.values())
+        await asyncio.gather(*(self._destroy(c) for c in leftovers), return_exceptions=True)
+        await self._tasks.cancel_all()
+        if self._docker is not None:
+            # The daemon is the source of truth: a create cancelled in flight may still have made one.
+            with contextlib.suppress(aiodocker.DockerError):
+                for straggler in await self._docker.containers.list(
+                    all=True, filters=json.dumps(self._node_filters())
+                ):
+                    await _remove_container(self._docker, straggler.id)
+            await self._docker.close()
+            self._docker = None
+
+    async def launch(self, spec: InstanceSpec, *, timeout_s: float) -> str:
+        if self._closed or self._docker is None:
+            raise Unavailable("the docker backend is not running")
+        if spec.instance_id in self._instances or spec.instance_id in self._launching:
+            raise InstanceStartError(f"instance {spec.instance_id} already exists", error_type="Conflict")
+        self._launching.add(spec.instance_id)
+        try:
+            return await self._launch(spec, timeout_s)
+        finally:
+            self._launching.discard(spec.instance_id)
+
+    async def _launch(self, spec: InstanceSpec, timeout_s: float) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        def remaining() -> float:
+            return max(0.0, deadline - loop.time())
+
+        while True:
+            try:
+                async with asyncio.timeout(remaining()):
+                    container, code = await self._acquire(spec)
+            except TimeoutError:
+                raise InstanceStartError(
+                    f"no function container became ready within {timeout_s:g} s", error_type="TimeoutError"
+                ) from None
+            try:
+                await asyncio.to_thread(_link_tree, code, container.code_dir / spec.sha256)
+            except BaseException as exc:
+                self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
+                if isinstance(exc, OSError):
+                    raise InstanceStartError(
+                        f"cannot give the code to the container: {exc}", error_type="OSError"
+                    ) from exc
+                raise
+            try:
+                return await self._specialize(container, spec, deadline, timeout_s)
+            except httpx.ConnectError:
+                # Nothing was sent: the pooled container died unnoticed.  Retry on another.
+                await self._destroy(container)
+                if loop.time() >= deadline:
+                    raise InstanceStartError(
+                        f"no function container could be reached within {timeout_s:g} s",
+                        error_type="TimeoutError",
+                    ) from None
+                logger.warning("container %s unreachable before specialise; trying another", container.name)
+
+    async def _acquire(self, spec: InstanceSpec) -> tuple[_Container, Path]:
+        """A generic container with ``spec``'s limits, and the cached code of ``spec``."""
+        if not self._pool:
+            # Nothing warm: create a container and fetch the code at the same time.
+            self._refill_pool()
+            return await self._spawn_and_prefetch(spec)
+        # Fetch first, take a warm container after: a failed download then wastes no pool member.
+        code = await self._prefetch(spec)
+        container = self._take_pooled()
+        self._refill_pool()
+        if container is None:
+            container = await self._spawn(spec)
+        else:
+            try:
+                await self._set_memory(container, spec)
+            except BaseException:
+                self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
+                raise
+        container.role = "launching"
+        return container, code
+
+    async def _spawn_and_prefetch(self, spec: InstanceSpec) -> tuple[_Container, Path]:
+        spawn = asyncio.ensure_future(self._spawn(spec))  # awaited below on every path
+        try:
+            code = await self._prefetch(spec)
+        except BaseException:
+            spawn.cancel()
+            await asyncio.wait([spawn])
+            if not spawn.cancelled() and spawn.exception() is None:
+                await self._destroy(spawn.result())
+            raise
+        container = await spawn  # on failure or cancellation _spawn removes its container itself
+        container.role = "launching"
+        return container, code
+
+    async def stop(self, instance_id: str) -> None:
+        container = self._instances.pop(instance_id, None)
+        if container is not None:
+            await self._destroy(container)
+
+    async def list_instances(self) -> list[InstanceStatus]:
+        return list(await asyncio.gather(*(self._status(iid, c) for iid, c in list(self._instances.items()))))
+
+    def set_exit_callback(self, callback: InstanceExitCallback) -> None:
+        self._exit_callback = callback
+
+    # -- daemon -------------------------------------------------------------------------------------
+
+    async def _connect(self) -> aiodocker.Docker:
+        try:
+            docker = aiodocker.Docker(url=self._docker_url)
+        except (AssertionError, ValueError) as exc:
+            raise Unavailable(
+                f"Docker daemon at {self._daemon} unreachable: no Docker socket found ({exc})"
+            ) from exc
+        try:
+            async with asyncio.timeout(DOCKER_PING_TIMEOUT_S):
+                await docker.version()
+        except (aiodocker.DockerError, OSError, TimeoutError) as exc:
+            await docker.close()
+            raise Unavailable(f"Docker daemon at {self._daemon} unreachable: {_api_error(exc)}") from exc
+        return docker
+
+    def _node_filters(self) -> dict[str, list[str]]:
+        return {"label": [f"{LABEL_PLATFORM}=1", f"{LABEL_NODE}={self._node_id}"]}
+
+    async def _remove_orphans(self, docker: aiodocker.Docker) -> None:
+        try:
+            orphans = await docker.containers.list(all=True, filters=json.dumps(self._node_filters()))
+            for orphan in orphans:
+                await _remove_container(docker, orphan.id)
+        except aiodocker.DockerError as exc:
+            raise Unavailable(f"cannot remove the containers a previous agent left: {exc}") from exc
+        if orphans:
+            logger.warning(
+                "removed %d containers left by a previous agent on node %s", len(orphans), self._node_id
+            )
+        # Their socket folders and code views (and any left by a crash) go too: only this backend
+        # writes under these dirs, for this node.
+        for directory in (self._containers_dir, self._views_dir):
+            if directory.is_dir():
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    async def _watch_events(self, *, since: float) -> NoReturn:
+        """Notice every container of this node that stops, for as long as the backend runs."""
+        assert self._docker is not None
+        docker = self._docker
+        filters = json.dumps({"type": ["container"], "event": ["die"], **self._node_filters()})
+        first = True
+        while True:
+            subscriber = docker.events.subscribe(create_task=False)
+            # ``since`` replays what happened while the stream was not connected.
+            runner = self._tasks.spawn(self._run_events(docker, filters, since), name="events-stream")
+            if not first:
+                await self._reconcile()
+            first = False
+            try:
+                while (event := await subscriber.get()) is not None:
+                    when = event.get("timeNano")
+                    since = int(when) / 1e9 if when else time.time()
+                    actor = event.get("Actor") or {}
+                    container = self._by_id.get(str(actor.get("ID", "")))
+                    if container is not None:
+                        code = (actor.get("Attributes") or {}).get("exitCode", "?")
+                        self._on_die(container, code)
+            finally:
+                runner.cancel()
+                del subscriber
+            logger.warning("Docker event stream ended; reconnecting in %g s", EVENTS_RECONNECT_S)
+            await asyncio.sleep(EVENTS_RECONNECT_S)
+
+    async def _run_events(self, docker: aiodocker.Docker, filters: str, since: float) -> None:
+        try:
+            await docker.events.run(filters=filters, since=f"{since:.9f}")
+        except (aiodocker.DockerError, OSError) as exc:
+            logger.warning("Docker event stream failed: %s", exc)
+
+    async def _reconcile(self) -> None:
+        """Treat every known container the daemon no longer runs as dead (a missed event)."""
+        assert self._docker is not None
+        try:
+            running = await self._docker.containers.list(
+                filters=json.dumps({"status": ["running"], **self._node_filters()})
+            )
+        except aiodocker.DockerError as exc:
+            logger.warning("cannot list containers to reconcile: %s", exc)
+            return
+        alive = {c.id for c in running}
+        for container_id, container in list(self._by_id.items()):
+            if container_id not in alive and container.role != "spawning":
+                self._on_die(container, "?")
+
+    def _on_die(self, container: _Container, exit_code: str) -> None:
+        if container.exited.is_set():
+            return
+        container.exited.set()
+        if container.stopping or self._closed:
+            return
+        iid = container.instance_id
+        if container.role == "instance" and iid is not None and self._instances.get(iid) is container:
+            del self._instances[iid]
+            self._tasks.spawn(self._instance_exited(container, iid, exit_code), name=f"exit-{container.name}")
+        elif container.role == "pool":
+            with contextlib.suppress(ValueError):
+                self._pool.remove(container)
+            logger.warning("warm container %s exited with code %s; replacing it", container.name, exit_code)
+            self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
+            self._refill_pool()
+        # spawning / launching: whoever is starting it sees ``exited`` and removes it.
+
+    async def _instance_exited(self, container: _Container, iid: str, exit_code: str) -> None:
+        if self._exit_callback is not None:
+            await self._exit_callback(iid)
+        oom = False
+        if self._docker is not None and container.container_id is not None:
+            with contextlib.suppress(aiodocker.DockerError):
+                info = await self._docker.containers.container(container.container_id).show()
+                oom = bool((info.get("State") or {}).get("OOMKilled"))
+        tail = await self._log_tail(container)
+        logger.warning(
+            "instance %s (container %s) exited on its own with code %s%s%s",
+            iid,
+            container.name,
+            exit_code,
+            " (OOM-killed: over its memory limit)" if oom else "",
+            f"; container log: {tail}" if tail else "",
+        )
+        await self._destroy(container)
+
+    async def _log_tail(self, container: _Container) -> str:
+        if self._docker is None or container.container_id is None:
+            return ""
+        try:
+            lines = await self._docker.containers.container(container.container_id).log(
+                stdout=True, stderr=True, tail=LOG_TAIL_LINES
+            )
+        except aiodocker.DockerError:
+            return ""
+        return "".join(lines).strip()[-2000:]
+
+    # -- code ---------------------------------------------------------------------------------------
+
+    async def _prefetch(self, spec: InstanceSpec) -> Path:
+        """The verified, unpacked code of ``spec`` in the node cache; one download per archive."""
+        final = self._cache_dir / spec.sha256
+        if final.is_dir():
+            return final
+        task = self._prefetches.get(spec.sha256)
+        if task is None:
+            task = self._tasks.spawn(
+                asyncio.to_thread(_fetch_into_cache, self._cache_dir, spec.code_url, spec.sha256),
+                name=f"prefetch-{spec.sha256[:12]}",
+            )
+            self._prefetches[spec.sha256] = task
+            sha256 = spec.sha256
+
+            def forget(_task: asyncio.Task[Path | BaseException]) -> None:
+                self._prefetches.pop(sha256, None)
+
+            task.add_done_callback(forget)
+        # Shielded: one caller's cancellation must not cancel the others' download.
+        outcome = await asyncio.shield(task)
+        if isinstance(outcome, _host._StartError):
+            raise InstanceStartError(outcome.message, error_type=outcome.error_type)
+        if isinstance(outcome, BaseException):
+            raise InstanceStartError(
+                f"cannot fetch the code archive: {outcome}", error_type=type(outcome).__name__
+            )
+        return outcome
+
+    # -- specialise ---------------------------------------------------------------------------------
+
+    async def _set_memory(self, container: _Container, spec: InstanceSpec) -> None:
+        """Give a pool member the function's memory limit (swap capped the same)."""
+        if spec.memory_mb == POOL_MEMORY_MB:
+            return
+        assert self._docker is not None and container.container_id is not None
+        memory = spec.memory_mb * 1024 * 1024
+        try:
+            # aiodocker has no wrapper for POST /containers/{id}/update.
+            await self._docker._query_json(
+                f"containers/{container.container_id}/update",
+                method="POST",
+                data={"Memory": memory, "MemorySwap": memory},
+            )
+        except aiodocker.DockerError as exc:
+            raise InstanceStartError(
+                f"cannot set the container's memory limit to {spec.memory_mb} MB: {exc}",
+                error_type="DockerError",
+            ) from exc
+
+    async def _specialize(
+        self, container: _Container, spec: InstanceSpec, deadline: float, timeout_s: float
+    ) -> str:
+        """Specialise ``container`` as ``spec``; on any failure but ``ConnectError`` it is removed."""
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        body = spec.specialize_body()
+        body["code_url"] = f"file://{CODE_DIR_IN_CONTAINER}/{spec.sha256}"
+        try:
+            async with asyncio.timeout(remaining):
+                response = await container.client.post("/_/specialize", json=body, timeout=remaining)
+        except httpx.ConnectError:
+            raise
+        except (TimeoutError, httpx.TimeoutException):
+            await self._destroy(container)
+            raise InstanceStartError(
+                f"specialising {spec.namespace}/{spec.function}:{spec.version} did not finish within {timeout_s:g} s",
+                error_type="TimeoutError",
+            ) from None
+        except httpx.HTTPError as exc:
+            tail = await self._log_tail(container)
+            await self._destroy(container)
+            raise InstanceStartError(
+                f"the function container failed while specialising: {exc!r}"
+                + (f"; container log: {tail}" if tail else ""),
+                error_type="HostCrashed",
+            ) from exc
+        except BaseException:
+            # Cancelled: the caller is gone, but the container must not outlive the attempt.
+            self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
+            raise
+        if response.status_code != 200:
+            await self._destroy(container)
+            message, error_type = _start_error_of(response)
+            raise InstanceStartError(message, error_type=error_type)
+        if container.exited.is_set():
+            await self._destroy(container)
+            raise InstanceStartError(
+                "the function container exited right after specialising", error_type="HostCrashed"
+            )
+        container.instance_id = spec.instance_id
+        container.role = "instance"
+        self._instances[spec.instance_id] = container
+        logger.info(
+            "instance %s (%s/%s:%s) is container %s",
+            spec.instance_id,
+            spec.namespace,
+            spec.function,
+            spec.version,
+            container.name,
+        )
+        return container.address
+
+    # -- pool ---------------------------------------------------------------------------------------
+
+    def _take_pooled(self) -> _Container | None:
+        while self._pool:
+            container = self._pool.popleft()
+            if not container.exited.is_set():
+                return container
+        return None
+
+    def _refill_pool(self) -> None:
+        if self._closed:
+            return
+        for _ in range(self._pool_size - len(self._pool) - self._pool_spawning):
+            self._pool_spawning += 1
+            self._tasks.spawn(self._add_pool_member(), name="pool-refill")
+
+    async def _add_pool_member(self) -> None:
+        try:
+            container = await self._spawn(None)
+        except Unavailable as exc:
+            if self._closed:
+                return
+            logger.error("cannot refill the warm pool: %s", exc)
+            return
+        finally:
+            self._pool_spawning -= 1
+        if self._closed:
+            await self._destroy(container)
+            return
+        container.role = "pool"
+        self._pool.append(container)
+
+    # -- containers ---------------------------------------------------------------------------------
+
+    def _config(self, container: _Container, spec: InstanceSpec | None) -> dict[str, Any]:
+        layout = self._layout
+        assert layout is not None
+        labels = {LABEL_PLATFORM: "1", LABEL_NODE: self._node_id}
+        if spec is None:
+            labels[LABEL_POOL] = "1"
+            memory_mb = POOL_MEMORY_MB
+        else:
+            labels[LABEL_INSTANCE] = spec.instance_id
+            labels[LABEL_FUNCTION] = f"{spec.namespace}/{spec.function}"
+            labels[LABEL_VERSION] = str(spec.version)
+            memory_mb = spec.memory_mb
+        memory = memory_mb * 1024 * 1024
+        return {
+            "Image": layout.image,
+            "Cmd": [
+                layout.python,
+                "-S",
+                "-E",
+                layout.host_script,
+                "--socket",
+                f"{SOCKET_DIR_IN_CONTAINER}/{SOCKET_NAME}",
+                "--cache-dir",
+                CODE_DIR_IN_CONTAINER,
+                "--instance-id",
+                container.name,
+            ],
+            "Env": list(CONTAINER_ENV),
+            "User": f"{FAAS_UID}:{FAAS_GID}",
+            "WorkingDir": "/tmp",
+            "Labels": labels,
+            "NetworkDisabled": True,
+            "HostConfig": {
+                "Binds": [
+                    *layout.binds,
+                    f"{container.socket_dir}:{SOCKET_DIR_IN_CONTAINER}:rw",
+                    f"{container.code_dir}:{CODE_DIR_IN_CONTAINER}:ro",
+                ],
+                "NetworkMode": "none",
+                "Memory": memory,
+                "MemorySwap": memory,
+                "NanoCpus": NANO_CPUS,
+                "PidsLimit": PIDS_LIMIT,
+                "ReadonlyRootfs": True,
+                "Tmpfs": dict(TMPFS),
+                "CapDrop": ["ALL"],
+                "SecurityOpt": ["no-new-privileges"],
+                "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
+                "RestartPolicy": {"Name": "no"},
+                "Init": True,
+            },
+        }
+
+    def _new_container(self) -> _Container:
+        token = secrets.token_hex(5)  # short: unix socket paths are limited to 107 bytes
+        folder = f"c-{token}"
+        socket_dir = self._containers_dir / folder
+        code_dir = self._views_dir / folder
+        # TLS is meaningless on a unix socket; verify=False also skips loading the CA bundle (~70 ms).
+        client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_dir / SOCKET_NAME), verify=False),
+            base_url="http://host",
+            verify=False,
+            trust_env=False,
+            timeout=HEALTH_TIMEOUT_S,
+        )
+        return _Container(
+            name=f"{self._name_prefix}-{token}",
+            folder=folder,
+            socket_dir=socket_dir,
+            code_dir=code_dir,
+            client=client,
+        )
+
+    async def _spawn(self, spec: InstanceSpec | None) -> _Container:
+        """Create and start a generic container and wait until its host answers ``GET /_/health``."""
+        if self._closed or self._docker is None:
+            raise Unavailable("the docker backend is closed")
+        docker = self._docker
+        container = self._new_container()
+        try:
+            _make_folders(container)
+        except OSError as exc:
+            await container.client.aclose()
+            raise Unavailable(f"cannot create the container's folders: {exc}") from exc
+        try:
+            try:
+                created = await docker.containers.create(self._config(container, spec), name=container.name)
+                container.container_id = created.id
+                self._by_id[created.id] = container
+                await created.start()
+            except aiodocker.DockerError as exc:
+                raise Unavailable(f"cannot start a function container: {exc}") from exc
+            await self._wait_ready(container)
+        except asyncio.CancelledError:
+            self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
+            raise
+        except BaseException:
+            await self._destroy(container)
+            raise
+        return container
+
+    async def _wait_ready(self, container: _Container) -> None:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + HOST_READY_TIMEOUT_S
+        while True:
+            if self._closed:
+                raise Unavailable("the docker backend is closed")
+            if container.exited.is_set():
+                tail = await self._log_tail(container)
+                raise Unavailable("function container exited while starting" + (f": {tail}" if tail else ""))
+            # The socket file appears once the host listens; before that, connecting is pointless.
+            if container.socket_path.exists():
+                try:
+                    response = await container.client.get("/_/health")
+                    if response.status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            if loop.time() > give_up_at:
+                tail = await self._log_tail(container)
+                raise Unavailable(
+                    f"function container did not become ready within {HOST_READY_TIMEOUT_S:g} s"
+                    + (f": {tail}" if tail else "")
+                )
+            await asyncio.sleep(READY_POLL_INTERVAL_S)
+
+    async def _destroy(self, container: _Container) -> None:
+        """Kill and remove the container (a no-op if it is gone), then its folders.
+
+        Every caller waits for the same removal, which a caller's cancellation does not interrupt:
+        when this returns, the daemon no longer has the container.
+        """
+        container.stopping = True
+        if container.removal is None:
+            container.removal = self._tasks.spawn(self._remove(container), name=f"remove-{container.name}")
+        await asyncio.shield(container.removal)
+
+    async def _remove(self, container: _Container) -> None:
+        if self._docker is not None:
+            # By name when the create call never returned (cancelled): the daemon may have made it.
+            await _remove_container(self._docker, container.container_id or container.name)
+        if container.container_id is not None:
+            self._by_id.pop(container.container_id, None)
+        await container.client.aclose()
+        await asyncio.to_thread(_remove_folders, container)
+
+    async def _status(self, instance_id: str, container: _Container) -> InstanceStatus:
+        try:
+            response = await container.client.get("/_/health", timeout=HEALTH_TIMEOUT_S)
+            response.raise_for_status()
+            health = response.json()
+            return InstanceStatus(
+                instance_id=instance_id,
+                address=container.address,
+                alive=True,
+                state=str(health.get("state", "unknown")),
+                inflight=int(health.get("inflight", 0)),
+                idle_s=float(health.get("idle_s", 0.0)),
+                invocations=int(health.get("invocations", 0)),
+            )
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            return InstanceStatus(instance_id=instance_id, address=container.address, alive=False)
+
+
+async def _remove_container(docker: aiodocker.Docker, container_id: str) -> None:  # id or name
+    """Kill and remove a container; wait for a removal already under way; a no-op if it is gone."""
+    try:
+        await docker.containers.container(container_id).delete(force=True)
+        return
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            return
+        if exc.status != 409:  # 409: removal already in progress
+            logger.warning("cannot remove container %s: %s", container_id[:12], exc)
+            return
+    give_up_at = time.monotonic() + REMOVAL_WAIT_S
+    while time.monotonic() < give_up_at:
+        try:
+            await docker.containers.container(container_id).show()
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return
+        await asyncio.sleep(0.05)
+    logger.warning("container %s is still being removed after %g s", container_id[:12], REMOVAL_WAIT_S)
+
+
+def _make_folders(container: _Container) -> None:
+    # The socket folder is the container user's (the host creates its socket there); the code view
+    # stays the agent's, and is mounted read-only anyway.
+    container.socket_dir.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(container.socket_dir, FAAS_UID, FAAS_GID)
+    else:
+        container.socket_dir.chmod(0o777)  # its parent (mode 700) keeps other local users out
+    container.code_dir.mkdir(mode=0o755)
+
+
+def _remove_folders(container: _Container) -> None:
+    shutil.rmtree(container.socket_dir, ignore_errors=True)
+    shutil.rmtree(container.code_dir, ignore_errors=True)
+
+
+def _fetch_into_cache(cache_dir: Path, code_url: str, sha256: str) -> Path | BaseException:
+    """Download, verify and unpack an archive into ``cache_dir/<sha256>``, as the host would.
+
+    Returns the exception instead of raising it: the task is shared by every waiter and an expected
+    failure (a bad archive) is theirs to report, not the task guard's to log.
+    """
+    final = cache_dir / sha256
+    if final.is_dir():
+        return final
+    try:
+        staging = tempfile.mkdtemp(prefix=f".unpack-{sha256[:16]}-", dir=cache_dir)
+    except OSError as exc:
+        return exc
+    try:
+        archive = os.path.join(staging, "archive.zip")
+        _host._download(code_url, archive, sha256)
+        unpacked = os.path.join(staging, "code")
+        _host._unpack(archive, unpacked)
+        _make_world_readable(unpacked)  # the container user is not the agent's user
+        try:
+            os.rename(unpacked, final)
+        except OSError as exc:
+            if not final.is_dir():  # another agent thread renamed the same verified content first
+                return exc
+        return final
+    except (_host._StartError, OSError) as exc:
+        return exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_world_readable(root: str) -> None:
+    os.chmod(root, 0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, 0o644 | (os.stat(path).st_mode & 0o111))
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard-link ``source`` into ``dest`` (a copy when they are on different file systems)."""
+    try:
+        shutil.copytree(source, dest, copy_function=os.link)
+    except shutil.Error:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(source, dest)
+    except OSError as exc:
+        if exc.errno != 18:  # EXDEV
+            raise
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(source, dest)
+
+
+def _start_error_of(response: httpx.Response) -> tuple[str, str | None]:
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"]), (str(error["type"]) if error.get("type") else None)
+    return f"specialise failed with HTTP {response.status_code}: {response.text[:200]}", None
