@@ -231,7 +231,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             raise InvalidRequest(f"the event must be JSON: {exc}") from exc
         request_id = uuid.uuid4().hex
         resp, _ = await invoke_version(ns, name, qualifier, body, request_id)
-        return Response(resp.content, status_code=resp.status_code, headers=passed_headers(resp), media_type="application/json")
+        return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
 
     @app.api_route(
         "/fn/{name}/{path:path}",
@@ -247,9 +247,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         event = build_event(request, path, body, request_id)
         resp, _ = await invoke_version(ns, name, None, json.dumps(event).encode(), request_id)
         headers = passed_headers(resp)
-        if resp.status_code != 200:
-            return Response(resp.content, status_code=resp.status_code, headers=headers, media_type="application/json")
-        return build_response(json.loads(resp.content), headers)
+        if resp.status != 200:
+            return Response(resp.body, status_code=resp.status, headers=headers, media_type="application/json")
+        return build_response(json.loads(resp.body), headers)
 
     return app
 

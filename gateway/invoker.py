@@ -9,29 +9,26 @@ dead primary had already forwarded may run twice (at-least-once across a trigger
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-
-import httpx
 
 from faas.core.election import LeaderWatch
 from faas.core.errors import DeadlineExceeded, error_from_body
+from faas.core.http import HopClient, HopError, HopResponse, HopTimeout
 from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
 
 
 class TriggerClient:
     def __init__(self, leader: LeaderWatch) -> None:
         self.leader = leader
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=2.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-        )
+        self.http = HopClient()
 
     async def close(self) -> None:
-        await self.http.aclose()
+        await self.http.close()
 
     async def invoke(
         self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
-    ) -> httpx.Response:
+    ) -> HopResponse:
         headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)}
         skip: str | None = None
         while True:
@@ -42,20 +39,20 @@ class TriggerClient:
             try:
                 resp = await self.http.post(
                     f"{leader.address}/v1/invoke/{ns}/{name}/{version}",
-                    content=body,
+                    body=body,
                     headers=headers,
-                    timeout=remaining + 1.0,
+                    timeout_s=remaining + 1.0,
                 )
-            except httpx.TimeoutException as exc:
+            except HopTimeout as exc:
                 raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline") from exc
-            except httpx.TransportError:
+            except HopError:
                 # The trigger went away (refused, or a pooled connection reset by a dead process): send
                 # the call to the next primary.  If the old primary died after forwarding the call, the
                 # function may run twice: a sync call is at-least-once across a trigger crash.
                 skip = leader.address
                 await asyncio.sleep(0.05)
                 continue
-            if resp.status_code == 503 and error_from_body(_json(resp), 503).kind == "not_leader":
+            if resp.status == 503 and error_from_body(_json(resp), 503).kind == "not_leader":
                 # A standby, or a member elected a moment ago that does not know it yet: ask again
                 # shortly, without excluding it (the election key tells who leads).
                 await asyncio.sleep(0.1)
@@ -63,8 +60,8 @@ class TriggerClient:
             return resp
 
 
-def _json(resp: httpx.Response) -> object:
+def _json(resp: HopResponse) -> object:
     try:
-        return resp.json()
+        return json.loads(resp.body)
     except ValueError:
-        return resp.text
+        return resp.body.decode(errors="replace")

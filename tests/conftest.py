@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,10 @@ class Platform:
         )
 
 
-@pytest.fixture(scope="session")
-async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
-    home = tmp_path_factory.mktemp("faas-home")
+@asynccontextmanager
+async def running_platform(tmp_path_factory: pytest.TempPathFactory, name: str) -> AsyncIterator[Platform]:
+    """A whole embedded platform on free ports, with a short keep-alive so reaping is testable."""
+    home = tmp_path_factory.mktemp(name)
     settings = settings_for_test(home, keepalive_s=4.0, reap_interval_s=0.5, lease_ttl_s=3, pool_size=2)
     cluster = EmbeddedCluster(settings)
     try:
@@ -71,6 +73,12 @@ async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pl
         yield Platform(cluster.settings, cluster)
     finally:
         await cluster.stop()
+
+
+@pytest.fixture(scope="session")
+async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
+    async with running_platform(tmp_path_factory, "faas-home") as p:
+        yield p
 
 
 @pytest.fixture

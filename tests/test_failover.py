@@ -1,7 +1,8 @@
 """Leaders and standbys: standbys refuse work, a killed leader is replaced, min_instances is kept.
 
-The failover tests start one extra trigger or scheduler process of their own, so that after the
-current leader is killed the platform still has a standby, as it had before.
+These tests kill platform processes, so they run on a platform of their own (module fixture), not
+the session's.  Each failover test starts one extra trigger or scheduler first, so that after the
+leader is killed there is still a standby.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -21,10 +22,16 @@ from faas.core import keys
 from faas.core.etcd import Etcd
 from faas.core.launcher import settings_env
 from faas.core.models import LeaderRecord, MemberRecord
-from tests.conftest import ROOT, Platform
+from tests.conftest import ROOT, Platform, running_platform
 from tests.helpers import deploy, instances_of, wait_until
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
+    async with running_platform(tmp_path_factory, "faas-failover") as p:
+        yield p
 
 
 async def _members(platform: Platform, role: str) -> dict[str, MemberRecord]:
@@ -95,6 +102,8 @@ async def test_killed_leader_is_replaced_and_calls_keep_working(
         assert time.monotonic() - started < platform.settings.lease_ttl_s + 10
         new_leader = (await _members(platform, role))["__leader__"]
         assert new_leader.member_id != leader.member_id
+        status = platform.cli("status", "--home", str(platform.settings.home))
+        assert status.returncode == 1, status.stdout  # the killed member is reported down
 
 
 async def _has_member(platform: Platform, role: str, member_id: str) -> bool:

@@ -23,7 +23,8 @@ from faas.core.models import InstanceRecord
 @dataclass(eq=False)
 class WarmInstance:
     record: InstanceRecord
-    client: Any  # the HTTP client bound to this instance's address
+    client: Any  # the HopClient bound to this instance's address
+    base_url: str = ""
     inflight: int = 0
     invocations: int = 0
     dead: bool = False

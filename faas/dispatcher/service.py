@@ -37,7 +37,7 @@ from faas.core.errors import (
     error_from_body,
 )
 from faas.core.etcd import Etcd, PrefixMirror
-from faas.core.instance_client import client_for
+from faas.core.http import ConnectionBroken, HopTimeout, NotDelivered, for_address
 from faas.core.models import InstanceRecord, NodeRecord, VersionSpec
 from faas.core.registry import Catalog
 from faas.core.service import deadline_header
@@ -125,7 +125,7 @@ class Dispatcher:
         await self.catalog.stop()
         for pool in self.pools.values():
             for inst in pool.instances.values():
-                await inst.client.aclose()
+                await inst.client.close()
         await self.http.aclose()
 
     # -- instance table ----------------------------------------------------------------------
@@ -150,13 +150,13 @@ class Dispatcher:
     def _add_instance(self, pool: FunctionPool, record: InstanceRecord) -> None:
         if record.instance_id in pool.instances:
             return
-        client = client_for(record.address, max_connections=max(record.concurrency, 1) + 2)
-        pool.add(WarmInstance(record=record, client=client))
+        client, base_url = for_address(record.address, max_connections=max(record.concurrency, 1) + 2)
+        pool.add(WarmInstance(record=record, client=client, base_url=base_url))
 
     async def _close_when_drained(self, inst: WarmInstance) -> None:
         while inst.inflight > 0:  # noqa: ASYNC110 - runs only when an instance leaves; a poll is enough
             await asyncio.sleep(0.1)
-        await inst.client.aclose()
+        await inst.client.close()
 
     def node_load(self, node_id: str) -> float:
         raw = self.nodes.items.get(keys.node(node_id))
@@ -264,34 +264,34 @@ class Dispatcher:
         inst.invocations += 1
         try:
             resp = await inst.client.post(
-                "/_/invoke",
-                content=body,
+                inst.base_url + "/_/invoke",
+                body=body,
                 headers={"x-faas-request-id": request_id, "x-faas-deadline-ms": deadline_header(deadline)},
-                timeout=timeout,
+                timeout_s=timeout,
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            self._drop(pool, inst, reason=f"unreachable ({exc!r})")
+        except NotDelivered as exc:
+            self._drop(pool, inst, reason=f"unreachable ({exc})")
             return None
-        except httpx.TimeoutException:
+        except HopTimeout:
             self._drop(pool, inst, reason="did not answer within its timeout")
             err = FunctionTimeout(f"function exceeded its timeout of {spec.timeout_s:g} s")
             return 504, {**err.to_body(), "logs": ""}, False
-        except httpx.HTTPError as exc:
-            self._drop(pool, inst, reason=f"connection broke during an invocation ({exc!r})")
+        except ConnectionBroken as exc:
+            self._drop(pool, inst, reason=f"connection broke during an invocation ({exc})")
             crash = InstanceStartError("the instance crashed during the invocation", error_type="InstanceCrashed")
             return 502, {**crash.to_body(), "logs": ""}, False
-        if resp.status_code in (429, 409):  # busy, retiring or not ready: it never ran the request
-            if resp.status_code == 409:
+        if resp.status in (429, 409):  # busy, retiring or not ready: it never ran the request
+            if resp.status == 409:
                 self._drop(pool, inst, reason="instance is not specialised")
             elif resp.headers.get("x-faas-retire") == "1":
                 self._drop(pool, inst, reason="instance is retiring")
             await asyncio.sleep(0.005)
             return None
         try:
-            payload = json.loads(resp.content)
+            payload = json.loads(resp.body)
         except ValueError:
             payload = {"error": {"kind": "platform_error", "type": "BadResponse", "message": "instance sent invalid JSON"}}
-        return resp.status_code, payload, resp.headers.get("x-faas-retire") == "1"
+        return resp.status, payload, resp.headers.get("x-faas-retire") == "1"
 
     def _drop(self, pool: FunctionPool, inst: WarmInstance, *, reason: str) -> None:
         if pool.remove(inst.instance_id) is None:

@@ -64,7 +64,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         resp = await trigger.invoke_sync(
             params["ns"], params["name"], params["version"], await request.body(), request_id=request_id, deadline=deadline
         )
-        return Response(resp.content, status_code=resp.status_code, headers=passed_headers(resp), media_type="application/json")
+        return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
 
     app.add_route("/v1/invoke/{ns}/{name}/{version:int}", invoke, methods=["POST"], include_in_schema=False)
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import time
 
-import httpx
-
 from faas.core import keys
 from faas.core.election import Election
 from faas.core.errors import DeadlineExceeded, Unavailable
 from faas.core.etcd import Etcd, PrefixMirror
+from faas.core.http import HopClient, HopError, HopResponse, HopTimeout
 from faas.core.models import MemberRecord
 from faas.core.rendezvous import rank
 from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
@@ -42,10 +41,7 @@ class Trigger:
         self.settings = settings
         self.election = election
         self.dispatchers = PrefixMirror(etcd, keys.members_prefix("dispatcher"))
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=2.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-        )
+        self.http = HopClient()
         self.tasks = TaskSet("trigger")
         self._addresses: dict[bytes, tuple[bytes, str]] = {}
 
@@ -58,7 +54,7 @@ class Trigger:
         await self.tasks.cancel_all()
         await self.election.resign()
         await self.dispatchers.stop()
-        await self.http.aclose()
+        await self.http.close()
 
     def dispatcher_addresses(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -73,7 +69,7 @@ class Trigger:
 
     async def invoke_sync(
         self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
-    ) -> httpx.Response:
+    ) -> HopResponse:
         self.election.require_leader()
         members = self.dispatcher_addresses()
         if not members:
@@ -86,19 +82,21 @@ class Trigger:
                 break
             url = f"{members[member_id]}/v1/invoke/{ns}/{name}/{version}"
             try:
-                resp = await self.http.post(url, content=body, headers=headers, timeout=remaining + 0.5)
-            except httpx.TimeoutException as exc:
+                resp = await self.http.post(url, body=body, headers=headers, timeout_s=remaining + 0.5)
+            except HopTimeout as exc:
                 raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline") from exc
-            except httpx.HTTPError as exc:
-                last_error = f"dispatcher {member_id} unreachable: {exc!r}"
+            except HopError as exc:
+                # Refused, or reset by a dispatcher that died: the next one in the ranking gets the call
+                # (if the dead one had already started it, the function may run twice).
+                last_error = f"dispatcher {member_id} unreachable: {exc}"
                 log.warning(last_error)
                 continue
-            if resp.status_code == 429 and resp.headers.get("x-faas-saturated") == "1":
+            if resp.status == 429 and resp.headers.get("x-faas-saturated") == "1":
                 last_error = f"dispatcher {member_id} saturated"
                 continue
             return resp
         raise Unavailable(last_error)
 
 
-def passed_headers(resp: httpx.Response) -> dict[str, str]:
+def passed_headers(resp: HopResponse) -> dict[str, str]:
     return {h: resp.headers[h] for h in _PASSED_HEADERS if h in resp.headers}
