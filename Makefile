@@ -22,6 +22,7 @@ status: setup
 	$(BIN)/faas status
 
 test: setup
+	scripts/ensure-dockerd
 	$(BIN)/pytest
 
 test-fast: setup

@@ -60,10 +60,14 @@ class Platform:
 
 
 @asynccontextmanager
-async def running_platform(tmp_path_factory: pytest.TempPathFactory, name: str) -> AsyncIterator[Platform]:
+async def running_platform(
+    tmp_path_factory: pytest.TempPathFactory, name: str, **overrides: object
+) -> AsyncIterator[Platform]:
     """A whole embedded platform on free ports, with a short keep-alive so reaping is testable."""
     home = tmp_path_factory.mktemp(name)
-    settings = settings_for_test(home, keepalive_s=4.0, reap_interval_s=0.5, lease_ttl_s=3, pool_size=2)
+    settings = settings_for_test(
+        home, **{"keepalive_s": 4.0, "reap_interval_s": 0.5, "lease_ttl_s": 3, "pool_size": 2, **overrides}
+    )
     cluster = EmbeddedCluster(settings)
     try:
         await cluster.start()

@@ -44,7 +44,7 @@ from faas.core.settings import Settings
 
 from .commands import format_table
 
-RUNTIMES = ("process",)  # the Docker backend joins here (issue 3)
+RUNTIMES = ("process", "docker", "auto")
 
 
 def add_parsers(subparsers: Any) -> None:

@@ -213,6 +213,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env: dict[str, str] = {}
     for field in type(settings).model_fields:
         value = getattr(settings, field)
+        if value is None:
+            continue  # unset optional settings stay unset in the child
         if isinstance(value, Path):
             text = str(value.expanduser().resolve())
         elif isinstance(value, bool):

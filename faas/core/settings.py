@@ -8,6 +8,7 @@ is read at import time: services build a ``Settings`` in their entry point and p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field
@@ -54,7 +55,9 @@ class Settings(BaseSettings):
 
     # Node agent.
     node_id: str = "node-1"
-    runtime: str = "process"
+    # process | docker | auto (Docker when a daemon answers, else processes)
+    runtime: Literal["process", "docker", "auto"] = "process"
+    docker_url: str | None = None  # None: DOCKER_HOST or the local socket
     pool_size: int = Field(default=2, ge=0)
     node_memory_mb: int = 0  # 0 = read the machine's memory
 

@@ -21,7 +21,7 @@ from typing import NoReturn
 from fastapi import FastAPI
 
 from faas.core import keys
-from faas.core.errors import FaasError
+from faas.core.errors import FaasError, Unavailable
 from faas.core.etcd import Etcd, Lease
 from faas.core.models import MemberRecord, NodeRecord
 from faas.core.service import Membership, etcd_from_settings, install_error_handlers
@@ -49,16 +49,35 @@ def machine_memory_mb() -> tuple[int, int]:
     return total, avail
 
 
-def build_backend(settings: Settings) -> RuntimeBackend:
-    if settings.runtime != "process":
-        raise SystemExit(f"runtime {settings.runtime!r} is not available on this node (supported: process)")
+async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
+    """The node's backend, started: ``process``, ``docker``, or ``auto`` (Docker if a daemon answers).
+
+    With ``docker`` and no daemon this raises ``Unavailable`` naming the daemon: the agent then exits
+    with that message instead of running functions somewhere the operator did not ask for.
+    """
     from faas.runtime.process_backend import ProcessBackend
 
-    return ProcessBackend(
-        run_dir=settings.run_dir.absolute(),
-        cache_dir=settings.code_cache_dir.absolute(),
-        pool_size=settings.pool_size,
-    )
+    run_dir, cache_dir = settings.run_dir.absolute(), settings.code_cache_dir.absolute()
+    if settings.runtime in ("docker", "auto"):
+        from faas.runtime.docker_backend import DockerBackend
+
+        docker = DockerBackend(
+            run_dir=run_dir,
+            cache_dir=cache_dir,
+            pool_size=settings.pool_size,
+            docker_url=settings.docker_url,
+            node_id=node_id,
+        )
+        try:
+            await docker.start()
+            return docker
+        except Unavailable as exc:
+            if settings.runtime == "docker":
+                raise
+            log.warning("runtime auto: %s; running instances as local processes", exc)
+    backend = ProcessBackend(run_dir=run_dir, cache_dir=cache_dir, pool_size=settings.pool_size)
+    await backend.start()
+    return backend
 
 
 class NodeAgent:
@@ -89,7 +108,6 @@ class NodeAgent:
         )
 
     async def start(self) -> None:
-        await self.backend.start()
         await self.lease.grant()
         await self.etcd.put(keys.node(self.node_id), self.node_record().model_dump_json().encode(), lease=self.lease.lease_id)
         self.tasks.spawn(self._report_forever(), name="report", long_lived=True)
@@ -142,7 +160,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
-        agent = NodeAgent(settings=settings, etcd=etcd, backend=build_backend(settings), node_id=member_id, address=address)
+        backend = await start_backend(settings, member_id)
+        agent = NodeAgent(settings=settings, etcd=etcd, backend=backend, node_id=member_id, address=address)
         membership = Membership(
             etcd, MemberRecord(role="node", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
         )

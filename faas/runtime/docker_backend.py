@@ -9,7 +9,10 @@ background.  The host listens on ``/run/faas/host.sock`` inside the container, a
 
 Each container: ``--network none``; memory from the function (swap capped: ``MemorySwap ==
 Memory``), one CPU, ``PidsLimit``; read-only root with a 64 MiB ``noexec`` tmpfs on ``/tmp``; every
-capability dropped, ``no-new-privileges``, Docker's default seccomp profile; user 10001:10001.
+capability dropped, ``no-new-privileges``, Docker's default seccomp profile; user 10001:10001;
+``docker-init`` as PID 1.  A pool member is created with ``POOL_MEMORY_MB`` and given the function's
+memory (``POST /containers/{id}/update``, ~25 ms, skipped when equal) before it is specialised, so
+the handler's import already runs under the function's limit.
 
 Code delivery (the container has no network, so it cannot use the presigned URL itself):
 
@@ -37,6 +40,8 @@ Invariants (as in the process backend):
   ``close``.  A pool member that dies is replaced without a callback.  Deaths are learnt from the
   daemon's event stream (filtered by this node's label), reconnected with ``since`` so none is lost.
 - ``launch`` holds no lock across I/O: concurrent launches each take their own pool member.
+- ``_destroy`` returns only once the daemon no longer has the container; concurrent calls share one
+  removal, and ``close`` finally removes whatever the daemon still lists under this node's label.
 - On ``start``, containers labelled with this node id that a previous agent left behind are removed,
   not re-registered: their instance records died with the old agent's lease, nothing routes to them,
   and a pool member's binding to a function lived only in the old agent's memory.
@@ -52,8 +57,8 @@ Caveats:
 - An OOM kill (the cgroup limit, unlike host.py's ``RLIMIT_AS`` backstop) kills the host mid-
   invocation: the caller sees a broken connection, not a 507; the backend logs ``OOMKilled`` and
   fires the exit callback.  Writes to ``/tmp`` are charged to the same memory limit.
-- The host's socket is created by uid 10001 with the runtime's default umask (mode 755): connecting
-  to it needs root (or uid 10001).  The platform runs as root on a Docker node.
+- The host's socket belongs to uid 10001 with mode 600 (host.py restricts it to its owner), so only
+  root (or uid 10001) can connect: the node agent and dispatchers run as root on a Docker node.
 - ``docker_url`` must name a daemon on this machine (the default socket, a rootless daemon's socket):
   the bind mounts and the unix-socket addresses are paths on this machine.
 - The cache is never evicted (as with the process backend); container logs (host diagnostics,
@@ -228,7 +233,6 @@ class DockerBackend:
         failures = [r for r in results if isinstance(r, BaseException)]
         members = [r for r in results if isinstance(r, _Container)]
         if failures:
-            await asyncio.gather(*(self._destroy(c) for c in members))
             await self.close()
             first = failures[0]
             if isinstance(first, Unavailable):
@@ -245,6 +249,7 @@ class DockerBackend:
         )
 
     async def close(self) -> None:
+        """Remove every container of this backend; safe to call twice, or after a failed ``start``."""
         self._closed = True
         containers = list(self._by_id.values())
         self._pool.clear()
@@ -678,6 +683,8 @@ class DockerBackend:
                 "SecurityOpt": ["no-new-privileges"],
                 "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
                 "RestartPolicy": {"Name": "no"},
+                # docker-init as PID 1 reaps orphaned grandchildren, which the host would not: left
+                # as zombies they would use up the pids limit of a long-lived instance.
                 "Init": True,
             },
         }
