@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from faas.core.errors import InstanceStartError, Unavailable
+from faas.core.models import InstanceExit
 from faas.runtime.backend import InstanceSpec
 from faas.runtime.docker_backend import DockerBackend
 from faas.runtime.image import DEFAULT_TAG, ensure_runtime_image
@@ -286,7 +287,7 @@ class Backends:
         self.docker = docker
         self.run_dir = run_dir
         self.made: list[tuple[DockerBackend, str]] = []
-        self.exits: dict[str, asyncio.Queue[str]] = {}
+        self.exits: dict[str, asyncio.Queue[InstanceExit]] = {}
 
     async def make(self, pool_size: int = 1, *, node_id: str | None = None) -> tuple[DockerBackend, str]:
         node_id = node_id or new_node_id()
@@ -297,7 +298,7 @@ class Backends:
             node_id=node_id,
         )
         self.made.append((backend, node_id))
-        exits: asyncio.Queue[str] = asyncio.Queue()
+        exits: asyncio.Queue[InstanceExit] = asyncio.Queue()
         self.exits[node_id] = exits
         backend.set_exit_callback(exits.put)
         await backend.start()
@@ -490,7 +491,8 @@ async def test_memory_hog_is_killed_and_the_node_carries_on(
         pass  # OOM-killed mid-invocation: the connection breaks
     else:
         assert response.status_code == 507, response.text  # or host.py's own MemoryError
-    assert await asyncio.wait_for(backends.exits[node_id].get(), 10) == hog.instance_id
+    ended = await asyncio.wait_for(backends.exits[node_id].get(), 10)
+    assert ended.instance_id == hog.instance_id
     assert [s.instance_id for s in await backend.list_instances()] != [hog.instance_id]
 
     assert (await invoke(bystander, {"still": "here"})).json()["result"] == {"echo": {"still": "here"}}
@@ -538,7 +540,7 @@ async def test_sync_timeout_answers_in_time_and_recycles_the_container(
     assert time.monotonic() - started < 2.0
     assert response.status_code == 504
     assert response.json()["error"]["kind"] == "function_timeout"
-    assert await asyncio.wait_for(backends.exits[node_id].get(), 10) == spec.instance_id
+    assert (await asyncio.wait_for(backends.exits[node_id].get(), 10)).instance_id == spec.instance_id
     assert await backend.list_instances() == []
 
 
@@ -571,7 +573,7 @@ async def test_killed_container_triggers_the_exit_callback(
 
     await docker.containers.container(container_name(node_id, address)).kill()
 
-    assert await asyncio.wait_for(backends.exits[node_id].get(), 10) == spec.instance_id
+    assert (await asyncio.wait_for(backends.exits[node_id].get(), 10)).instance_id == spec.instance_id
     assert await backend.list_instances() == []
 
 

@@ -89,3 +89,25 @@ async def test_container_killed_between_calls_is_replaced(platform: Platform, gw
             break
     assert statuses in ([200], [502, 200]), statuses
     assert resp.headers["x-faas-instance"] != first.headers["x-faas-instance"]
+
+
+async def test_out_of_memory_is_reported_and_the_instance_replaced(gw: httpx.AsyncClient) -> None:
+    await deploy(
+        gw,
+        "hog",
+        """
+        def handler(event, context):
+            if event.get("hog"):
+                blocks = [bytearray(16 * 1024 * 1024) for _ in range(64)]  # 1 GiB, far over the limit
+                return len(blocks)
+            return "fine"
+        """,
+        memory_mb=128,
+    )
+    assert (await gw.post("/v1/functions/hog/invoke", json={})).status_code == 200
+    hog = await gw.post("/v1/functions/hog/invoke", json={"hog": True})
+    assert hog.status_code == 500, hog.text
+    assert hog.json()["error"]["kind"] == "out_of_memory"
+    assert hog.headers["x-faas-function-error"] == "Unhandled"
+    after = await gw.post("/v1/functions/hog/invoke", json={})
+    assert after.status_code == 200 and after.json() == "fine"

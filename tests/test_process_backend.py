@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from faas.core.errors import InstanceStartError
-from faas.runtime.backend import InstanceSpec
+from faas.runtime.backend import InstanceExit, InstanceSpec
 from faas.runtime.process_backend import ProcessBackend
 from tests.helpers import make_zip
 
@@ -298,8 +298,8 @@ async def test_stop_ends_the_instance(
     backend = await make_backend(pool_size=1)
     exits: list[str] = []
 
-    async def on_exit(instance_id: str) -> None:
-        exits.append(instance_id)
+    async def on_exit(exit: InstanceExit) -> None:
+        exits.append(exit.instance_id)
 
     backend.set_exit_callback(on_exit)
     spec = code_server.spec(APP)
@@ -321,7 +321,7 @@ async def test_exit_callback_fires_when_an_instance_dies(
     make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
 ) -> None:
     backend = await make_backend(pool_size=1)
-    exited = asyncio.Queue[str]()
+    exited = asyncio.Queue[InstanceExit]()
     backend.set_exit_callback(exited.put)
     spec = code_server.spec(APP)
     await backend.launch(spec, timeout_s=10)
@@ -330,7 +330,8 @@ async def test_exit_callback_fires_when_an_instance_dies(
 
     os.kill(status.pid, signal.SIGKILL)
 
-    assert await asyncio.wait_for(exited.get(), 5) == spec.instance_id
+    ended = await asyncio.wait_for(exited.get(), 5)
+    assert (ended.instance_id, ended.exit_code) == (spec.instance_id, -signal.SIGKILL)
     assert await backend.list_instances() == []
 
 
@@ -338,7 +339,7 @@ async def test_exit_callback_fires_when_a_sync_timeout_retires_the_host(
     make_backend: Callable[..., Awaitable[ProcessBackend]], code_server: CodeServer
 ) -> None:
     backend = await make_backend(pool_size=1)
-    exited = asyncio.Queue[str]()
+    exited = asyncio.Queue[InstanceExit]()
     backend.set_exit_callback(exited.put)
     spec = code_server.spec(APP, timeout_s=0.2)
     address = await backend.launch(spec, timeout_s=10)
@@ -346,7 +347,7 @@ async def test_exit_callback_fires_when_a_sync_timeout_retires_the_host(
         response = await client.post("/_/invoke", json={"sleep": 10})
     assert response.status_code == 504
     assert response.headers["X-Faas-Retire"] == "1"
-    assert await asyncio.wait_for(exited.get(), 5) == spec.instance_id
+    assert (await asyncio.wait_for(exited.get(), 5)).instance_id == spec.instance_id
 
 
 async def test_dead_pool_member_is_replaced_without_callback(
@@ -355,8 +356,8 @@ async def test_dead_pool_member_is_replaced_without_callback(
     backend = await make_backend(pool_size=1)
     exits: list[str] = []
 
-    async def on_exit(instance_id: str) -> None:
-        exits.append(instance_id)
+    async def on_exit(exit: InstanceExit) -> None:
+        exits.append(exit.instance_id)
 
     backend.set_exit_callback(on_exit)
     [(name, pid)] = (await health_pids(run_dir)).items()

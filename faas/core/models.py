@@ -170,3 +170,12 @@ class InstanceStatus(BaseModel):
     idle_s: float = 0.0
     invocations: int = 0
     pid: int | None = None
+
+
+class InstanceExit(BaseModel):
+    """Why an instance ended on its own, as its node agent saw it."""
+
+    instance_id: str
+    exit_code: int | None = None
+    oom_killed: bool = False
+    detail: str = ""

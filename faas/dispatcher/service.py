@@ -278,8 +278,7 @@ class Dispatcher:
             return 504, {**err.to_body(), "logs": ""}, False
         except ConnectionBroken as exc:
             self._drop(pool, inst, reason=f"connection broke during an invocation ({exc})")
-            crash = InstanceStartError("the instance crashed during the invocation", error_type="InstanceCrashed")
-            return 502, {**crash.to_body(), "logs": ""}, False
+            return await self._crash_outcome(inst, spec)
         if resp.status in (429, 409):  # busy, retiring or not ready: it never ran the request
             if resp.status == 409:
                 self._drop(pool, inst, reason="instance is not specialised")
@@ -292,6 +291,33 @@ class Dispatcher:
         except ValueError:
             payload = {"error": {"kind": "platform_error", "type": "BadResponse", "message": "instance sent invalid JSON"}}
         return resp.status, payload, resp.headers.get("x-faas-retire") == "1"
+
+    async def _crash_outcome(self, inst: WarmInstance, spec: VersionSpec) -> tuple[int, dict[str, Any], bool]:
+        """The error for a call whose instance died under it: ask its node agent why it ended."""
+        exit_info: dict[str, Any] = {}
+        raw = self.nodes.items.get(keys.node(inst.record.node_id))
+        if raw is not None:
+            node = NodeRecord.model_validate_json(raw)
+            try:
+                resp = await self.http.get(
+                    f"{node.address}/v1/instances/{inst.instance_id}/exit", params={"wait_s": 2.0}, timeout=5.0
+                )
+                if resp.status_code == 200:
+                    exit_info = resp.json()
+            except httpx.HTTPError as exc:
+                log.warning("could not ask node %s why %s ended: %r", node.node_id, inst.instance_id, exc)
+        if exit_info.get("oom_killed"):
+            error = {
+                "kind": "out_of_memory",
+                "type": "MemoryError",
+                "message": f"function ran out of memory (limit {spec.memory_mb} MB); its instance was replaced",
+            }
+            return 500, {"error": error, "logs": ""}, False
+        detail = exit_info.get("detail") or "it stopped answering"
+        crash = InstanceStartError(
+            f"the instance crashed during the invocation: {detail}", error_type="InstanceCrashed"
+        )
+        return 502, {**crash.to_body(), "logs": ""}, False
 
     def _drop(self, pool: FunctionPool, inst: WarmInstance, *, reason: str) -> None:
         if pool.remove(inst.instance_id) is None:

@@ -21,17 +21,18 @@ from typing import NoReturn
 from fastapi import FastAPI
 
 from faas.core import keys
-from faas.core.errors import FaasError, Unavailable
+from faas.core.errors import FaasError, NotFound, Unavailable
 from faas.core.etcd import Etcd, Lease
 from faas.core.models import MemberRecord, NodeRecord
 from faas.core.service import Membership, etcd_from_settings, install_error_handlers
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
-from faas.runtime.backend import InstanceSpec, InstanceStatus, RuntimeBackend
+from faas.runtime.backend import InstanceExit, InstanceSpec, InstanceStatus, RuntimeBackend
 
 log = logging.getLogger("faas.agent")
 
 _REPORT_INTERVAL_S = 2.0
+_RECENT_EXITS_KEPT = 1000
 
 
 def machine_memory_mb() -> tuple[int, int]:
@@ -89,6 +90,8 @@ class NodeAgent:
         self.address = address
         self.lease = Lease(etcd, settings.lease_ttl_s, owner=f"node:{node_id}")
         self.specs: dict[str, InstanceSpec] = {}
+        self.recent_exits: dict[str, InstanceExit] = {}
+        self._exits_changed = asyncio.Condition()
         self.tasks = TaskSet(f"agent:{node_id}")
         backend.set_exit_callback(self._on_instance_exit)
 
@@ -144,15 +147,31 @@ class NodeAgent:
         self.specs.pop(instance_id, None)
         await self.backend.stop(instance_id)
 
-    async def _on_instance_exit(self, instance_id: str) -> None:
-        spec = self.specs.pop(instance_id, None)
+    async def _on_instance_exit(self, exit: InstanceExit) -> None:
+        async with self._exits_changed:
+            self.recent_exits[exit.instance_id] = exit
+            while len(self.recent_exits) > _RECENT_EXITS_KEPT:
+                self.recent_exits.pop(next(iter(self.recent_exits)))
+            self._exits_changed.notify_all()
+        spec = self.specs.pop(exit.instance_id, None)
         if spec is None:
             return
-        log.info("instance %s exited; removing its record", instance_id)
+        log.info("instance %s exited (%s); removing its record", exit.instance_id, exit.detail)
         try:
-            await self.etcd.delete(keys.instance(spec.namespace, spec.function, spec.version, instance_id))
+            await self.etcd.delete(keys.instance(spec.namespace, spec.function, spec.version, exit.instance_id))
         except FaasError as exc:
-            log.warning("could not delete the record of %s: %s", instance_id, exc)
+            log.warning("could not delete the record of %s: %s", exit.instance_id, exc)
+
+    async def wait_exit(self, instance_id: str, wait_s: float) -> InstanceExit:
+        """How an instance ended, waiting up to ``wait_s`` for its exit to be noticed."""
+        async with self._exits_changed:
+            try:
+                await asyncio.wait_for(
+                    self._exits_changed.wait_for(lambda: instance_id in self.recent_exits), wait_s
+                )
+            except TimeoutError:
+                raise NotFound(f"instance {instance_id!r} has not exited") from None
+            return self.recent_exits[instance_id]
 
 
 def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
@@ -192,6 +211,11 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     @app.delete("/v1/instances/{instance_id}", status_code=204)
     async def stop(instance_id: str) -> None:
         await app.state.agent.stop(instance_id)
+
+    @app.get("/v1/instances/{instance_id}/exit")
+    async def instance_exit(instance_id: str, wait_s: float = 0.0) -> InstanceExit:
+        """How an instance ended on its own (404 if it has not, within ``wait_s``)."""
+        return await app.state.agent.wait_exit(instance_id, min(max(wait_s, 0.0), 10.0))
 
     @app.get("/v1/instances")
     async def list_instances() -> list[InstanceStatus]:

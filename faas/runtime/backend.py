@@ -13,9 +13,9 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
-from faas.core.models import InstanceStatus
+from faas.core.models import InstanceExit, InstanceStatus
 
-__all__ = ["InstanceSpec", "InstanceStatus", "RuntimeBackend", "InstanceExitCallback"]
+__all__ = ["InstanceExit", "InstanceSpec", "InstanceStatus", "RuntimeBackend", "InstanceExitCallback"]
 
 
 class InstanceSpec(BaseModel):
@@ -50,7 +50,7 @@ class InstanceSpec(BaseModel):
         }
 
 
-InstanceExitCallback = Callable[[str], Awaitable[None]]
+InstanceExitCallback = Callable[[InstanceExit], Awaitable[None]]
 
 
 class RuntimeBackend(Protocol):
@@ -76,4 +76,4 @@ class RuntimeBackend(Protocol):
         """The specialised instances this backend runs, with their live load."""
 
     def set_exit_callback(self, callback: InstanceExitCallback) -> None:
-        """Register a coroutine called with the instance id when an instance exits on its own."""
+        """Register a coroutine called with how an instance ended, when it exits on its own."""

@@ -89,7 +89,7 @@ import httpx
 from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.tasks import TaskSet
 from faas.runtime import host as _host
-from faas.runtime.backend import InstanceExitCallback, InstanceSpec, InstanceStatus
+from faas.runtime.backend import InstanceExit, InstanceExitCallback, InstanceSpec, InstanceStatus
 from faas.runtime.image import (
     CODE_DIR_IN_CONTAINER,
     DEFAULT_TAG,
@@ -468,13 +468,20 @@ class DockerBackend:
         # spawning / launching: whoever is starting it sees ``exited`` and removes it.
 
     async def _instance_exited(self, container: _Container, iid: str, exit_code: str) -> None:
-        if self._exit_callback is not None:
-            await self._exit_callback(iid)
         oom = False
         if self._docker is not None and container.container_id is not None:
             with contextlib.suppress(aiodocker.DockerError):
                 info = await self._docker.containers.container(container.container_id).show()
                 oom = bool((info.get("State") or {}).get("OOMKilled"))
+        if self._exit_callback is not None:
+            await self._exit_callback(
+                InstanceExit(
+                    instance_id=iid,
+                    exit_code=int(exit_code) if exit_code.lstrip("-").isdigit() else None,
+                    oom_killed=oom,
+                    detail=f"container exited with code {exit_code}" + (" (OOM-killed)" if oom else ""),
+                )
+            )
         tail = await self._log_tail(container)
         logger.warning(
             "instance %s (container %s) exited on its own with code %s%s%s",

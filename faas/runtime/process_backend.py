@@ -40,7 +40,7 @@ import httpx
 
 from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.tasks import TaskSet
-from faas.runtime.backend import InstanceExitCallback, InstanceSpec, InstanceStatus
+from faas.runtime.backend import InstanceExit, InstanceExitCallback, InstanceSpec, InstanceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,13 @@ class ProcessBackend:
                 host.log_path,
             )
             if self._exit_callback is not None:
-                await self._exit_callback(iid)
+                # Memory over the limit shows in-band here (RLIMIT_AS raises MemoryError: a 507), so an
+                # exit is reported as such; a SIGKILL may be anyone's, the kernel's OOM killer included.
+                await self._exit_callback(
+                    InstanceExit(
+                        instance_id=iid, exit_code=returncode, detail=f"function host exited with code {returncode}"
+                    )
+                )
         elif host in self._pool:
             self._pool.remove(host)
             logger.warning("warm host %s exited with code %s; replacing it", host.name, returncode)
