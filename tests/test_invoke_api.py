@@ -113,7 +113,6 @@ async def test_twenty_concurrent_calls_never_exceed_max_instances(platform: Plat
         "slow",
         """
         import time
-from collections.abc import AsyncIterator
 
         def handler(event, context):
             time.sleep(0.4)
@@ -169,7 +168,6 @@ async def test_timeout_is_504_and_next_call_works(gw: httpx.AsyncClient) -> None
         "sleepy",
         """
         import time
-from collections.abc import AsyncIterator
 
         def handler(event, context):
             time.sleep(event.get("sleep", 0))
