@@ -6,12 +6,15 @@ when no daemon answers (scripts/ensure-dockerd starts one there).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import aiodocker
 import httpx
 import pytest
 
+from faas.core.errors import Unavailable
+from faas.core.launcher import EmbeddedCluster, settings_for_test
 from tests.conftest import Platform, missing_service, running_platform
 from tests.helpers import deploy, instances_of
 
@@ -111,3 +114,44 @@ async def test_out_of_memory_is_reported_and_the_instance_replaced(gw: httpx.Asy
     assert hog.headers["x-faas-function-error"] == "Unhandled"
     after = await gw.post("/v1/functions/hog/invoke", json={})
     assert after.status_code == 200 and after.json() == "fine"
+
+
+async def test_fork_bomb_is_stopped_by_the_pids_limit(gw: httpx.AsyncClient) -> None:
+    await deploy(
+        gw,
+        "forker",
+        """
+        import os, time
+
+        def handler(event, context):
+            if not event.get("bomb"):
+                return "calm"
+            children = 0
+            try:
+                while True:
+                    if os.fork() == 0:
+                        time.sleep(30)
+                        os._exit(0)
+                    children += 1
+            except OSError as exc:
+                raise RuntimeError(f"fork refused after {children} children: {exc}") from exc
+        """,
+        memory_mb=1024,
+    )
+    bomb = await gw.post("/v1/functions/forker/invoke", json={"bomb": True})
+    assert bomb.status_code in (500, 502), bomb.text
+    assert bomb.json()["error"]["kind"] in ("function_error", "instance_start_error")
+    calm = await gw.post("/v1/functions/forker/invoke", json={})
+    assert calm.status_code == 200 and calm.json() == "calm"
+
+
+async def test_unreachable_docker_daemon_is_a_clear_startup_error(tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("faas-no-docker")
+    settings = settings_for_test(home, runtime="docker", docker_url="unix:///nonexistent/docker.sock")
+    cluster = EmbeddedCluster(settings)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as info:
+        await cluster.start()
+    assert "Docker daemon" in info.value.message
+    assert time.monotonic() - started < 60  # fails fast, no restart loop
+    assert not cluster.is_running()

@@ -181,7 +181,7 @@ async def test_timeout_is_504_and_next_call_works(gw: httpx.AsyncClient) -> None
     elapsed = time.monotonic() - started
     assert slow.status_code == 504
     assert slow.json()["error"]["kind"] == "function_timeout"
-    assert elapsed < 3.5
+    assert elapsed < 1 + 1.0  # the error arrives within timeout + 1 s
     again = await gw.post("/v1/functions/sleepy/invoke", json={})
     assert again.status_code == 200 and again.json() == "awake"
 
