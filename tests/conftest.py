@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiodocker
 import httpx
 import pytest
 
@@ -79,9 +80,21 @@ async def running_platform(
         await cluster.stop()
 
 
-@pytest.fixture(scope="session")
-async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
-    async with running_platform(tmp_path_factory, "faas-home") as p:
+async def require_docker() -> None:
+    try:
+        async with aiodocker.Docker() as docker:
+            await docker.version()
+    except Exception as exc:  # no socket, or a daemon that does not answer
+        missing_service(f"Docker daemon unreachable: {exc}")
+
+
+@pytest.fixture(scope="session", params=["process", "docker"])
+async def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
+    """The shared platform; every test that uses it runs once per runtime backend."""
+    runtime = request.param
+    if runtime == "docker":
+        await require_docker()
+    async with running_platform(tmp_path_factory, f"faas-{runtime}", runtime=runtime) as p:
         yield p
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from faas.core.errors import Unavailable
 from faas.core.launcher import EmbeddedCluster, settings_for_test
-from tests.conftest import Platform, missing_service, running_platform
+from tests.conftest import Platform, require_docker, running_platform
 from tests.helpers import deploy, instances_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -23,11 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 @pytest.fixture(scope="module")
 async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
-    try:
-        async with aiodocker.Docker() as docker:
-            await docker.version()
-    except Exception as exc:  # no socket, or a daemon that does not answer
-        missing_service(f"Docker daemon unreachable: {exc}")
+    await require_docker()
     async with running_platform(tmp_path_factory, "faas-docker", runtime="docker", pool_size=1) as p:
         yield p
 

@@ -1,8 +1,8 @@
 """End-to-end over HTTP against the real platform: cold and warm calls, versions, reaping, HTTP
 trigger, concurrency limits and every user-visible error of a synchronous invocation.
 
-The whole module runs twice: on a platform whose node runs instances as local processes, and on one
-whose node runs them as Docker containers (the latter fails in CI when no Docker daemon answers).
+Like every test on the shared ``platform`` fixture, each runs twice: with instances as local
+processes and as Docker containers (the latter fails in CI when no Docker daemon answers).
 """
 
 from __future__ import annotations
@@ -10,29 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
-import aiodocker
 import httpx
 import pytest
 
-from tests.conftest import Platform, missing_service, running_platform
+from tests.conftest import Platform
 from tests.helpers import deploy, instances_of, make_zip, wait_until
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module", params=["process", "docker"])
-async def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
-    runtime = request.param
-    if runtime == "docker":
-        try:
-            async with aiodocker.Docker() as docker:
-                await docker.version()
-        except Exception as exc:  # no socket, or a daemon that does not answer
-            missing_service(f"Docker daemon unreachable: {exc}")
-    async with running_platform(tmp_path_factory, f"faas-{runtime}", runtime=runtime) as p:
-        yield p
 
 ECHO = """
 import os
