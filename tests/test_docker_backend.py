@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +25,10 @@ import pytest
 
 from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.models import InstanceExit
-from faas.runtime.backend import InstanceSpec
 from faas.runtime.docker_backend import DockerBackend
 from faas.runtime.image import DEFAULT_TAG, ensure_runtime_image
+from tests.code_server import CodeServer
 from tests.conftest import missing_service
-from tests.helpers import make_zip
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(60)]
 
@@ -147,59 +143,9 @@ SLEEPER = {
 }
 
 
-class CodeServer:
-    """Serves code archives on 127.0.0.1, standing in for presigned S3 URLs."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        files = self.files
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                data = files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_port
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def spec(self, files: dict[str, str], **overrides: Any) -> InstanceSpec:
-        archive = make_zip(files)
-        path = f"/code/{uuid.uuid4().hex}.zip"
-        self.files[path] = archive
-        fields: dict[str, Any] = {
-            "instance_id": f"i-{uuid.uuid4().hex[:8]}",
-            "namespace": "default",
-            "function": "probe",
-            "version": 3,
-            "handler": "app.handler",
-            "code_url": f"http://127.0.0.1:{self.port}{path}",
-            "sha256": hashlib.sha256(archive).hexdigest(),
-            "size": len(archive),
-            "memory_mb": 128,
-            "timeout_s": 5.0,
-            "concurrency": 1,
-        }
-        fields.update(overrides)
-        return InstanceSpec(**fields)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def code_server() -> Iterator[CodeServer]:
-    server = CodeServer()
+    server = CodeServer(function="probe", version=3)
     yield server
     server.close()
 

@@ -7,7 +7,6 @@ http.server; nothing of the host is mocked.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import itertools
 import os
@@ -15,13 +14,9 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
-import uuid
 import zipfile
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,49 +24,10 @@ import httpx
 import pytest
 
 from faas.runtime.process_backend import HOST_SCRIPT
+from tests.code_server import CodeServer
 from tests.helpers import make_zip
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class CodeServer:
-    """Serves code archives over plain HTTP, as a presigned S3 URL would, and counts downloads."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.hits: Counter[str] = Counter()
-        files, hits = self.files, self.hits
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hits[self.path] += 1
-                data = files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/zip")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def publish(self, archive: bytes) -> tuple[str, str, str]:
-        """Serve ``archive``; returns (url, path, sha256)."""
-        path = f"/code/{uuid.uuid4().hex}.zip"
-        self.files[path] = archive
-        url = f"http://127.0.0.1:{self.httpd.server_port}{path}"
-        return url, path, hashlib.sha256(archive).hexdigest()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -6,26 +6,21 @@ Code archives come from a local http.server, as they would from a presigned S3 U
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from faas.core.errors import InstanceStartError
-from faas.runtime.backend import InstanceExit, InstanceSpec
+from faas.runtime.backend import InstanceExit
 from faas.runtime.process_backend import ProcessBackend
-from tests.helpers import make_zip
+from tests.code_server import CodeServer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,53 +35,6 @@ APP = {
             return {"echo": event, "instance_function": context.function_name}
     """
 }
-
-
-class CodeServer:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        files = self.files
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                data = files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def spec(self, files: dict[str, str], **overrides: Any) -> InstanceSpec:
-        archive = make_zip(files)
-        path = f"/code/{uuid.uuid4().hex}.zip"
-        self.files[path] = archive
-        fields: dict[str, Any] = {
-            "instance_id": f"i-{uuid.uuid4().hex[:8]}",
-            "namespace": "default",
-            "function": "echo",
-            "version": 1,
-            "handler": "app.handler",
-            "code_url": f"http://127.0.0.1:{self.httpd.server_port}{path}",
-            "sha256": hashlib.sha256(archive).hexdigest(),
-            "size": len(archive),
-            "memory_mb": 128,
-            "timeout_s": 5.0,
-            "concurrency": 1,
-        }
-        fields.update(overrides)
-        return InstanceSpec(**fields)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
