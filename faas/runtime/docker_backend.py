@@ -100,6 +100,7 @@ from faas.runtime.image import (
     ensure_runtime_image,
     runtime_layout,
 )
+from faas.runtime.process_backend import HOST_ENV
 
 __all__ = ["DockerBackend"]
 
@@ -127,7 +128,13 @@ TMPFS = {"/tmp": "rw,size=64m,noexec,nosuid,nodev"}
 # memory can be changed; its mounts, network and user cannot).  The default function memory, so the
 # common case needs no update call.
 POOL_MEMORY_MB = 256
-CONTAINER_ENV = ("HOME=/tmp", "TMPDIR=/tmp", "LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin")
+CONTAINER_ENV = (
+    "HOME=/tmp",
+    "TMPDIR=/tmp",
+    "LANG=C.UTF-8",
+    "PATH=/usr/local/bin:/usr/bin:/bin",
+    *(f"{key}={value}" for key, value in HOST_ENV.items()),
+)
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 

@@ -53,6 +53,10 @@ LOG_TAIL_BYTES = 2000
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 # What a host inherits from the node agent's environment; everything else is withheld.
+# glibc gives each thread its own malloc arena, reserving 64 MiB of address space apiece; under the
+# host's RLIMIT_AS cap a concurrency-16 instance then fails with "can't start new thread".
+HOST_ENV = {"MALLOC_ARENA_MAX": "2"}
+
 INHERITED_ENV = (
     "PATH",
     "LANG",
@@ -109,6 +113,7 @@ class ProcessBackend:
         self._pool_size = pool_size
         self._python = python
         self._host_env = {key: os.environ[key] for key in INHERITED_ENV if key in os.environ}
+        self._host_env.update(HOST_ENV)
         self._pool: deque[_Host] = deque()
         self._pool_spawning = 0
         self._instances: dict[str, _Host] = {}
