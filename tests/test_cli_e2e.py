@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from faas.core import keys
+from faas.core.etcd import Etcd
+from faas.core.models import NodeRecord
 from tests.conftest import Platform
 
 pytestmark = pytest.mark.integration
@@ -104,3 +107,26 @@ def test_status_reports_every_component(platform: Platform) -> None:
     text = json.dumps(status)
     for role in ("gateway", "trigger", "dispatcher", "scheduler", "node", "etcd", "valkey"):
         assert role in text
+
+
+async def test_status_reports_a_node_whose_runtime_is_down(platform: Platform) -> None:
+    host, port = platform.settings.etcd_host_port
+    etcd = Etcd(host, port)
+    lease_id = await etcd.grant_lease(30)
+    record = NodeRecord(
+        node_id="node-broken",
+        address="http://127.0.0.1:9",
+        lease_id=lease_id,
+        runtime="docker",
+        memory_total_mb=1024,
+        memory_free_mb=1024,
+        runtime_error="Docker daemon at unix:///var/run/docker.sock unreachable: connection refused",
+    )
+    try:
+        await etcd.put(keys.node("node-broken"), record.model_dump_json().encode(), lease=lease_id)
+        out = platform.cli("status", "--home", str(platform.settings.home))
+        assert out.returncode == 1, out.stdout
+        assert "node node-broken: Docker daemon at unix:///var/run/docker.sock unreachable" in out.stdout + out.stderr
+    finally:
+        await etcd.revoke_lease(lease_id)
+        await etcd.close()

@@ -560,3 +560,12 @@ async def test_start_removes_containers_a_previous_agent_left(
         assert (await docker.containers.container(other.id).show())["Id"] == other.id  # another node's
     finally:
         await other.delete(force=True)
+
+
+async def test_check_reports_an_unreachable_daemon(run_dir: Path) -> None:
+    backend = DockerBackend(
+        run_dir=run_dir / "run", cache_dir=run_dir / "cache", pool_size=0,
+        docker_url="unix:///nonexistent/docker.sock", node_id="pytest-dkr-check",
+    )  # fmt: skip
+    with pytest.raises(Unavailable, match="Docker daemon"):
+        await backend.check()

@@ -253,6 +253,9 @@ async def collect_status(settings: Settings, state: dict[str, Any] | None) -> di
         for role in ELECTED_ROLES:
             if role not in leaders and any(r["component"] == role for r in rows):
                 problems.append(f"no {role} leader is elected")
+        for node in tree_data.get("nodes", []):
+            if node.get("runtime_error"):
+                problems.append(f"node {node.get('node_id', '?')}: {node['runtime_error']}")
     return {
         "ok": not problems,
         "home": str(settings.home.resolve()),

@@ -149,6 +149,7 @@ class NodeRecord(BaseModel):
     memory_free_mb: int
     cpu_load: float = 0.0
     instances: int = 0
+    runtime_error: str = ""  # why the backend cannot start instances now ("" when it can)
     updated_at: float = Field(default_factory=now)
 
 

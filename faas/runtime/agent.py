@@ -95,7 +95,7 @@ class NodeAgent:
         self.tasks = TaskSet(f"agent:{node_id}")
         backend.set_exit_callback(self._on_instance_exit)
 
-    def node_record(self) -> NodeRecord:
+    def node_record(self, runtime_error: str = "") -> NodeRecord:
         total, avail = machine_memory_mb()
         if self.settings.node_memory_mb:
             total = avail = self.settings.node_memory_mb
@@ -108,6 +108,7 @@ class NodeAgent:
             memory_free_mb=avail,
             cpu_load=os.getloadavg()[0] / (os.cpu_count() or 1),
             instances=len(self.specs),
+            runtime_error=runtime_error,
         )
 
     async def start(self) -> None:
@@ -132,9 +133,14 @@ class NodeAgent:
                     await self.lease.revoke()
                     self.lease = Lease(self.etcd, self.settings.lease_ttl_s, owner=f"node:{self.node_id}")
                     await self.lease.grant()
-                await self.etcd.put(
-                    keys.node(self.node_id), self.node_record().model_dump_json().encode(), lease=self.lease.lease_id
-                )
+                runtime_error = ""
+                try:
+                    await self.backend.check()
+                except Unavailable as exc:
+                    runtime_error = exc.message
+                    log.warning("runtime backend unavailable: %s", runtime_error)
+                record = self.node_record(runtime_error)
+                await self.etcd.put(keys.node(self.node_id), record.model_dump_json().encode(), lease=self.lease.lease_id)
             except FaasError as exc:
                 log.warning("node report failed: %s", exc)
 

@@ -69,6 +69,9 @@ class RuntimeBackend(Protocol):
         import problem, a bad archive, a sha256 mismatch) or ``Unavailable`` is raised.
         """
 
+    async def check(self) -> None:
+        """Raise ``Unavailable`` if the backend cannot start instances right now (e.g. Docker is down)."""
+
     async def stop(self, instance_id: str) -> None:
         """Stop an instance; a no-op if it is already gone."""
 

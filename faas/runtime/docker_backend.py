@@ -387,6 +387,16 @@ class DockerBackend:
             raise Unavailable(f"Docker daemon at {self._daemon} unreachable: {_api_error(exc)}") from exc
         return docker
 
+    async def check(self) -> None:
+        """Raise ``Unavailable`` when the daemon does not answer now (the node agent reports it)."""
+        if self._docker is None:
+            raise Unavailable(f"Docker daemon at {self._daemon}: the backend is not started")
+        try:
+            async with asyncio.timeout(DOCKER_PING_TIMEOUT_S):
+                await self._docker.version()
+        except (aiodocker.DockerError, OSError, TimeoutError) as exc:
+            raise Unavailable(f"Docker daemon at {self._daemon} unreachable: {_api_error(exc)}") from exc
+
     def _node_filters(self) -> dict[str, list[str]]:
         return {"label": [f"{LABEL_PLATFORM}=1", f"{LABEL_NODE}={self._node_id}"]}
 

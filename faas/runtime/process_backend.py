@@ -210,6 +210,9 @@ class ProcessBackend:
             await asyncio.gather(*(self._status(iid, host) for iid, host in list(self._instances.items())))
         )
 
+    async def check(self) -> None:
+        """Local processes need no daemon: nothing can be down here that start() did not check."""
+
     def set_exit_callback(self, callback: InstanceExitCallback) -> None:
         self._exit_callback = callback
 
