@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from faas.core import redis_keys
 from faas.core.codestore import CodeStore
 from faas.core.election import LeaderWatch
-from faas.core.errors import FaasError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable
+from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable
 from faas.core.models import (
     FunctionRecord,
     FunctionView,
@@ -253,5 +253,3 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
     return app
 
-
-__all__ = ["build_app", "FaasError"]

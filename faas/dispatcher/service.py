@@ -33,7 +33,6 @@ from faas.core.errors import (
     FunctionTimeout,
     InstanceStartError,
     TooManyRequests,
-    Unavailable,
     error_from_body,
 )
 from faas.core.etcd import Etcd, PrefixMirror
@@ -379,5 +378,3 @@ def _json(resp: httpx.Response) -> object:
     except ValueError:
         return resp.text
 
-
-__all__ = ["Dispatcher", "InvocationResult", "Unavailable"]
