@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, File, Form, Query, Request, Response, UploadFile
+from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
 from pydantic import ValidationError
 
 from faas.core import redis_keys
@@ -33,6 +33,7 @@ from faas.core.models import (
     VersionSpec,
     name_problem,
 )
+from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog, FunctionRegistry
 from faas.core.service import Membership, etcd_from_settings, install_error_handlers
 from faas.core.settings import Settings
@@ -67,6 +68,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         app.state.code_store = code_store
         app.state.trigger = TriggerClient(leader)
         app.state.redis = redis
+        app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)
         try:
             yield
         finally:
@@ -192,17 +194,18 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
     # -- invocation ---------------------------------------------------------------------------
 
-    async def read_payload(request: Request) -> bytes:
-        limit = settings.max_sync_payload_bytes
+    async def read_payload(request: Request, *, asynchronous: bool = False) -> bytes:
+        limit = settings.max_async_payload_bytes if asynchronous else settings.max_sync_payload_bytes
+        kind = "an asynchronous" if asynchronous else "a synchronous"
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"payload is {declared} bytes; the limit for a synchronous call is {limit}")
+            raise PayloadTooLarge(f"payload is {declared} bytes; the limit for {kind} call is {limit}")
         chunks = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"payload exceeds the limit of {limit} bytes for a synchronous call")
+                raise PayloadTooLarge(f"payload exceeds the limit of {limit} bytes for {kind} call")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -214,24 +217,60 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         resp = await trigger.invoke(ns, name, spec.version, body, request_id=request_id, deadline=deadline)
         return resp, spec
 
+    async def invoke_call(
+        request: Request, name: str, namespace: str | None, qualifier: str | None, *, asynchronous: bool
+    ) -> Response:
+        ns = namespace_of(namespace)
+        check_name(name)
+        body = await read_payload(request, asynchronous=asynchronous) or b"{}"
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise InvalidRequest(f"the event must be JSON: {exc}") from exc
+        request_id = uuid.uuid4().hex
+        if not asynchronous:
+            resp, _ = await invoke_version(ns, name, qualifier, body, request_id)
+        else:
+            spec = await app.state.catalog.resolve(ns, name, qualifier)
+            resp = await app.state.trigger.invoke(
+                ns, name, spec.version, body, request_id=request_id, deadline=time.time() + 15.0, route="invoke-async"
+            )
+        return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
+
     @app.post("/v1/functions/{name}/invoke", tags=["invocation"])
     async def invoke(
         name: str,
         request: Request,
         namespace: NamespaceQuery = None,
         qualifier: Annotated[str | None, Query(description="version number or alias (default: latest)")] = None,
+        invocation_type: Annotated[
+            str | None, Header(alias="X-Faas-Invocation-Type", description="RequestResponse (default) or async")
+        ] = None,
     ) -> Response:
-        """Invoke synchronously: the request body is the event (JSON), the response is the result."""
-        ns = namespace_of(namespace)
-        check_name(name)
-        body = await read_payload(request) or b"{}"
-        try:
-            json.loads(body)
-        except ValueError as exc:
-            raise InvalidRequest(f"the event must be JSON: {exc}") from exc
-        request_id = uuid.uuid4().hex
-        resp, _ = await invoke_version(ns, name, qualifier, body, request_id)
-        return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
+        """Invoke: synchronously (the response is the result), or with ``X-Faas-Invocation-Type: async``
+        enqueue the event durably and answer 202 with its invocation id."""
+        kind = (invocation_type or "RequestResponse").lower()
+        if kind not in ("requestresponse", "sync", "async", "event"):
+            raise InvalidRequest(f"unknown X-Faas-Invocation-Type {invocation_type!r}: use RequestResponse or async")
+        return await invoke_call(request, name, namespace, qualifier, asynchronous=kind in ("async", "event"))
+
+    @app.post("/v1/functions/{name}/invoke-async", status_code=202, tags=["invocation"])
+    async def invoke_async(
+        name: str,
+        request: Request,
+        namespace: NamespaceQuery = None,
+        qualifier: Annotated[str | None, Query(description="version number or alias (default: latest)")] = None,
+    ) -> Response:
+        """Enqueue the event (durably, before answering) and return 202 with its invocation id."""
+        return await invoke_call(request, name, namespace, qualifier, asynchronous=True)
+
+    @app.get("/v1/invocations/{invocation_id}", tags=["invocation"])
+    async def invocation_status(invocation_id: str) -> dict[str, Any]:
+        """An async invocation: status (queued, running, succeeded, dead-lettered), attempts, result or error."""
+        found = await app.state.queue.status(invocation_id)
+        if found is None:
+            raise NotFound(f"invocation {invocation_id!r} not found (unknown, or older than its retention)")
+        return found
 
     @app.api_route(
         "/fn/{name}/{path:path}",

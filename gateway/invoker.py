@@ -27,8 +27,9 @@ class TriggerClient:
         await self.http.close()
 
     async def invoke(
-        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float, route: str = "invoke"
     ) -> HopResponse:
+        """Send a call to the primary: ``route`` "invoke" (sync) or "invoke-async" (enqueue, 202)."""
         headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)}
         skip: str | None = None
         while True:
@@ -38,7 +39,7 @@ class TriggerClient:
             leader = await self.leader.wait_for_leader(remaining, not_address=skip)
             try:
                 resp = await self.http.post(
-                    f"{leader.address}/v1/invoke/{ns}/{name}/{version}",
+                    f"{leader.address}/v1/{route}/{ns}/{name}/{version}",
                     body=body,
                     headers=headers,
                     timeout_s=remaining + 1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,26 @@ async def test_status_reports_a_node_whose_runtime_is_down(platform: Platform) -
     finally:
         await etcd.revoke_lease(lease_id)
         await etcd.close()
+
+
+def test_async_invoke_and_invocation_lookup(platform: Platform, tmp_path: Path) -> None:
+    project = tmp_path / "later"
+    project.mkdir()
+    (project / "faas.yaml").write_text("name: later\nhandler: handler.handler\n")
+    (project / "handler.py").write_text("def handler(event, context):\n    return {'got': event}\n")
+    assert platform.cli("deploy", str(project)).returncode == 0
+    queued = platform.cli("invoke", "later", "--async", "-d", '{"n": 7}')
+    assert queued.returncode == 0, queued.stderr
+    invocation_id = json.loads(queued.stdout)["id"]
+    deadline = time.monotonic() + 30
+    while True:
+        shown = platform.cli("invocation", invocation_id)
+        assert shown.returncode == 0, shown.stderr
+        record = json.loads(shown.stdout)
+        if record["status"] == "succeeded":
+            break
+        assert time.monotonic() < deadline, record
+        time.sleep(0.3)
+    assert record["result"] == {"got": {"n": 7}}
+    missing = platform.cli("invocation", "no-such-id")
+    assert missing.returncode == 1 and "not_found" in missing.stderr

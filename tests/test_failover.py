@@ -7,6 +7,7 @@ leader is killed there is still a standby.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
-    async with running_platform(tmp_path_factory, "faas-failover") as p:
+    # A short visibility timeout (above the test functions' timeouts) so reclaiming is quick to see.
+    async with running_platform(tmp_path_factory, "faas-failover", async_visibility_s=6.0) as p:
         yield p
 
 
@@ -127,3 +129,29 @@ async def test_min_instances_are_kept_warm(platform: Platform, gw: httpx.AsyncCl
 async def _older_than(platform: Platform, seconds: float) -> bool:
     found = await instances_of(platform.settings, "always-on")
     return bool(found) and all(time.time() - i.started_at > seconds for i in found)
+
+
+async def test_async_events_survive_a_killed_dispatcher(platform: Platform, gw: httpx.AsyncClient) -> None:
+    await deploy(
+        gw,
+        "async-slow",
+        "import time\n\ndef handler(event, context):\n    time.sleep(0.5)\n    return event['n']\n",
+        timeout_s=3,
+        max_instances=4,
+    )
+    ids = []
+    for n in range(12):
+        resp = await gw.post("/v1/functions/async-slow/invoke-async", json={"n": n})
+        assert resp.status_code == 202, resp.text
+        ids.append(resp.json()["id"])
+    await asyncio.sleep(0.8)  # both dispatchers now hold events in flight
+    victim = next(m for m in (await _members(platform, "dispatcher")).values() if m.member_id != "__leader__")
+    os.kill(victim.pid, signal.SIGKILL)
+
+    async def all_done() -> bool:
+        statuses = [(await gw.get(f"/v1/invocations/{i}")).json() for i in ids]
+        return all(s["status"] == "succeeded" for s in statuses)
+
+    await wait_until(all_done, timeout_s=60, interval_s=0.5, what="every acknowledged event to complete")
+    results = sorted([(await gw.get(f"/v1/invocations/{i}")).json()["result"] for i in ids])
+    assert results == list(range(12))

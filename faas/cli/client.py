@@ -111,19 +111,27 @@ class GatewayClient:
         return _items(self._json("GET", f"{_function_path(name)}/logs", params={"limit": limit}), "logs")
 
     def invoke(
-        self, name: str, payload: bytes, qualifier: str | None = None
+        self, name: str, payload: bytes, qualifier: str | None = None, *, asynchronous: bool = False
     ) -> tuple[int, httpx.Headers, bytes]:
-        """Invoke synchronously; the raw (status, headers, body), whatever the status."""
+        """Invoke (sync, or async: 202 and an invocation id); the raw (status, headers, body)."""
         params = {"qualifier": qualifier} if qualifier else None
+        headers = {"Content-Type": "application/json"}
+        if asynchronous:
+            headers["X-Faas-Invocation-Type"] = "async"
         response = self._send(
             "POST",
             f"{_function_path(name)}/invoke",
             timeout=INVOKE_TIMEOUT_S,
             params=params,
             content=payload,
-            headers={"Content-Type": "application/json"},
+            headers=headers,
         )
         return response.status_code, response.headers, response.content
+
+    def invocation(self, invocation_id: str) -> tuple[int, bytes]:
+        """An async invocation's record; the raw (status, body)."""
+        response = self._send("GET", f"/v1/invocations/{invocation_id}", timeout=DEFAULT_TIMEOUT_S)
+        return response.status_code, response.content
 
     # -- plumbing -----------------------------------------------------------------------------------
 

@@ -74,7 +74,17 @@ def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] =
         action="store_true",
         help="print the request id, version, instance, cold start and duration on stderr",
     )
+    p.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="queue the event durably and print its invocation id instead of waiting for the result",
+    )
     p.set_defaults(func=cmd_invoke)
+
+    p = subparsers.add_parser("invocation", parents=parents, help="show an async invocation's status and result")
+    p.add_argument("id", help="the id 'faas invoke --async' printed")
+    p.set_defaults(func=cmd_invocation)
 
     p = subparsers.add_parser("ls", parents=parents, help="list the functions of the namespace")
     _output_option(p)
@@ -210,7 +220,9 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     name = _name(args)
     payload = read_payload(args.data)
     with _client(args) as client:
-        status, headers, body = client.invoke(name, payload, qualifier=args.qualifier)
+        status, headers, body = client.invoke(
+            name, payload, qualifier=args.qualifier, asynchronous=getattr(args, "asynchronous", False)
+        )
     if args.verbose:
         for label, header in INVOKE_HEADERS:
             print(f"{label}: {headers.get(header, '-')}", file=sys.stderr)
@@ -224,6 +236,17 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         sys.stdout.write(body.decode("utf-8", "replace") + "\n")
         return 0
     _print_json(result)
+    return 0
+
+
+def cmd_invocation(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status, body = client.invocation(args.id)
+    if status >= 400:
+        err = error_from_response(status, body)
+        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
+        return 1
+    _print_json(json.loads(body))
     return 0
 
 

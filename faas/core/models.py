@@ -56,6 +56,9 @@ class VersionConfig(BaseModel):
     max_instances: int = Field(default=10, ge=1, le=1000)
     environment: dict[str, str] = Field(default_factory=dict)
     description: str = ""
+    # Async invocations: retries after the first attempt, and how old an event may get.
+    max_retries: int = Field(default=2, ge=0, le=10)
+    max_event_age_s: float = Field(default=6 * 3600, ge=60, le=6 * 3600)
 
     @field_validator("handler")
     @classmethod

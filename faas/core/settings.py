@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     pool_size: int = Field(default=2, ge=0)
     node_memory_mb: int = 0  # 0 = read the machine's memory
 
+    # Async invocations.
+    max_async_payload_bytes: int = 1024 * 1024
+    # An event a dispatcher took and did not finish is handed to another after this long; it must
+    # exceed the longest function timeout (900 s).
+    async_visibility_s: float = 930.0
+    async_retry_base_s: float = 1.0
+    invocation_ttl_s: int = 24 * 3600
+
     # Logs kept per function in Redis.
     logs_per_function: int = 1000
 

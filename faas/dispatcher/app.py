@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 
 from faas.core.models import MemberRecord
+from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
     DEADLINE_HEADER,
@@ -22,6 +23,7 @@ from faas.core.service import (
 )
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
+from faas.dispatcher.consumer import AsyncConsumer
 from faas.dispatcher.service import Dispatcher
 
 
@@ -39,11 +41,19 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         await dispatcher.start()
         await membership.register()
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        consumer = AsyncConsumer(
+            settings=settings,
+            queue=InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s),
+            dispatcher=dispatcher,
+            consumer_id=member_id,
+        )
+        tasks.spawn(consumer.run_forever(), name="async-consumer", long_lived=True)
         app.state.dispatcher = dispatcher
         try:
             yield
         finally:
             await tasks.cancel_all()
+            await consumer.close()
             await membership.deregister()
             await dispatcher.close()
             await redis.aclose()

@@ -7,10 +7,13 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 from faas.core.election import Election
 from faas.core.models import MemberRecord
+from faas.core.queue import AsyncEnvelope, InvocationQueue
 from faas.core.service import (
     DEADLINE_HEADER,
     REQUEST_ID_HEADER,
@@ -34,6 +37,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         membership = Membership(
             etcd, MemberRecord(role="trigger", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
         )
+        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)
         tasks = TaskSet("trigger-app")
         await trigger.start()
         await membership.register()
@@ -45,6 +50,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await tasks.cancel_all()
             await membership.deregister()
             await trigger.close()
+            await redis.aclose()
             await etcd.close()
 
     app = FastAPI(title="faas trigger", lifespan=lifespan)
@@ -67,5 +73,24 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
 
     app.add_route("/v1/invoke/{ns}/{name}/{version:int}", invoke, methods=["POST"], include_in_schema=False)
+
+    async def invoke_async(request: Request) -> Response:
+        """Write the event durably to the queue, then answer 202 (only the primary does)."""
+        trigger: Trigger = app.state.trigger
+        trigger.election.require_leader()
+        params = request.path_params
+        env = AsyncEnvelope(
+            id=request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex,
+            namespace=params["ns"],
+            function=params["name"],
+            version=params["version"],
+            payload=(await request.body()).decode(),
+        )
+        await app.state.queue.enqueue(env)
+        return JSONResponse({"id": env.id, "status": "queued"}, status_code=202)
+
+    app.add_route(
+        "/v1/invoke-async/{ns}/{name}/{version:int}", invoke_async, methods=["POST"], include_in_schema=False
+    )
 
     return app

@@ -1,0 +1,191 @@
+"""The durable queue of async invocations, on Redis Streams (Valkey with appendfsync always).
+
+Guarantees:
+- ``enqueue`` writes the event and its ``queued`` status in one MULTI/EXEC: when it returns, both are
+  durable; the trigger answers 202 only after that;
+- an event leaves the stream only in the same transaction that records its outcome (succeeded,
+  rescheduled for a retry, or dead-lettered) and acknowledges it; nothing trims the stream, so a
+  pending event is never dropped;
+- an event a consumer took but did not finish stays pending and is handed to another consumer once
+  idle for ``visibility_s`` (``reclaim``);
+- retries wait in a sorted set until due; ``move_due`` puts them back on the stream atomically (Lua).
+
+Envelopes are versioned (``v``); a consumer refuses versions it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+from redis.exceptions import RedisError, ResponseError
+
+from faas.core import redis_keys
+from faas.core.errors import Unavailable
+
+ENVELOPE_VERSION = 1
+
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, item in ipairs(due) do
+  redis.call('ZREM', KEYS[1], item)
+  redis.call('XADD', KEYS[2], '*', 'e', item)
+end
+return #due
+"""
+
+
+class AsyncEnvelope(BaseModel):
+    v: int = ENVELOPE_VERSION
+    id: str
+    namespace: str
+    function: str
+    version: int
+    payload: str  # the event, as JSON text
+    headers: dict[str, str] = Field(default_factory=dict)
+    attempt: int = 1
+    enqueued_at: float = Field(default_factory=time.time)
+    trace: str | None = None
+
+
+class InvocationQueue:
+    def __init__(self, redis: aioredis.Redis, *, status_ttl_s: int) -> None:
+        self.redis = redis
+        self.status_ttl_s = status_ttl_s
+        self._move_due = redis.register_script(_MOVE_DUE)
+
+    async def _run(self, what: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except RedisError as exc:
+            raise Unavailable(f"queue (Redis) failed to {what}: {exc}") from exc
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise Unavailable(f"queue (Redis) failed to create its consumer group: {exc}") from exc
+        except RedisError as exc:
+            raise Unavailable(f"queue (Redis) unreachable: {exc}") from exc
+
+    def _status(self, pipe: Any, env: AsyncEnvelope, **fields: Any) -> None:
+        key = redis_keys.invocation(env.id)
+        pipe.hset(key, mapping={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+        pipe.expire(key, self.status_ttl_s)
+
+    async def enqueue(self, env: AsyncEnvelope) -> None:
+        async def _do() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(redis_keys.ASYNC_STREAM, {"e": env.model_dump_json()})
+                self._status(
+                    pipe, env, status="queued", attempts=0, namespace=env.namespace, function=env.function,
+                    version=env.version, enqueued_at=env.enqueued_at,
+                )  # fmt: skip
+                await pipe.execute()
+
+        await self._run("enqueue an event", _do())
+
+    @staticmethod
+    def _parse(entries: list[Any]) -> list[tuple[str, AsyncEnvelope | None]]:
+        out: list[tuple[str, AsyncEnvelope | None]] = []
+        for msg_id, fields in entries:
+            raw = fields.get(b"e") if fields else None
+            try:
+                env = AsyncEnvelope.model_validate_json(raw) if raw else None
+            except ValueError:
+                env = None
+            if env is not None and env.v != ENVELOPE_VERSION:
+                env = None
+            out.append((msg_id.decode() if isinstance(msg_id, bytes) else msg_id, env))
+        return out
+
+    async def read(self, consumer: str, *, count: int, block_ms: int) -> list[tuple[str, AsyncEnvelope | None]]:
+        resp = await self._run(
+            "read events",
+            self.redis.xreadgroup(
+                redis_keys.ASYNC_GROUP, consumer, {redis_keys.ASYNC_STREAM: ">"}, count=count, block=block_ms
+            ),
+        )
+        return self._parse(resp[0][1]) if resp else []
+
+    async def reclaim(self, consumer: str, *, min_idle_s: float, count: int) -> list[tuple[str, AsyncEnvelope | None]]:
+        resp = await self._run(
+            "reclaim events",
+            self.redis.xautoclaim(
+                redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, consumer, int(min_idle_s * 1000), count=count
+            ),
+        )
+        return self._parse([e for e in resp[1] if e and e[1] is not None])
+
+    async def move_due(self) -> int:
+        moved = await self._run(
+            "move due retries", self._move_due(keys=[redis_keys.ASYNC_DELAYED, redis_keys.ASYNC_STREAM], args=[time.time()])
+        )
+        return int(moved)
+
+    async def mark_running(self, env: AsyncEnvelope) -> None:
+        async def _do() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                self._status(pipe, env, status="running", attempts=env.attempt, started_at=time.time())
+                await pipe.execute()
+
+        await self._run("record a start", _do())
+
+    async def _finish(self, msg_id: str, env: AsyncEnvelope, extra: Any, **fields: Any) -> None:
+        async def _do() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if extra is not None:
+                    extra(pipe)
+                self._status(pipe, env, attempts=env.attempt, finished_at=time.time(), **fields)
+                pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
+                pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
+                await pipe.execute()
+
+        await self._run("record an outcome", _do())
+
+    async def succeed(self, msg_id: str, env: AsyncEnvelope, result_json: str) -> None:
+        await self._finish(msg_id, env, None, status="succeeded", result=result_json, error="null")
+
+    async def retry_later(self, msg_id: str, env: AsyncEnvelope, error: dict[str, Any], delay_s: float) -> None:
+        again = env.model_copy(update={"attempt": env.attempt + 1})
+
+        def schedule(pipe: Any) -> None:
+            pipe.zadd(redis_keys.ASYNC_DELAYED, {again.model_dump_json(): time.time() + delay_s})
+
+        await self._finish(msg_id, env, schedule, status="queued", error=error)
+
+    async def dead_letter(self, msg_id: str, env: AsyncEnvelope, error: dict[str, Any]) -> None:
+        def to_dlq(pipe: Any) -> None:
+            pipe.xadd(redis_keys.DEAD_LETTERS, {"e": env.model_dump_json(), "error": json.dumps(error)})
+
+        await self._finish(msg_id, env, to_dlq, status="dead-lettered", error=error)
+
+    async def drop_unreadable(self, msg_id: str) -> None:
+        async def _do() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(redis_keys.DEAD_LETTERS, {"raw_id": msg_id, "error": json.dumps({"kind": "unreadable"})})
+                pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
+                pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
+                await pipe.execute()
+
+        await self._run("set aside an unreadable event", _do())
+
+    async def status(self, invocation_id: str) -> dict[str, Any] | None:
+        raw = await self._run("read a status", self.redis.hgetall(redis_keys.invocation(invocation_id)))
+        if not raw:
+            return None
+        out: dict[str, Any] = {"id": invocation_id}
+        for key, value in raw.items():
+            k, v = key.decode(), value.decode()
+            if k == "status":
+                out[k] = v
+                continue
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                out[k] = v
+        return out
