@@ -232,8 +232,12 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             resp, _ = await invoke_version(ns, name, qualifier, body, request_id)
         else:
             spec = await app.state.catalog.resolve(ns, name, qualifier)
+            key = request.headers.get("x-faas-idempotency-key")
+            if key is not None and not (0 < len(key) <= 256):
+                raise InvalidRequest("X-Faas-Idempotency-Key must be 1-256 characters")
             resp = await app.state.trigger.invoke(
-                ns, name, spec.version, body, request_id=request_id, deadline=time.time() + 15.0, route="invoke-async"
+                ns, name, spec.version, body, request_id=request_id, deadline=time.time() + 15.0,
+                route="invoke-async", extra_headers={"x-faas-idempotency-key": key} if key else None,
             )
         return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
 
@@ -263,6 +267,20 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     ) -> Response:
         """Enqueue the event (durably, before answering) and return 202 with its invocation id."""
         return await invoke_call(request, name, namespace, qualifier, asynchronous=True)
+
+    @app.get("/v1/dead-letters", tags=["invocation"])
+    async def list_dead_letters(
+        function: Annotated[str | None, Query(description="only this function's")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Async events that ran out of retries or age, with their last error."""
+        return {"dead_letters": await app.state.queue.dead_letters(limit=limit, function=function)}
+
+    @app.post("/v1/dead-letters/{dead_letter_id}/redrive", status_code=202, tags=["invocation"])
+    async def redrive_dead_letter(dead_letter_id: str) -> dict[str, Any]:
+        """Put a dead-lettered event back on the queue as a fresh first attempt."""
+        env = await app.state.queue.redrive(dead_letter_id)
+        return {"id": env.id, "status": "queued"}
 
     @app.get("/v1/invocations/{invocation_id}", tags=["invocation"])
     async def invocation_status(invocation_id: str) -> dict[str, Any]:

@@ -27,10 +27,11 @@ class TriggerClient:
         await self.http.close()
 
     async def invoke(
-        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float, route: str = "invoke"
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
+        route: str = "invoke", extra_headers: dict[str, str] | None = None,
     ) -> HopResponse:
         """Send a call to the primary: ``route`` "invoke" (sync) or "invoke-async" (enqueue, 202)."""
-        headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)}
+        headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline), **(extra_headers or {})}
         skip: str | None = None
         while True:
             remaining = deadline - time.time()

@@ -83,3 +83,43 @@ async def test_async_bad_input_is_refused_before_anything_is_queued(gw: httpx.As
     )
     assert unknown_type.status_code == 400
     assert (await gw.get("/v1/invocations/does-not-exist")).status_code == 404
+
+
+async def test_dead_letters_are_listed_and_redriven(gw: httpx.AsyncClient) -> None:
+    await deploy(gw, "async-redrive", FLAKY, max_retries=0)
+    resp = await gw.post("/v1/functions/async-redrive/invoke-async", json={"key": "d", "fail_times": 2})
+    invocation_id = resp.json()["id"]
+    for expected_attempt_seen in (1, 2):
+        final = await _wait_final(gw, invocation_id)
+        assert final["status"] == "dead-lettered", final
+        assert final["error"]["message"] == f"attempt {expected_attempt_seen} fails"
+        letters = (await gw.get("/v1/dead-letters", params={"function": "async-redrive"})).json()["dead_letters"]
+        (letter,) = [d for d in letters if d["invocation_id"] == invocation_id]
+        assert letter["error"]["type"] == "ValueError"
+        redriven = await gw.post(f"/v1/dead-letters/{letter['dead_letter_id']}/redrive")
+        assert redriven.status_code == 202 and redriven.json()["id"] == invocation_id
+        await _wait_until_not_dead(gw, invocation_id)
+    final = await _wait_final(gw, invocation_id)
+    assert final["status"] == "succeeded", final
+    assert final["result"]["attempts_seen"] == 3
+    assert (await gw.post("/v1/dead-letters/0-1/redrive")).status_code == 404
+
+
+async def _wait_until_not_dead(gw: httpx.AsyncClient, invocation_id: str) -> None:
+    # A redriven event is queued again at once (the status flips before the next attempt finishes).
+    status = (await gw.get(f"/v1/invocations/{invocation_id}")).json()["status"]
+    assert status != "dead-lettered"
+
+
+async def test_idempotency_key_deduplicates_enqueues(gw: httpx.AsyncClient) -> None:
+    await deploy(gw, "async-once", FLAKY)
+    headers = {"X-Faas-Idempotency-Key": "order-42"}
+    first = await gw.post("/v1/functions/async-once/invoke-async", json={"key": "e"}, headers=headers)
+    second = await gw.post("/v1/functions/async-once/invoke-async", json={"key": "e"}, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert second.json() == {"id": first.json()["id"], "status": "duplicate"}
+    final = await _wait_final(gw, first.json()["id"])
+    assert final["result"] == {"key": "e", "attempts_seen": 1}
+    other = await gw.post("/v1/functions/async-once/invoke-async", json={"key": "e"}, headers={"X-Faas-Idempotency-Key": "order-43"})
+    assert other.json()["id"] != first.json()["id"]
+    assert (await _wait_final(gw, other.json()["id"]))["result"] == {"key": "e", "attempts_seen": 2}

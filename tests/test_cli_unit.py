@@ -243,6 +243,8 @@ def test_init_creates_a_project_that_deploys_as_is(
         "max_instances": 10,
         "environment": {},
         "description": "",
+        "max_retries": 2,
+        "max_event_age_s": 21600.0,
     }
     # The generated handler answers with a greeting built from event["name"].
     namespace: dict[str, object] = {}

@@ -111,13 +111,21 @@ class GatewayClient:
         return _items(self._json("GET", f"{_function_path(name)}/logs", params={"limit": limit}), "logs")
 
     def invoke(
-        self, name: str, payload: bytes, qualifier: str | None = None, *, asynchronous: bool = False
+        self,
+        name: str,
+        payload: bytes,
+        qualifier: str | None = None,
+        *,
+        asynchronous: bool = False,
+        idempotency_key: str | None = None,
     ) -> tuple[int, httpx.Headers, bytes]:
         """Invoke (sync, or async: 202 and an invocation id); the raw (status, headers, body)."""
         params = {"qualifier": qualifier} if qualifier else None
         headers = {"Content-Type": "application/json"}
         if asynchronous:
             headers["X-Faas-Invocation-Type"] = "async"
+            if idempotency_key:
+                headers["X-Faas-Idempotency-Key"] = idempotency_key
         response = self._send(
             "POST",
             f"{_function_path(name)}/invoke",
@@ -127,6 +135,11 @@ class GatewayClient:
             headers=headers,
         )
         return response.status_code, response.headers, response.content
+
+    def raw(self, method: str, path: str, *, params: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        """Any other call; the raw (status, body)."""
+        response = self._send(method, path, timeout=DEFAULT_TIMEOUT_S, params=params)
+        return response.status_code, response.content
 
     def invocation(self, invocation_id: str) -> tuple[int, bytes]:
         """An async invocation's record; the raw (status, body)."""

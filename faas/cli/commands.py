@@ -82,6 +82,18 @@ def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] =
     )
     p.set_defaults(func=cmd_invoke)
 
+    p.add_argument("--idempotency-key", help="with --async: the same key within an hour queues the event once")
+
+    p = subparsers.add_parser("dlq", parents=parents, help="dead-lettered async events: ls, redrive")
+    dlq = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    q = dlq.add_parser("ls", parents=parents, help="list dead-lettered events with their last error")
+    q.add_argument("--function", help="only this function's")
+    _output_option(q)
+    q.set_defaults(func=cmd_dlq_ls)
+    q = dlq.add_parser("redrive", parents=parents, help="queue a dead-lettered event again")
+    q.add_argument("dead_letter_id", help="the id 'faas dlq ls' shows")
+    q.set_defaults(func=cmd_dlq_redrive)
+
     p = subparsers.add_parser("invocation", parents=parents, help="show an async invocation's status and result")
     p.add_argument("id", help="the id 'faas invoke --async' printed")
     p.set_defaults(func=cmd_invocation)
@@ -137,6 +149,9 @@ concurrency: 1
 min_instances: 0
 # The most instances running at once.
 max_instances: 10
+# Async invocations: retries after a failed attempt (0-10), and the oldest an event may get (seconds).
+max_retries: 2
+max_event_age: 21600
 # Environment variables the function sees, e.g. {{GREETING: hello}}.
 environment: {{}}
 # description: what this function does
@@ -221,7 +236,11 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     payload = read_payload(args.data)
     with _client(args) as client:
         status, headers, body = client.invoke(
-            name, payload, qualifier=args.qualifier, asynchronous=getattr(args, "asynchronous", False)
+            name,
+            payload,
+            qualifier=args.qualifier,
+            asynchronous=getattr(args, "asynchronous", False),
+            idempotency_key=getattr(args, "idempotency_key", None),
         )
     if args.verbose:
         for label, header in INVOKE_HEADERS:
@@ -236,6 +255,37 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         sys.stdout.write(body.decode("utf-8", "replace") + "\n")
         return 0
     _print_json(result)
+    return 0
+
+
+def cmd_dlq_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status, body = client.raw("GET", "/v1/dead-letters", params={"function": args.function} if args.function else None)
+    if status >= 400:
+        err = error_from_response(status, body)
+        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
+        return 1
+    letters = json.loads(body)["dead_letters"]
+    if getattr(args, "output", "text") == "json":
+        _print_json(letters)
+        return 0
+    rows = [
+        [d["dead_letter_id"], f"{d['function']} v{d['version']}", str(d["invocation_id"]), str(d["attempts"]),
+         f"{(d['error'] or {}).get('type', '?')}: {(d['error'] or {}).get('message', '')}"[:80]]
+        for d in letters
+    ]  # fmt: skip
+    print(format_table(["DEAD LETTER", "FUNCTION", "INVOCATION", "ATTEMPTS", "LAST ERROR"], rows) if rows else "no dead letters")
+    return 0
+
+
+def cmd_dlq_redrive(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status, body = client.raw("POST", f"/v1/dead-letters/{args.dead_letter_id}/redrive")
+    if status >= 400:
+        err = error_from_response(status, body)
+        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
+        return 1
+    _print_json(json.loads(body))
     return 0
 
 

@@ -40,10 +40,12 @@ CONFIG_FIELDS: dict[str, str] = {
     "max_instances": "max_instances",
     "environment": "environment",
     "description": "description",
+    "max_retries": "max_retries",
+    "max_event_age": "max_event_age_s",
 }
 MANIFEST_KEYS = ("name", *CONFIG_FIELDS, "include", "exclude")
 _KEY_OF_FIELD = {field: key for key, field in CONFIG_FIELDS.items()}
-_NUMERIC_KEYS = ("memory", "timeout", "concurrency", "min_instances", "max_instances")
+_NUMERIC_KEYS = ("memory", "timeout", "concurrency", "min_instances", "max_instances", "max_retries", "max_event_age")
 _EMPTY_WHEN_NULL: dict[str, Any] = {"environment": {}, "description": "", "include": [], "exclude": []}
 
 

@@ -16,6 +16,7 @@ Envelopes are versioned (``v``); a consumer refuses versions it does not know.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -24,9 +25,10 @@ from pydantic import BaseModel, Field
 from redis.exceptions import RedisError, ResponseError
 
 from faas.core import redis_keys
-from faas.core.errors import Unavailable
+from faas.core.errors import NotFound, Unavailable
 
 ENVELOPE_VERSION = 1
+_STREAM_ID = re.compile(r"^\d+-\d+$")
 
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -76,6 +78,18 @@ class InvocationQueue:
         key = redis_keys.invocation(env.id)
         pipe.hset(key, mapping={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
         pipe.expire(key, self.status_ttl_s)
+
+    async def claim_idempotency_key(self, env: AsyncEnvelope, key: str, window_s: int) -> str | None:
+        """Reserve ``key`` for ``env``; the id of the invocation that already holds it, if any."""
+        slot = redis_keys.idempotency(env.namespace, env.function, key)
+        won = await self._run("reserve an idempotency key", self.redis.set(slot, env.id, nx=True, ex=window_s))
+        if won:
+            return None
+        existing = await self._run("read an idempotency key", self.redis.get(slot))
+        return existing.decode() if existing else None
+
+    async def release_idempotency_key(self, env: AsyncEnvelope, key: str) -> None:
+        await self._run("release an idempotency key", self.redis.delete(redis_keys.idempotency(env.namespace, env.function, key)))
 
     async def enqueue(self, env: AsyncEnvelope) -> None:
         async def _do() -> None:
@@ -189,3 +203,49 @@ class InvocationQueue:
             except ValueError:
                 out[k] = v
         return out
+
+    async def dead_letters(self, *, limit: int, function: str | None = None) -> list[dict[str, Any]]:
+        """Dead-lettered events, oldest first (filtered by function name)."""
+        entries = await self._run("list dead letters", self.redis.xrange(redis_keys.DEAD_LETTERS, count=10_000))
+        out: list[dict[str, Any]] = []
+        for entry_id, fields in entries:
+            raw = fields.get(b"e")
+            env = AsyncEnvelope.model_validate_json(raw) if raw else None
+            if function and (env is None or env.function != function):
+                continue
+            out.append({
+                "dead_letter_id": entry_id.decode(),
+                "invocation_id": env.id if env else None,
+                "namespace": env.namespace if env else None,
+                "function": env.function if env else None,
+                "version": env.version if env else None,
+                "attempts": env.attempt if env else None,
+                "enqueued_at": env.enqueued_at if env else None,
+                "error": json.loads(fields.get(b"error", b"null")),
+                "payload": env.payload if env else None,
+            })  # fmt: skip
+            if len(out) >= limit:
+                break
+        return out
+
+    async def redrive(self, dead_letter_id: str) -> AsyncEnvelope:
+        """Put a dead-lettered event back on the queue as a fresh first attempt (one transaction)."""
+        if not _STREAM_ID.match(dead_letter_id):
+            raise NotFound(f"dead letter {dead_letter_id!r} not found (ids look like 1700000000000-0)")
+        entries = await self._run(
+            "read a dead letter", self.redis.xrange(redis_keys.DEAD_LETTERS, min=dead_letter_id, max=dead_letter_id)
+        )
+        if not entries or not entries[0][1].get(b"e"):
+            raise NotFound(f"dead letter {dead_letter_id!r} not found")
+        env = AsyncEnvelope.model_validate_json(entries[0][1][b"e"])
+        again = env.model_copy(update={"attempt": 1, "enqueued_at": time.time()})
+
+        async def _do() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(redis_keys.ASYNC_STREAM, {"e": again.model_dump_json()})
+                self._status(pipe, again, status="queued", attempts=0, redriven_at=time.time())
+                pipe.xdel(redis_keys.DEAD_LETTERS, dead_letter_id)
+                await pipe.execute()
+
+        await self._run("redrive a dead letter", _do())
+        return again

@@ -18,3 +18,7 @@ DEAD_LETTERS = f"{PREFIX}async:dead"
 
 def invocation(invocation_id: str) -> str:
     return f"{PREFIX}inv:{invocation_id}"
+
+
+def idempotency(ns: str, name: str, key: str) -> str:
+    return f"{PREFIX}idem:{ns}:{name}:{key}"

@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     async_visibility_s: float = 930.0
     async_retry_base_s: float = 1.0
     invocation_ttl_s: int = 24 * 3600
+    idempotency_window_s: int = 3600
 
     # Logs kept per function in Redis.
     logs_per_function: int = 1000

@@ -86,7 +86,18 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             version=params["version"],
             payload=(await request.body()).decode(),
         )
-        await app.state.queue.enqueue(env)
+        queue: InvocationQueue = app.state.queue
+        idempotency_key = request.headers.get("x-faas-idempotency-key")
+        if idempotency_key:
+            existing = await queue.claim_idempotency_key(env, idempotency_key, settings.idempotency_window_s)
+            if existing is not None:
+                return JSONResponse({"id": existing, "status": "duplicate"}, status_code=202)
+        try:
+            await queue.enqueue(env)
+        except BaseException:
+            if idempotency_key:
+                await queue.release_idempotency_key(env, idempotency_key)
+            raise
         return JSONResponse({"id": env.id, "status": "queued"}, status_code=202)
 
     app.add_route(
