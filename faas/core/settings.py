@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     # Async invocations.
     max_async_payload_bytes: int = 1024 * 1024
     # An event a dispatcher took and did not finish is handed to another after this long; it must
-    # exceed the longest function timeout (900 s).
-    async_visibility_s: float = 930.0
+    # exceed the longest an attempt may take: cold start (30 s) + the longest timeout (900 s) + 2 s.
+    async_visibility_s: float = 960.0
     async_retry_base_s: float = 1.0
     invocation_ttl_s: int = 24 * 3600
     idempotency_window_s: int = 3600
