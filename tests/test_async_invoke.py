@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
+from faas.core.queue import AsyncEnvelope, InvocationQueue
+from tests.conftest import Platform
 from tests.helpers import deploy
 
 pytestmark = pytest.mark.integration
@@ -118,3 +122,20 @@ async def test_idempotency_key_deduplicates_enqueues(gw: httpx.AsyncClient) -> N
     other = await gw.post("/v1/functions/async-once/invoke-async", json={"key": "e"}, headers={"X-Faas-Idempotency-Key": "order-43"})
     assert other.json()["id"] != first.json()["id"]
     assert (await _wait_final(gw, other.json()["id"]))["result"] == {"key": "e", "attempts_seen": 2}
+
+
+async def test_events_older_than_max_event_age_are_dead_lettered(platform: Platform, gw: httpx.AsyncClient) -> None:
+    deployed = await deploy(gw, "async-stale", FLAKY, max_event_age_s=60)
+    redis = aioredis.from_url(platform.settings.redis_url)
+    try:
+        # An event that waited two minutes (as if every dispatcher had been down) is not run.
+        stale = AsyncEnvelope(
+            id=uuid.uuid4().hex, namespace="default", function="async-stale",
+            version=deployed["latest_version"], payload='{"key": "f"}', enqueued_at=time.time() - 120,
+        )  # fmt: skip
+        await InvocationQueue(redis, status_ttl_s=600).enqueue(stale)
+    finally:
+        await redis.aclose()
+    final = await _wait_final(gw, stale.id)
+    assert final["status"] == "dead-lettered"
+    assert final["error"]["kind"] == "event_too_old"
