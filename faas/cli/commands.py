@@ -246,9 +246,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         for label, header in INVOKE_HEADERS:
             print(f"{label}: {headers.get(header, '-')}", file=sys.stderr)
     if status >= 400:
-        err = error_from_response(status, body)
-        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
-        return 1
+        return _report_error(status, body)
     try:
         result = json.loads(body) if body else None
     except ValueError:
@@ -262,9 +260,7 @@ def cmd_dlq_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status, body = client.raw("GET", "/v1/dead-letters", params={"function": args.function} if args.function else None)
     if status >= 400:
-        err = error_from_response(status, body)
-        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
-        return 1
+        return _report_error(status, body)
     letters = json.loads(body)["dead_letters"]
     if getattr(args, "output", "text") == "json":
         _print_json(letters)
@@ -282,9 +278,7 @@ def cmd_dlq_redrive(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status, body = client.raw("POST", f"/v1/dead-letters/{args.dead_letter_id}/redrive")
     if status >= 400:
-        err = error_from_response(status, body)
-        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
-        return 1
+        return _report_error(status, body)
     _print_json(json.loads(body))
     return 0
 
@@ -293,11 +287,16 @@ def cmd_invocation(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status, body = client.invocation(args.id)
     if status >= 400:
-        err = error_from_response(status, body)
-        print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
-        return 1
+        return _report_error(status, body)
     _print_json(json.loads(body))
     return 0
+
+
+def _report_error(status: int, body: bytes) -> int:
+    """Print a gateway error response as ``error: kind: type: message``; the exit code for it."""
+    err = error_from_response(status, body)
+    print(f"error: {err.kind}: {err.error_type}: {err.message}", file=sys.stderr)
+    return 1
 
 
 def read_payload(data: str | None) -> bytes:
