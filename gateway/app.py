@@ -37,9 +37,11 @@ from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog, FunctionRegistry
 from faas.core.service import Membership, etcd_from_settings, install_error_handlers
 from faas.core.settings import Settings
+from faas.core.subscriptions import SubscriptionIndex, SubscriptionStore
 from faas.core.tasks import TaskSet
 from faas.trigger.service import passed_headers
 from gateway.archive import check_archive
+from gateway.events_api import install_event_routes
 from gateway.http_events import build_event, build_response
 from gateway.invoker import TriggerClient
 
@@ -58,7 +60,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         code_store = CodeStore(settings)
         redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
         membership = Membership(
-            etcd, MemberRecord(role="gateway", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+            etcd,
+            MemberRecord(role="gateway", member_id=member_id, address=address, pid=os.getpid()),
+            settings.lease_ttl_s,
         )
         tasks = TaskSet("gateway")
         # The gateway starts even while etcd is unreachable: it then answers 503 until etcd is back.
@@ -69,6 +73,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         app.state.trigger = TriggerClient(leader)
         app.state.redis = redis
         app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)
+        app.state.subscriptions = SubscriptionStore(etcd)
+        subscription_index = SubscriptionIndex(etcd)
+        subscription_index.start()
+        app.state.subscription_index = subscription_index
         try:
             yield
         finally:
@@ -76,6 +84,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await membership.deregister()
             await app.state.trigger.close()
             await leader.stop()
+            await subscription_index.stop()
             await catalog.stop()
             await redis.aclose()
             await etcd.close()
@@ -126,8 +135,11 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         try:
             parsed = VersionConfig.model_validate_json(config)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
+            )
             raise InvalidRequest(f"invalid function config: {problems}") from exc
+        await check_destinations(ns, name, parsed)
         data = await code.read(settings.max_archive_bytes + 1)
         check_archive(
             data,
@@ -143,6 +155,17 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         record = await registry.get_function(ns, name)
         return view(record, spec)
 
+    async def check_destinations(ns: str, name: str, config: VersionConfig) -> None:
+        for which, dest in (("on_success", config.on_success), ("on_failure", config.on_failure)):
+            if dest is None or dest.function is None:
+                continue
+            if dest.function_name == name:
+                raise InvalidRequest(f"{which}: a function cannot be its own destination (it would loop)")
+            try:
+                await app.state.catalog.resolve(ns, dest.function_name, dest.qualifier)
+            except NotFound as exc:
+                raise InvalidRequest(f"{which}: destination {dest.function!r} does not exist: {exc}") from exc
+
     @app.get("/v1/functions", tags=["functions"])
     async def list_functions(namespace: NamespaceQuery = None) -> dict[str, list[FunctionView]]:
         ns = namespace_of(namespace)
@@ -150,7 +173,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         out = []
         for record in await registry.list_functions(ns):
             try:
-                spec = await registry.get_version(ns, record.name, record.aliases.get("latest", record.latest_version))
+                spec = await registry.get_version(
+                    ns, record.name, record.aliases.get("latest", record.latest_version)
+                )
             except NotFound:
                 spec = None
             out.append(view(record, spec))
@@ -209,7 +234,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def invoke_version(ns: str, name: str, qualifier: str | None, body: bytes, request_id: str) -> tuple[Any, VersionSpec]:
+    async def invoke_version(
+        ns: str, name: str, qualifier: str | None, body: bytes, request_id: str
+    ) -> tuple[Any, VersionSpec]:
         catalog: Catalog = app.state.catalog
         spec = await catalog.resolve(ns, name, qualifier)
         deadline = time.time() + settings.cold_start_timeout_s + spec.timeout_s + 2.0
@@ -236,26 +263,39 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             if key is not None and not (0 < len(key) <= 256):
                 raise InvalidRequest("X-Faas-Idempotency-Key must be 1-256 characters")
             resp = await app.state.trigger.invoke(
-                ns, name, spec.version, body, request_id=request_id, deadline=time.time() + 15.0,
-                route="invoke-async", extra_headers={"x-faas-idempotency-key": key} if key else None,
+                ns,
+                name,
+                spec.version,
+                body,
+                request_id=request_id,
+                deadline=time.time() + 15.0,
+                route="invoke-async",
+                extra_headers={"x-faas-idempotency-key": key} if key else None,
             )
-        return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
+        return Response(
+            resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json"
+        )
 
     @app.post("/v1/functions/{name}/invoke", tags=["invocation"])
     async def invoke(
         name: str,
         request: Request,
         namespace: NamespaceQuery = None,
-        qualifier: Annotated[str | None, Query(description="version number or alias (default: latest)")] = None,
+        qualifier: Annotated[
+            str | None, Query(description="version number or alias (default: latest)")
+        ] = None,
         invocation_type: Annotated[
-            str | None, Header(alias="X-Faas-Invocation-Type", description="RequestResponse (default) or async")
+            str | None,
+            Header(alias="X-Faas-Invocation-Type", description="RequestResponse (default) or async"),
         ] = None,
     ) -> Response:
         """Invoke: synchronously (the response is the result), or with ``X-Faas-Invocation-Type: async``
         enqueue the event durably and answer 202 with its invocation id."""
         kind = (invocation_type or "RequestResponse").lower()
         if kind not in ("requestresponse", "sync", "async", "event"):
-            raise InvalidRequest(f"unknown X-Faas-Invocation-Type {invocation_type!r}: use RequestResponse or async")
+            raise InvalidRequest(
+                f"unknown X-Faas-Invocation-Type {invocation_type!r}: use RequestResponse or async"
+            )
         return await invoke_call(request, name, namespace, qualifier, asynchronous=kind in ("async", "event"))
 
     @app.post("/v1/functions/{name}/invoke-async", status_code=202, tags=["invocation"])
@@ -263,7 +303,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         name: str,
         request: Request,
         namespace: NamespaceQuery = None,
-        qualifier: Annotated[str | None, Query(description="version number or alias (default: latest)")] = None,
+        qualifier: Annotated[
+            str | None, Query(description="version number or alias (default: latest)")
+        ] = None,
     ) -> Response:
         """Enqueue the event (durably, before answering) and return 202 with its invocation id."""
         return await invoke_call(request, name, namespace, qualifier, asynchronous=True)
@@ -295,7 +337,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
         tags=["invocation"],
     )
-    async def http_trigger(name: str, path: str, request: Request, namespace: NamespaceQuery = None) -> Response:
+    async def http_trigger(
+        name: str, path: str, request: Request, namespace: NamespaceQuery = None
+    ) -> Response:
         """HTTP trigger: the handler receives an API Gateway proxy (v2.0) event."""
         ns = namespace_of(namespace)
         check_name(name)
@@ -305,8 +349,12 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         resp, _ = await invoke_version(ns, name, None, json.dumps(event).encode(), request_id)
         headers = passed_headers(resp)
         if resp.status != 200:
-            return Response(resp.body, status_code=resp.status, headers=headers, media_type="application/json")
+            return Response(
+                resp.body, status_code=resp.status, headers=headers, media_type="application/json"
+            )
         return build_response(json.loads(resp.body), headers)
 
+    install_event_routes(
+        app, settings, namespace_of=namespace_of, check_name=check_name, read_payload=read_payload
+    )
     return app
-

@@ -27,26 +27,51 @@ class TriggerClient:
         await self.http.close()
 
     async def invoke(
-        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
-        route: str = "invoke", extra_headers: dict[str, str] | None = None,
+        self,
+        ns: str,
+        name: str,
+        version: int,
+        body: bytes,
+        *,
+        request_id: str,
+        deadline: float,
+        route: str = "invoke",
+        extra_headers: dict[str, str] | None = None,
     ) -> HopResponse:
         """Send a call to the primary: ``route`` "invoke" (sync) or "invoke-async" (enqueue, 202)."""
-        headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline), **(extra_headers or {})}
+        headers = {
+            REQUEST_ID_HEADER: request_id,
+            DEADLINE_HEADER: deadline_header(deadline),
+            **(extra_headers or {}),
+        }
+        return await self._post(
+            f"/v1/{route}/{ns}/{name}/{version}", body, headers, deadline, what=f"invocation of {name!r}"
+        )
+
+    async def enqueue(self, events: list[dict[str, object]], *, deadline: float) -> HopResponse:
+        """Queue events for several functions in one transaction on the primary (all or none)."""
+        body = json.dumps({"events": events}).encode()
+        headers = {DEADLINE_HEADER: deadline_header(deadline), "content-type": "application/json"}
+        return await self._post("/v1/enqueue", body, headers, deadline, what="enqueueing events")
+
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], deadline: float, *, what: str
+    ) -> HopResponse:
         skip: str | None = None
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
-                raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline")
+                raise DeadlineExceeded(f"{what} did not finish before its deadline")
             leader = await self.leader.wait_for_leader(remaining, not_address=skip)
             try:
                 resp = await self.http.post(
-                    f"{leader.address}/v1/{route}/{ns}/{name}/{version}",
+                    f"{leader.address}{path}",
                     body=body,
                     headers=headers,
                     timeout_s=remaining + 1.0,
                 )
             except HopTimeout as exc:
-                raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline") from exc
+                raise DeadlineExceeded(f"{what} did not finish before its deadline") from exc
             except HopError:
                 # The trigger went away (refused, or a pooled connection reset by a dead process): send
                 # the call to the next primary.  If the old primary died after forwarding the call, the

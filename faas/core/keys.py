@@ -8,6 +8,8 @@ Layout (all under ``/faas/``)::
     nodes/{node_id}                            NodeRecord, under the node's lease
     members/{role}/{member_id}                 MemberRecord, under the member's lease
     election/{role}                            LeaderRecord, under the leader's lease
+    subscriptions/{ns}/{function}/{name}       Subscription (event source -> function)
+    timers/{ns}/{function}/{name}              last tick a timer subscription fired
 """
 
 from __future__ import annotations
@@ -70,3 +72,25 @@ def members_prefix(role: str | None = None) -> bytes:
 
 def election(role: str) -> bytes:
     return _b(f"{ROOT}election/{role}")
+
+
+def subscription(ns: str, function_name: str, name: str) -> bytes:
+    return _b(f"{ROOT}subscriptions/{ns}/{function_name}/{name}")
+
+
+def subscriptions_prefix(ns: str | None = None, function_name: str | None = None) -> bytes:
+    path = f"{ROOT}subscriptions/"
+    if ns:
+        path += f"{ns}/"
+        if function_name:
+            path += f"{function_name}/"
+    return _b(path)
+
+
+def timer_tick(ns: str, function_name: str, name: str) -> bytes:
+    """The last tick a timer subscription fired (epoch seconds), written by the primary trigger."""
+    return _b(f"{ROOT}timers/{ns}/{function_name}/{name}")
+
+
+def timer_ticks_prefix(ns: str, function_name: str | None = None) -> bytes:
+    return _b(f"{ROOT}timers/{ns}/" + (f"{function_name}/" if function_name else ""))

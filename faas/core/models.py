@@ -11,13 +11,14 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.[A-Za-z_][A-Za-z0-9_]*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RUNTIMES = ("python3.11",)
 RESERVED_ENV_PREFIXES = ("FAAS_", "AWS_")
+STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._/-]{0,199}$")
 
 
 def name_problem(name: str, what: str = "function name") -> str | None:
@@ -44,6 +45,49 @@ class CodeRef(BaseModel):
     size: int
 
 
+def stream_problem(stream: str) -> str | None:
+    """Why ``stream`` cannot name a user's Redis stream, or None when it can."""
+    if not STREAM_RE.match(stream):
+        return f"invalid stream name {stream!r}: 1-200 characters of letters, digits and ':._/-'"
+    if stream.startswith("faas:"):
+        return f"stream name {stream!r} uses the platform's reserved prefix 'faas:'"
+    return None
+
+
+class Destination(BaseModel):
+    """Where the outcome of an async invocation is sent: another function (async), or a stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    function: str | None = Field(default=None, description="function name, optionally name:qualifier")
+    stream: str | None = Field(default=None, description="a Redis stream on the platform's Redis")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Destination:
+        if (self.function is None) == (self.stream is None):
+            raise ValueError("a destination names exactly one of 'function' or 'stream'")
+        if self.function is not None:
+            name, _, qualifier = self.function.partition(":")
+            problem = name_problem(name, "destination function name")
+            if problem:
+                raise ValueError(problem)
+            if ":" in self.function and not qualifier:
+                raise ValueError(f"destination {self.function!r}: the qualifier after ':' is empty")
+        if self.stream is not None:
+            problem = stream_problem(self.stream)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    @property
+    def function_name(self) -> str:
+        return (self.function or "").partition(":")[0]
+
+    @property
+    def qualifier(self) -> str | None:
+        return (self.function or "").partition(":")[2] or None
+
+
 class VersionConfig(BaseModel):
     """What a user sets for a version (from ``faas.yaml`` or the API)."""
 
@@ -59,6 +103,9 @@ class VersionConfig(BaseModel):
     # Async invocations: retries after the first attempt, and how old an event may get.
     max_retries: int = Field(default=2, ge=0, le=10)
     max_event_age_s: float = Field(default=6 * 3600, ge=60, le=6 * 3600)
+    # Async invocations: where a record of the outcome goes (on success / once retries are exhausted).
+    on_success: Destination | None = None
+    on_failure: Destination | None = None
 
     @field_validator("handler")
     @classmethod
@@ -74,7 +121,9 @@ class VersionConfig(BaseModel):
             if not ENV_KEY_RE.match(key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
             if key.startswith(RESERVED_ENV_PREFIXES):
-                raise ValueError(f"environment variable {key!r} uses a reserved prefix {RESERVED_ENV_PREFIXES}")
+                raise ValueError(
+                    f"environment variable {key!r} uses a reserved prefix {RESERVED_ENV_PREFIXES}"
+                )
         return value
 
     def model_post_init(self, __context: Any) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,6 +40,18 @@ end
 return #due
 """
 
+# Enqueue at most once per key: SET NX the key, and only if that wins, add the event and its status.
+# Returns nil when enqueued, else the id of the invocation that already holds the key.
+_ENQUEUE_ONCE = """
+if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
+  return redis.call('GET', KEYS[1])
+end
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[3])
+redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return false
+"""
+
 
 class AsyncEnvelope(BaseModel):
     v: int = ENVELOPE_VERSION
@@ -51,6 +64,13 @@ class AsyncEnvelope(BaseModel):
     attempt: int = 1
     enqueued_at: float = Field(default_factory=time.time)
     trace: str | None = None
+    # Where the event came from when a subscription produced it (e.g. the stream message ids of a
+    # queue batch, acknowledged at the source together with the outcome).  None for direct calls.
+    source: dict[str, Any] | None = None
+
+
+PipeStep = Callable[[Any], None]
+"""Extra commands a caller adds to the transaction that records an outcome (destinations, source acks)."""
 
 
 class InvocationQueue:
@@ -58,6 +78,7 @@ class InvocationQueue:
         self.redis = redis
         self.status_ttl_s = status_ttl_s
         self._move_due = redis.register_script(_MOVE_DUE)
+        self._enqueue_once = redis.register_script(_ENQUEUE_ONCE)
 
     async def _run(self, what: str, coro: Any) -> Any:
         try:
@@ -67,7 +88,9 @@ class InvocationQueue:
 
     async def ensure_group(self) -> None:
         try:
-            await self.redis.xgroup_create(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(
+                redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, id="0", mkstream=True
+            )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise Unavailable(f"queue (Redis) failed to create its consumer group: {exc}") from exc
@@ -79,29 +102,52 @@ class InvocationQueue:
         pipe.hset(key, mapping={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
         pipe.expire(key, self.status_ttl_s)
 
-    async def claim_idempotency_key(self, env: AsyncEnvelope, key: str, window_s: int) -> str | None:
-        """Reserve ``key`` for ``env``; the id of the invocation that already holds it, if any."""
-        slot = redis_keys.idempotency(env.namespace, env.function, key)
-        won = await self._run("reserve an idempotency key", self.redis.set(slot, env.id, nx=True, ex=window_s))
-        if won:
-            return None
-        existing = await self._run("read an idempotency key", self.redis.get(slot))
-        return existing.decode() if existing else None
+    @staticmethod
+    def _queued_fields(env: AsyncEnvelope) -> dict[str, Any]:
+        return {
+            "status": "queued", "attempts": 0, "namespace": env.namespace, "function": env.function,
+            "version": env.version, "enqueued_at": env.enqueued_at,
+        }  # fmt: skip
 
-    async def release_idempotency_key(self, env: AsyncEnvelope, key: str) -> None:
-        await self._run("release an idempotency key", self.redis.delete(redis_keys.idempotency(env.namespace, env.function, key)))
+    def add_enqueue(self, pipe: Any, env: AsyncEnvelope) -> None:
+        """Queue ``env`` as part of a caller's transaction (destinations, fan-out)."""
+        pipe.xadd(redis_keys.ASYNC_STREAM, {"e": env.model_dump_json()})
+        self._status(pipe, env, **self._queued_fields(env))
 
-    async def enqueue(self, env: AsyncEnvelope) -> None:
+    async def enqueue(self, env: AsyncEnvelope, *, also: PipeStep | None = None) -> None:
+        await self.enqueue_many([env], also=also)
+
+    async def enqueue_many(self, envs: Sequence[AsyncEnvelope], *, also: PipeStep | None = None) -> None:
+        """Queue every event (and run ``also``) in one transaction: all of them are durable, or none."""
+
         async def _do() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(redis_keys.ASYNC_STREAM, {"e": env.model_dump_json()})
-                self._status(
-                    pipe, env, status="queued", attempts=0, namespace=env.namespace, function=env.function,
-                    version=env.version, enqueued_at=env.enqueued_at,
-                )  # fmt: skip
+                for env in envs:
+                    self.add_enqueue(pipe, env)
+                if also is not None:
+                    also(pipe)
                 await pipe.execute()
 
         await self._run("enqueue an event", _do())
+
+    async def enqueue_once(self, env: AsyncEnvelope, scope: str, window_s: int) -> str | None:
+        """Queue ``env`` unless another event already did so under ``scope`` within ``window_s``.
+
+        One atomic script: either the key is claimed and the event is queued, or neither.  Returns
+        None when ``env`` was queued, else the id of the invocation that holds ``scope``.
+        """
+        fields = self._queued_fields(env)
+        flat: list[Any] = []
+        for k, v in fields.items():
+            flat += [k, v if isinstance(v, str) else json.dumps(v)]
+        holder = await self._run(
+            "enqueue an event",
+            self._enqueue_once(
+                keys=[redis_keys.once(scope), redis_keys.ASYNC_STREAM, redis_keys.invocation(env.id)],
+                args=[window_s, env.id, env.model_dump_json(), self.status_ttl_s, *flat],
+            ),
+        )
+        return holder.decode() if isinstance(holder, bytes) else holder
 
     @staticmethod
     def _parse(entries: list[Any]) -> list[tuple[str, AsyncEnvelope | None]]:
@@ -117,7 +163,9 @@ class InvocationQueue:
             out.append((msg_id.decode() if isinstance(msg_id, bytes) else msg_id, env))
         return out
 
-    async def read(self, consumer: str, *, count: int, block_ms: int) -> list[tuple[str, AsyncEnvelope | None]]:
+    async def read(
+        self, consumer: str, *, count: int, block_ms: int
+    ) -> list[tuple[str, AsyncEnvelope | None]]:
         resp = await self._run(
             "read events",
             self.redis.xreadgroup(
@@ -126,7 +174,9 @@ class InvocationQueue:
         )
         return self._parse(resp[0][1]) if resp else []
 
-    async def reclaim(self, consumer: str, *, min_idle_s: float, count: int) -> list[tuple[str, AsyncEnvelope | None]]:
+    async def reclaim(
+        self, consumer: str, *, min_idle_s: float, count: int
+    ) -> list[tuple[str, AsyncEnvelope | None]]:
         resp = await self._run(
             "reclaim events",
             self.redis.xautoclaim(
@@ -137,7 +187,8 @@ class InvocationQueue:
 
     async def move_due(self) -> int:
         moved = await self._run(
-            "move due retries", self._move_due(keys=[redis_keys.ASYNC_DELAYED, redis_keys.ASYNC_STREAM], args=[time.time()])
+            "move due retries",
+            self._move_due(keys=[redis_keys.ASYNC_DELAYED, redis_keys.ASYNC_STREAM], args=[time.time()]),
         )
         return int(moved)
 
@@ -149,11 +200,14 @@ class InvocationQueue:
 
         await self._run("record a start", _do())
 
-    async def _finish(self, msg_id: str, env: AsyncEnvelope, extra: Any, **fields: Any) -> None:
+    async def _finish(
+        self, msg_id: str, env: AsyncEnvelope, steps: Sequence[PipeStep | None], **fields: Any
+    ) -> None:
         async def _do() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
-                if extra is not None:
-                    extra(pipe)
+                for step in steps:
+                    if step is not None:
+                        step(pipe)
                 self._status(pipe, env, attempts=env.attempt, finished_at=time.time(), **fields)
                 pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
                 pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
@@ -161,27 +215,45 @@ class InvocationQueue:
 
         await self._run("record an outcome", _do())
 
-    async def succeed(self, msg_id: str, env: AsyncEnvelope, result_json: str) -> None:
-        await self._finish(msg_id, env, None, status="succeeded", result=result_json, error="null")
+    async def succeed(
+        self, msg_id: str, env: AsyncEnvelope, result_json: str, *, also: PipeStep | None = None
+    ) -> None:
+        await self._finish(msg_id, env, [also], status="succeeded", result=result_json, error="null")
 
-    async def retry_later(self, msg_id: str, env: AsyncEnvelope, error: dict[str, Any], delay_s: float) -> None:
-        again = env.model_copy(update={"attempt": env.attempt + 1})
+    async def retry_later(
+        self,
+        msg_id: str,
+        env: AsyncEnvelope,
+        error: dict[str, Any],
+        delay_s: float,
+        *,
+        retry: AsyncEnvelope | None = None,
+        also: PipeStep | None = None,
+        result_json: str | None = None,
+    ) -> None:
+        """Schedule the next attempt (of ``retry`` when given, e.g. only a batch's failed items)."""
+        again = (retry or env).model_copy(update={"attempt": env.attempt + 1})
 
         def schedule(pipe: Any) -> None:
             pipe.zadd(redis_keys.ASYNC_DELAYED, {again.model_dump_json(): time.time() + delay_s})
 
-        await self._finish(msg_id, env, schedule, status="queued", error=error)
+        extra = {"result": result_json} if result_json is not None else {}
+        await self._finish(msg_id, env, [schedule, also], status="queued", error=error, **extra)
 
-    async def dead_letter(self, msg_id: str, env: AsyncEnvelope, error: dict[str, Any]) -> None:
+    async def dead_letter(
+        self, msg_id: str, env: AsyncEnvelope, error: dict[str, Any], *, also: PipeStep | None = None
+    ) -> None:
         def to_dlq(pipe: Any) -> None:
             pipe.xadd(redis_keys.DEAD_LETTERS, {"e": env.model_dump_json(), "error": json.dumps(error)})
 
-        await self._finish(msg_id, env, to_dlq, status="dead-lettered", error=error)
+        await self._finish(msg_id, env, [to_dlq, also], status="dead-lettered", error=error)
 
     async def drop_unreadable(self, msg_id: str) -> None:
         async def _do() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(redis_keys.DEAD_LETTERS, {"raw_id": msg_id, "error": json.dumps({"kind": "unreadable"})})
+                pipe.xadd(
+                    redis_keys.DEAD_LETTERS, {"raw_id": msg_id, "error": json.dumps({"kind": "unreadable"})}
+                )
                 pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
                 pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
                 await pipe.execute()
@@ -206,7 +278,9 @@ class InvocationQueue:
 
     async def dead_letters(self, *, limit: int, function: str | None = None) -> list[dict[str, Any]]:
         """Dead-lettered events, oldest first (filtered by function name)."""
-        entries = await self._run("list dead letters", self.redis.xrange(redis_keys.DEAD_LETTERS, count=10_000))
+        entries = await self._run(
+            "list dead letters", self.redis.xrange(redis_keys.DEAD_LETTERS, count=10_000)
+        )
         out: list[dict[str, Any]] = []
         for entry_id, fields in entries:
             raw = fields.get(b"e")
@@ -233,7 +307,8 @@ class InvocationQueue:
         if not _STREAM_ID.match(dead_letter_id):
             raise NotFound(f"dead letter {dead_letter_id!r} not found (ids look like 1700000000000-0)")
         entries = await self._run(
-            "read a dead letter", self.redis.xrange(redis_keys.DEAD_LETTERS, min=dead_letter_id, max=dead_letter_id)
+            "read a dead letter",
+            self.redis.xrange(redis_keys.DEAD_LETTERS, min=dead_letter_id, max=dead_letter_id),
         )
         if not entries or not entries[0][1].get(b"e"):
             raise NotFound(f"dead letter {dead_letter_id!r} not found")

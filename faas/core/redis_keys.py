@@ -20,5 +20,26 @@ def invocation(invocation_id: str) -> str:
     return f"{PREFIX}inv:{invocation_id}"
 
 
-def idempotency(ns: str, name: str, key: str) -> str:
-    return f"{PREFIX}idem:{ns}:{name}:{key}"
+def idempotency_scope(ns: str, name: str, key: str) -> str:
+    """The ``once`` scope of a client's idempotency key."""
+    return f"idem:{ns}:{name}:{key}"
+
+
+def timer_tick_scope(ns: str, name: str, subscription: str, tick: int) -> str:
+    """The ``once`` scope of one tick of a timer subscription."""
+    return f"timer:{ns}:{name}:{subscription}:{tick}"
+
+
+def once(scope: str) -> str:
+    """Marks that an enqueue keyed by ``scope`` (a timer tick, an idempotency key) happened."""
+    return f"{PREFIX}once:{scope}"
+
+
+def queue_subscription_group(ns: str, function_name: str, subscription: str) -> str:
+    """The consumer group a queue subscription reads the user's stream with."""
+    return f"faas-{ns}-{function_name}-{subscription}"
+
+
+def queue_subscription_inflight(ns: str, function_name: str, subscription: str) -> str:
+    """Hash: message id -> invocation id, for messages of a user's stream handed to the queue."""
+    return f"{PREFIX}sub:{ns}:{function_name}:{subscription}:inflight"

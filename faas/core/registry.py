@@ -3,7 +3,8 @@
 Guarantees:
 - a version is created in one etcd transaction that also moves ``latest``; concurrent deploys of the
   same function get consecutive numbers (compare-and-swap on the function record, retried);
-- versions are immutable; deleting a function deletes its record and every version in one transaction;
+- versions are immutable; deleting a function deletes its record, every version and its event
+  subscriptions in one transaction;
 - ``Catalog`` serves lookups from a watched in-memory copy and falls back to etcd on a miss, so a
   version created a moment ago is never reported missing.
 """
@@ -86,7 +87,12 @@ class FunctionRegistry:
         fkey = keys.function(ns, name)
         ok, _ = await self.etcd.txn(
             [self.etcd.create_revision(fkey) > 0],
-            [self.etcd.op_delete(fkey), self.etcd.op_delete(keys.versions_prefix(ns, name), prefix=True)],
+            [
+                self.etcd.op_delete(fkey),
+                self.etcd.op_delete(keys.versions_prefix(ns, name), prefix=True),
+                self.etcd.op_delete(keys.subscriptions_prefix(ns, name), prefix=True),
+                self.etcd.op_delete(keys.timer_ticks_prefix(ns, name), prefix=True),
+            ],
         )
         if not ok:
             raise NotFound(f"function {name!r} not found in namespace {ns!r}")

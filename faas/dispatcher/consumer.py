@@ -18,10 +18,14 @@ import json
 import logging
 import random
 import time
+import uuid
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from faas.core import redis_keys
 from faas.core.errors import FaasError, NotFound
-from faas.core.queue import AsyncEnvelope, InvocationQueue
+from faas.core.models import Destination, VersionSpec
+from faas.core.queue import AsyncEnvelope, InvocationQueue, PipeStep
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 from faas.dispatcher.service import Dispatcher
@@ -33,7 +37,9 @@ _READ_BLOCK_MS = 1000
 
 
 class AsyncConsumer:
-    def __init__(self, *, settings: Settings, queue: InvocationQueue, dispatcher: Dispatcher, consumer_id: str) -> None:
+    def __init__(
+        self, *, settings: Settings, queue: InvocationQueue, dispatcher: Dispatcher, consumer_id: str
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.dispatcher = dispatcher
@@ -82,30 +88,215 @@ class AsyncConsumer:
         try:
             spec = await self.dispatcher.catalog.version(env.namespace, env.function, env.version)
         except NotFound as exc:
-            await asyncio.shield(self.queue.dead_letter(msg_id, env, exc.to_body()["error"]))
+            gone = exc.to_body()["error"]
+            await asyncio.shield(
+                self.queue.dead_letter(msg_id, env, gone, also=settle_source(env, source_ids(env)))
+            )
             return
         age = time.time() - env.enqueued_at
         if age > spec.max_event_age_s:
             too_old = {"kind": "event_too_old", "type": "MaxEventAgeExceeded",
                        "message": f"event is {age:.0f} s old; the function's max_event_age_s is {spec.max_event_age_s:g}"}  # fmt: skip
-            await asyncio.shield(self.queue.dead_letter(msg_id, env, too_old))
+            await self._give_up(msg_id, env, spec, too_old, "EventAgeExceeded", source_ids(env))
             return
         await self.queue.mark_running(env)
         deadline = time.time() + self.settings.cold_start_timeout_s + spec.timeout_s + 2.0
         error: dict[str, Any]
         try:
             result = await self.dispatcher.invoke(
-                env.namespace, env.function, env.version, env.payload.encode(), request_id=env.id, deadline=deadline
+                env.namespace,
+                env.function,
+                env.version,
+                env.payload.encode(),
+                request_id=env.id,
+                deadline=deadline,
             )
         except FaasError as exc:
             error = exc.to_body()["error"]
         else:
             if result.status == 200:
-                await asyncio.shield(self.queue.succeed(msg_id, env, result.body.decode()))
+                await self._succeeded(msg_id, env, spec, result.body.decode())
                 return
-            error = json.loads(result.body).get("error", {"kind": "error", "message": result.body.decode()[:500]})
+            error = json.loads(result.body).get(
+                "error", {"kind": "error", "message": result.body.decode()[:500]}
+            )
         if env.attempt <= spec.max_retries and age < spec.max_event_age_s:
-            delay = self.settings.async_retry_base_s * 2 ** (env.attempt - 1) * random.uniform(0.5, 1.5)
-            await asyncio.shield(self.queue.retry_later(msg_id, env, error, delay))
+            await asyncio.shield(self.queue.retry_later(msg_id, env, error, self._backoff(env)))
         else:
-            await asyncio.shield(self.queue.dead_letter(msg_id, env, error))
+            condition = "RetriesExhausted" if env.attempt > spec.max_retries else "EventAgeExceeded"
+            await self._give_up(msg_id, env, spec, error, condition, source_ids(env))
+
+    def _backoff(self, env: AsyncEnvelope) -> float:
+        return float(self.settings.async_retry_base_s * 2 ** (env.attempt - 1) * random.uniform(0.5, 1.5))
+
+    async def _succeeded(self, msg_id: str, env: AsyncEnvelope, spec: VersionSpec, result_json: str) -> None:
+        ids = source_ids(env)
+        failed = failed_items(env, result_json) if ids else []
+        if not failed:
+            dest = await self._destination(env, spec.on_success, "Success", result=result_json)
+            await asyncio.shield(
+                self.queue.succeed(msg_id, env, result_json, also=steps(dest, settle_source(env, ids)))
+            )
+            return
+        # A partial batch failure: the items that succeeded are acknowledged at their source now; only
+        # the failed ones are tried again (or dead-lettered once out of retries).
+        done = [i for i in ids if i not in set(failed)]
+        retry = only_items(env, failed)
+        error = {"kind": "partial_batch_failure", "type": "BatchItemFailures",
+                 "message": f"{len(failed)} of {len(ids)} records failed", "failed": failed}  # fmt: skip
+        if env.attempt <= spec.max_retries and time.time() - env.enqueued_at < spec.max_event_age_s:
+            await asyncio.shield(
+                self.queue.retry_later(
+                    msg_id,
+                    env,
+                    error,
+                    self._backoff(env),
+                    retry=retry,
+                    also=settle_source(env, done),
+                    result_json=result_json,
+                )
+            )
+        else:
+            await self._give_up(msg_id, retry, spec, error, "RetriesExhausted", ids, original=env)
+
+    async def _give_up(
+        self,
+        msg_id: str,
+        env: AsyncEnvelope,
+        spec: VersionSpec,
+        error: dict[str, Any],
+        condition: str,
+        settle: list[str],
+        *,
+        original: AsyncEnvelope | None = None,
+    ) -> None:
+        """Dead-letter the event (kept for redrive), tell the on-failure destination, settle the source."""
+        dest = await self._destination(env, spec.on_failure, condition, error=error)
+        await asyncio.shield(
+            self.queue.dead_letter(
+                msg_id, env, error, also=steps(dest, settle_source(original or env, settle))
+            )
+        )
+
+    async def _destination(
+        self,
+        env: AsyncEnvelope,
+        dest: Destination | None,
+        condition: str,
+        *,
+        result: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> PipeStep | None:
+        """The transaction step that hands a record of the outcome to ``dest`` (None: nothing to do)."""
+        if dest is None:
+            return None
+        record = outcome_record(env, condition, result=result, error=error)
+        if dest.stream is not None:
+            stream = dest.stream
+            return lambda pipe: pipe.xadd(stream, {"record": record})
+        try:
+            target = await self.dispatcher.catalog.resolve(env.namespace, dest.function_name, dest.qualifier)
+        except FaasError as exc:
+            # The outcome itself is still recorded; only the hand-off is lost, and it is logged.
+            log.warning("event %s: destination %s unavailable: %s", env.id, dest.function, exc)
+            return None
+        follow_up = AsyncEnvelope(
+            id=uuid.uuid4().hex, namespace=env.namespace, function=target.function, version=target.version,
+            payload=record, source={"kind": "destination", "from": env.id, "condition": condition},
+        )  # fmt: skip
+        return lambda pipe: self.queue.add_enqueue(pipe, follow_up)
+
+
+def steps(*parts: PipeStep | None) -> PipeStep | None:
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+
+    def run(pipe: Any) -> None:
+        for part in present:
+            part(pipe)
+
+    return run
+
+
+def source_ids(env: AsyncEnvelope) -> list[str]:
+    """The stream message ids a queue-subscription batch carries (empty for other events)."""
+    if not env.source or env.source.get("kind") != "queue":
+        return []
+    return [str(i) for i in env.source.get("ids", [])]
+
+
+def settle_source(env: AsyncEnvelope, ids: list[str]) -> PipeStep | None:
+    """Acknowledge messages at their source stream and forget them as in flight (same transaction)."""
+    if not ids or env.source is None:
+        return None
+    stream, group = env.source["stream"], env.source["group"]
+    inflight = redis_keys.queue_subscription_inflight(env.namespace, env.function, env.source["subscription"])
+
+    def run(pipe: Any) -> None:
+        pipe.xack(stream, group, *ids)
+        pipe.hdel(inflight, *ids)
+
+    return run
+
+
+def failed_items(env: AsyncEnvelope, result_json: str) -> list[str]:
+    """The ids a batch handler reported in ``batchItemFailures``; all of them if the report is invalid."""
+    ids = source_ids(env)
+    try:
+        result = json.loads(result_json)
+    except ValueError:
+        return []
+    if not isinstance(result, dict) or "batchItemFailures" not in result:
+        return []
+    reported = result["batchItemFailures"]
+    if not isinstance(reported, list):
+        return ids
+    failed: list[str] = []
+    for item in reported:
+        ident = item.get("itemIdentifier") if isinstance(item, dict) else None
+        if not isinstance(ident, str) or ident not in ids:
+            return ids  # as AWS does: an unusable report fails the whole batch
+        failed.append(ident)
+    return [i for i in ids if i in set(failed)]
+
+
+def only_items(env: AsyncEnvelope, ids: list[str]) -> AsyncEnvelope:
+    """The same batch event with only the records ``ids`` name."""
+    keep = set(ids)
+    event = json.loads(env.payload)
+    event["Records"] = [r for r in event.get("Records", []) if r.get("messageId") in keep]
+    source = {**(env.source or {}), "ids": [i for i in source_ids(env) if i in keep]}
+    return env.model_copy(update={"payload": json.dumps(event), "source": source})
+
+
+def outcome_record(
+    env: AsyncEnvelope, condition: str, *, result: str | None, error: dict[str, Any] | None
+) -> str:
+    """The record a destination receives (the shape of AWS Lambda's destination records)."""
+    try:
+        request_payload = json.loads(env.payload)
+    except ValueError:
+        request_payload = env.payload
+    record: dict[str, Any] = {
+        "version": "1.0",
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "requestContext": {
+            "requestId": env.id,
+            "function": f"{env.namespace}/{env.function}:{env.version}",
+            "condition": condition,
+            "approximateInvokeCount": env.attempt,
+        },
+        "requestPayload": request_payload,
+    }
+    if result is not None:
+        try:
+            record["responsePayload"] = json.loads(result)
+        except ValueError:
+            record["responsePayload"] = result
+        record["responseContext"] = {"statusCode": 200}
+    if error is not None:
+        record["responsePayload"] = {"error": error}
+        record["responseContext"] = {"statusCode": 200 if error.get("kind") == "partial_batch_failure" else 500,
+                                     "functionError": error.get("kind")}  # fmt: skip
+    return json.dumps(record)

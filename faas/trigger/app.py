@@ -6,14 +6,18 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
+from faas.core import redis_keys
 from faas.core.election import Election
 from faas.core.models import MemberRecord
 from faas.core.queue import AsyncEnvelope, InvocationQueue
+from faas.core.registry import Catalog
 from faas.core.service import (
     DEADLINE_HEADER,
     REQUEST_ID_HEADER,
@@ -23,8 +27,23 @@ from faas.core.service import (
     install_error_handlers,
 )
 from faas.core.settings import Settings
+from faas.core.subscriptions import SubscriptionIndex
 from faas.core.tasks import TaskSet
 from faas.trigger.service import Trigger, passed_headers
+from faas.trigger.sources import EventSources
+
+
+class EnqueueItem(BaseModel):
+    namespace: str
+    function: str
+    version: int
+    payload: str  # the event, as JSON text
+    id: str | None = None
+    source: dict[str, Any] | None = None
+
+
+class EnqueueBatch(BaseModel):
+    events: list[EnqueueItem] = Field(max_length=1000)
 
 
 def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
@@ -32,22 +51,44 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
-        election = Election(etcd, role="trigger", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s)
+        election = Election(
+            etcd, role="trigger", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s
+        )
         trigger = Trigger(settings=settings, etcd=etcd, election=election)
         membership = Membership(
-            etcd, MemberRecord(role="trigger", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+            etcd,
+            MemberRecord(role="trigger", member_id=member_id, address=address, pid=os.getpid()),
+            settings.lease_ttl_s,
         )
         redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
         app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)
+        catalog = Catalog(etcd)
+        catalog.start()
+        subscriptions = SubscriptionIndex(etcd)
+        subscriptions.start()
+        sources = EventSources(
+            etcd=etcd,
+            election=election,
+            redis=redis,
+            queue=app.state.queue,
+            catalog=catalog,
+            index=subscriptions,
+        )
         tasks = TaskSet("trigger-app")
         await trigger.start()
+        await catalog.wait_ready()
+        await subscriptions.wait_ready()
         await membership.register()
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        tasks.spawn(sources.run_forever(), name="event-sources", long_lived=True)
         app.state.trigger = trigger
         try:
             yield
         finally:
             await tasks.cancel_all()
+            await sources.close()
+            await subscriptions.stop()
+            await catalog.stop()
             await membership.deregister()
             await trigger.close()
             await redis.aclose()
@@ -65,12 +106,21 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         # A plain Starlette route on the hot path (see faas/dispatcher/app.py).
         trigger: Trigger = app.state.trigger
         params = request.path_params
-        deadline = deadline_from_header(request.headers.get(DEADLINE_HEADER), settings.cold_start_timeout_s + 60)
+        deadline = deadline_from_header(
+            request.headers.get(DEADLINE_HEADER), settings.cold_start_timeout_s + 60
+        )
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         resp = await trigger.invoke_sync(
-            params["ns"], params["name"], params["version"], await request.body(), request_id=request_id, deadline=deadline
+            params["ns"],
+            params["name"],
+            params["version"],
+            await request.body(),
+            request_id=request_id,
+            deadline=deadline,
         )
-        return Response(resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json")
+        return Response(
+            resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json"
+        )
 
     app.add_route("/v1/invoke/{ns}/{name}/{version:int}", invoke, methods=["POST"], include_in_schema=False)
 
@@ -89,19 +139,30 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         queue: InvocationQueue = app.state.queue
         idempotency_key = request.headers.get("x-faas-idempotency-key")
         if idempotency_key:
-            existing = await queue.claim_idempotency_key(env, idempotency_key, settings.idempotency_window_s)
+            scope = redis_keys.idempotency_scope(env.namespace, env.function, idempotency_key)
+            existing = await queue.enqueue_once(env, scope, settings.idempotency_window_s)
             if existing is not None:
                 return JSONResponse({"id": existing, "status": "duplicate"}, status_code=202)
-        try:
+        else:
             await queue.enqueue(env)
-        except BaseException:
-            if idempotency_key:
-                await queue.release_idempotency_key(env, idempotency_key)
-            raise
         return JSONResponse({"id": env.id, "status": "queued"}, status_code=202)
 
     app.add_route(
         "/v1/invoke-async/{ns}/{name}/{version:int}", invoke_async, methods=["POST"], include_in_schema=False
     )
+
+    @app.post("/v1/enqueue", status_code=202)
+    async def enqueue_events(batch: EnqueueBatch) -> dict[str, Any]:
+        """Queue events for several functions in one transaction (event fan-out): all or none."""
+        trigger: Trigger = app.state.trigger
+        trigger.election.require_leader()
+        envs = [
+            AsyncEnvelope(id=item.id or uuid.uuid4().hex, namespace=item.namespace, function=item.function,
+                          version=item.version, payload=item.payload, source=item.source)
+            for item in batch.events
+        ]  # fmt: skip
+        if envs:
+            await app.state.queue.enqueue_many(envs)
+        return {"invocations": [{"id": e.id, "function": e.function, "version": e.version} for e in envs]}
 
     return app
