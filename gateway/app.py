@@ -326,7 +326,11 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
     @app.get("/v1/invocations/{invocation_id}", tags=["invocation"])
     async def invocation_status(invocation_id: str) -> dict[str, Any]:
-        """An async invocation: status (queued, running, succeeded, dead-lettered), attempts, result or error."""
+        """An async invocation: its status, attempts, result or last error, and timings.
+
+        ``queued`` (waiting for a dispatcher), ``running``, ``failed`` (the last attempt failed; the next
+        one is due at ``retry_at``), and the final ``succeeded`` or ``dead-lettered`` (out of retries
+        or age; listed under ``/v1/dead-letters`` for redrive)."""
         found = await app.state.queue.status(invocation_id)
         if found is None:
             raise NotFound(f"invocation {invocation_id!r} not found (unknown, or older than its retention)")

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request, Response
 
-from faas.core.errors import FaasError, error_from_body
+from faas.core.errors import FaasError, InvalidRequest, error_from_body
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.subscriptions import (
@@ -35,6 +35,7 @@ from faas.core.subscriptions import (
 )
 from gateway.cloudevents import event_matches, parse_http
 from gateway.invoker import TriggerClient
+from gateway.object_events import record_matches, records_from_minio, records_from_seaweedfs
 
 log = logging.getLogger("faas.gateway.events")
 
@@ -53,6 +54,8 @@ def install_event_routes(
         return app.state.subscriptions  # type: ignore[no-any-return]
 
     async def check_target(sub: Subscription) -> None:
+        if sub.object_store is not None and sub.object_store.bucket == settings.s3_bucket:
+            raise InvalidRequest(f"bucket {settings.s3_bucket!r} holds the platform's code archives; use another")
         catalog: Catalog = app.state.catalog
         await catalog.resolve(sub.namespace, sub.function, sub.qualifier)
 
@@ -169,8 +172,6 @@ def install_event_routes(
         return {"accepted": len(events), "invocations": await deliver(pairs)}
 
     async def deliver_object_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-        from gateway.object_events import record_matches  # TEMP until helper lands
-
         pairs = []
         for record in records:
             for sub in subscriptions("object_store"):
@@ -184,17 +185,13 @@ def install_event_routes(
     @app.post("/v1/events/object-store/seaweedfs", status_code=202, tags=["events"])
     async def seaweedfs_notification(request: Request) -> dict[str, Any]:
         """Webhook for SeaweedFS filer notifications: adapted to S3 event ``Records``."""
-        from gateway.object_events import records_from_seaweedfs  # TEMP
-
-        body = await read_payload(request, asynchronous=True)
+        body = await read_payload(request)  # a notification lists the object's chunks: allow more than 1 MB
         return await deliver_object_records(records_from_seaweedfs(body, request.headers))
 
     @app.post("/v1/events/object-store/minio", status_code=202, tags=["events"])
     async def minio_notification(request: Request) -> dict[str, Any]:
         """Webhook for MinIO bucket notifications (already S3-shaped; event names normalised)."""
-        from gateway.object_events import records_from_minio  # TEMP
-
-        body = await read_payload(request, asynchronous=True)
+        body = await read_payload(request)  # a notification lists the object's chunks: allow more than 1 MB
         return await deliver_object_records(records_from_minio(body))
 
 

@@ -245,7 +245,10 @@ def test_init_creates_a_project_that_deploys_as_is(
         "description": "",
         "max_retries": 2,
         "max_event_age_s": 21600.0,
+        "on_success": None,
+        "on_failure": None,
     }
+    assert manifest.events is None  # the template's events are commented out: deploy leaves them alone
     # The generated handler answers with a greeting built from event["name"].
     namespace: dict[str, object] = {}
     exec((root / "handler.py").read_text(), namespace)  # noqa: S102 - our own template

@@ -8,15 +8,18 @@ The event sources do not depend on the runtime backend, so these run on the proc
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from botocore.config import Config
 
 from faas.core import redis_keys
 from tests.conftest import Platform
@@ -167,6 +170,70 @@ async def test_oversized_event_gets_413(gw: httpx.AsyncClient) -> None:
     assert resp.status_code == 413, resp.text
 
 
+# -- object store -----------------------------------------------------------------------------
+
+
+def s3_client(platform: Platform) -> Any:
+    s = platform.settings
+    return boto3.client(
+        "s3", endpoint_url=s.s3_endpoint, aws_access_key_id=s.s3_access_key, aws_secret_access_key=s.s3_secret_key,
+        region_name=s.s3_region, config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )  # fmt: skip
+
+
+async def test_object_put_in_a_subscribed_bucket_invokes_the_function(
+    platform: Platform, gw: httpx.AsyncClient, redis: aioredis.Redis
+) -> None:
+    fn, bucket, seen = f"obj-{uid()}", f"photos-{uid()}", f"obj-seen-{uid()}"
+    await deploy(gw, fn, ECHO, on_success={"stream": seen})
+    s3 = s3_client(platform)
+    await asyncio.to_thread(s3.create_bucket, Bucket=bucket)
+    await subscribe(gw, fn, "incoming", {"object_store": {"bucket": bucket, "prefix": "in/", "suffix": ".jpg"}})
+    await asyncio.sleep(1.0)  # the gateway's copy of the subscriptions follows etcd by watch
+    for key in ("out/skip.jpg", "in/skip.png", "in/a cat é.jpg"):
+        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=key, Body=b"meow")
+
+    [record] = await wait_until(lambda: stream_records(redis, seen), timeout_s=20, what="the object event")
+    [s3_record] = record["requestPayload"]["Records"]
+    assert s3_record["eventName"] == "ObjectCreated:Put"
+    assert s3_record["s3"]["bucket"]["name"] == bucket
+    assert s3_record["s3"]["object"]["key"] == "in/a+cat+%C3%A9.jpg"
+    assert s3_record["s3"]["object"]["size"] == 4
+    assert s3_record["s3"]["object"]["eTag"].strip('"') == hashlib.md5(b"meow").hexdigest()
+    await asyncio.sleep(1.0)
+    assert len(await stream_records(redis, seen)) == 1, "an object outside the prefix/suffix filter was delivered"
+    # Removing the object is not in the subscription's events (ObjectCreated:* by default).
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key="in/a cat é.jpg")
+    await asyncio.sleep(1.0)
+    assert len(await invocations_of(redis, fn)) == 1
+
+
+async def test_minio_notifications_are_normalised(gw: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    fn, seen = f"minio-{uid()}", f"minio-seen-{uid()}"
+    await deploy(gw, fn, ECHO, on_success={"stream": seen})
+    await subscribe(gw, fn, "all", {"object_store": {"bucket": "media", "events": ["ObjectRemoved:*"]}})
+    await asyncio.sleep(1.0)
+    notification = {
+        "EventName": "s3:ObjectRemoved:Delete",
+        "Key": "media/old/file.txt",
+        "Records": [{
+            "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": "2026-11-22T05:00:00.000Z",
+            "eventName": "s3:ObjectRemoved:Delete", "userIdentity": {"principalId": "minio"},
+            "requestParameters": {}, "responseElements": {},
+            "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config", "bucket": {"name": "media", "arn": "arn:aws:s3:::media"},
+                   "object": {"key": "old%2Ffile.txt", "sequencer": "17A1B2C3D4E5F607"}},
+        }],
+    }  # fmt: skip
+    resp = await gw.post("/v1/events/object-store/minio", json=notification)
+    assert resp.status_code == 202, resp.text
+    [record] = await wait_until(lambda: stream_records(redis, seen), timeout_s=20, what="the MinIO event")
+    [s3_record] = record["requestPayload"]["Records"]
+    assert s3_record["eventName"] == "ObjectRemoved:Delete"
+    assert s3_record["s3"]["object"]["key"] == "old/file.txt"
+    bad = await gw.post("/v1/events/object-store/minio", json={"hello": "world"})
+    assert bad.status_code == 400, bad.text
+
+
 # -- subscription management ------------------------------------------------------------------
 
 
@@ -178,6 +245,8 @@ async def test_bad_subscriptions_are_refused_and_nothing_is_stored(gw: httpx.Asy
         (f"/v1/functions/{fn}/subscriptions/s", {"timer": {"schedule": "cron(0 61 * * * *)"}}, 400),
         (f"/v1/functions/{fn}/subscriptions/s", {"timer": {"schedule": "every day"}}, 400),
         (f"/v1/functions/{fn}/subscriptions/s", {"object_store": {"bucket": "Bad_Bucket"}}, 400),
+        (f"/v1/functions/{fn}/subscriptions/s", {"object_store": {"bucket": "faas-code"}}, 400),
+        (f"/v1/functions/{fn}/subscriptions/s", {"object_store": {"bucket": "b1", "events": ["Created"]}}, 400),
         (f"/v1/functions/{fn}/subscriptions/s", {"queue": {"stream": "faas:async:stream"}}, 400),
         (f"/v1/functions/{fn}/subscriptions/s", {"queue": {"stream": "q", "batch_size": 0}}, 400),
         (f"/v1/functions/{fn}/subscriptions/s", {}, 400),
@@ -295,6 +364,8 @@ async def test_queue_subscription_delivers_messages_in_batches(
         return records if sum(len(r["requestPayload"]["Records"]) for r in records) >= 7 else None
 
     records = await wait_until(all_delivered, timeout_s=30, what="7 messages delivered")
+    # Batches run concurrently, so they may finish in any order; within a batch, stream order holds.
+    records.sort(key=lambda r: r["requestPayload"]["Records"][0]["messageId"])
     sizes = [len(r["requestPayload"]["Records"]) for r in records]
     assert sizes == [3, 3, 1], sizes
     orders = [m["body"]["order"] for r in records for m in r["requestPayload"]["Records"]]

@@ -136,6 +136,34 @@ class GatewayClient:
         )
         return response.status_code, response.headers, response.content
 
+    # -- event subscriptions ------------------------------------------------------------------------
+
+    def subscriptions(self, name: str | None = None) -> builtins.list[dict[str, Any]]:
+        """The event subscriptions of function ``name``, or of the whole namespace."""
+        path = f"{_function_path(name)}/subscriptions" if name else "/v1/subscriptions"
+        return _items(self._json("GET", path), "subscriptions")
+
+    def put_subscription(
+        self, name: str, subscription: str, spec: dict[str, Any]
+    ) -> tuple[bool, dict[str, Any]]:
+        """Create or replace one subscription (``spec`` is a ``SubscriptionSpec`` dict); (created, it)."""
+        response = self._checked("PUT", _subscription_path(name, subscription), json=spec)
+        return response.status_code == 201, _expect_dict(_decode(response))
+
+    def replace_declared_subscriptions(
+        self, name: str, subscriptions: builtins.list[dict[str, Any]]
+    ) -> builtins.list[dict[str, Any]]:
+        """Make the function's manifest-declared subscriptions exactly these (each with its ``name``)."""
+        result = self._json(
+            "PUT", f"{_function_path(name)}/subscriptions", json={"subscriptions": subscriptions}
+        )
+        return _items(result, "subscriptions")
+
+    def delete_subscription(self, name: str, subscription: str) -> None:
+        self._checked("DELETE", _subscription_path(name, subscription))
+
+    # -- other calls --------------------------------------------------------------------------------
+
     def raw(self, method: str, path: str, *, params: dict[str, Any] | None = None) -> tuple[int, bytes]:
         """Any other call; the raw (status, body)."""
         response = self._send(method, path, timeout=DEFAULT_TIMEOUT_S, params=params)
@@ -169,26 +197,41 @@ class GatewayClient:
         except httpx.HTTPError as exc:
             raise GatewayUnreachable(f"request to the gateway at {self.url} failed: {exc}") from exc
 
-    def _json(self, method: str, path: str, *, timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> Any:
+    def _checked(
+        self, method: str, path: str, *, timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any
+    ) -> httpx.Response:
+        """The response, unless it is an error response: that raises its ``GatewayError``."""
         response = self._send(method, path, timeout=timeout, **kwargs)
         if response.status_code >= 400:
             raise error_from_response(response.status_code, response.content)
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise GatewayError(
-                f"the gateway answered HTTP {response.status_code} with a body that is not JSON: "
-                f"{response.content[:200].decode('utf-8', 'replace')}",
-                kind="platform_error",
-                error_type="UnexpectedResponse",
-                status=response.status_code,
-            ) from None
+        return response
+
+    def _json(self, method: str, path: str, *, timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> Any:
+        return _decode(self._checked(method, path, timeout=timeout, **kwargs))
+
+
+def _decode(response: httpx.Response) -> Any:
+    """The JSON body of a successful response (None when it is empty)."""
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise GatewayError(
+            f"the gateway answered HTTP {response.status_code} with a body that is not JSON: "
+            f"{response.content[:200].decode('utf-8', 'replace')}",
+            kind="platform_error",
+            error_type="UnexpectedResponse",
+            status=response.status_code,
+        ) from None
 
 
 def _function_path(name: str) -> str:
     return f"/v1/functions/{quote(name, safe='')}"
+
+
+def _subscription_path(name: str, subscription: str) -> str:
+    return f"{_function_path(name)}/subscriptions/{quote(subscription, safe='')}"
 
 
 def _expect_dict(value: Any) -> dict[str, Any]:

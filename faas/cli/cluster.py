@@ -48,7 +48,9 @@ RUNTIMES = ("process", "docker", "auto")
 
 
 def add_parsers(subparsers: Any) -> None:
-    p = subparsers.add_parser("up", help="start the embedded platform (etcd, Valkey, SeaweedFS and the services)")
+    p = subparsers.add_parser(
+        "up", help="start the embedded platform (etcd, Valkey, SeaweedFS and the services)"
+    )
     _home_option(p)
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="how the node agent runs instances (default: $FAAS_RUNTIME or process)")  # fmt: skip
@@ -302,7 +304,8 @@ def render_status(status: dict[str, Any]) -> str:
         ]
         out += ["", format_table(["NODE", "RUNTIME", "ADDRESS", "MEMORY FREE/TOTAL", "INSTANCES"], node_rows)]
     instances = sorted(
-        status["instances"], key=lambda i: (str(i.get("namespace")), str(i.get("function")), i.get("version", 0))
+        status["instances"],
+        key=lambda i: (str(i.get("namespace")), str(i.get("function")), i.get("version", 0)),
     )
     if instances:
         inst_rows = [

@@ -1,4 +1,4 @@
-"""The function commands of ``faas``: init, deploy, invoke, ls, get, versions, logs, rm.
+"""The function commands of ``faas``: init, deploy, invoke, ls, get, versions, logs, rm, events.
 
 Each command is ``cmd_x(args) -> int`` (the exit status) and registers itself in ``add_parsers``.
 Results go to stdout, progress and errors to stderr.  Commands raise ``FaasError``s and leave their
@@ -19,12 +19,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from faas.core.errors import Conflict, FaasError, InvalidRequest, NotFound
+from faas.core.errors import Conflict, FaasError, NotFound
 from faas.core.models import name_problem
 
 from .archive import build_archive
 from .client import GatewayClient, GatewayError, error_from_response
-from .manifest import MANIFEST_FILE, load_manifest
+from .errors import UsageError
+from .events import (
+    SUBSCRIPTION_HEADERS,
+    add_source_options,
+    added_by_hand,
+    declared_bodies,
+    describe,
+    request_body,
+    source_kind,
+    spec_from_flags,
+    subscription_rows,
+)
+from .manifest import MANIFEST_FILE, Manifest, load_manifest
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_LOG_LIMIT = 50
@@ -35,10 +47,6 @@ INVOKE_HEADERS = (
     ("cold", "X-Faas-Cold"),
     ("duration-ms", "X-Faas-Duration-Ms"),
 )
-
-
-class UsageError(InvalidRequest):
-    """The command line is wrong; nothing was sent (exit status 2)."""
 
 
 def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -82,7 +90,9 @@ def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] =
     )
     p.set_defaults(func=cmd_invoke)
 
-    p.add_argument("--idempotency-key", help="with --async: the same key within an hour queues the event once")
+    p.add_argument(
+        "--idempotency-key", help="with --async: the same key within an hour queues the event once"
+    )
 
     p = subparsers.add_parser("dlq", parents=parents, help="dead-lettered async events: ls, redrive")
     dlq = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
@@ -94,7 +104,9 @@ def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] =
     q.add_argument("dead_letter_id", help="the id 'faas dlq ls' shows")
     q.set_defaults(func=cmd_dlq_redrive)
 
-    p = subparsers.add_parser("invocation", parents=parents, help="show an async invocation's status and result")
+    p = subparsers.add_parser(
+        "invocation", parents=parents, help="show an async invocation's status and result"
+    )
     p.add_argument("id", help="the id 'faas invoke --async' printed")
     p.set_defaults(func=cmd_invocation)
 
@@ -126,6 +138,32 @@ def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] =
     p = subparsers.add_parser("rm", parents=parents, help="delete a function and all its versions")
     p.add_argument("name")
     p.set_defaults(func=cmd_rm)
+
+    p = subparsers.add_parser(
+        "events", parents=parents, help="event sources that invoke a function: ls, add, rm"
+    )
+    events = p.add_subparsers(dest="events_command", metavar="ACTION", required=True)
+    q = events.add_parser(
+        "ls", parents=parents, help="list the event subscriptions of a function, or of the namespace"
+    )
+    q.add_argument("name", nargs="?", metavar="FUNCTION", help="only this function's")
+    _output_option(q)
+    q.set_defaults(func=cmd_events_ls)
+    q = events.add_parser(
+        "add",
+        parents=parents,
+        help="subscribe a function to an event source (replacing a subscription of the same name)",
+        description="Give exactly one source: --timer, --bucket, --stream or --cloudevents.",
+    )
+    q.add_argument("name", metavar="FUNCTION")
+    q.add_argument("subscription", metavar="NAME", help="the subscription's name, unique per function")
+    add_source_options(q)
+    _output_option(q)
+    q.set_defaults(func=cmd_events_add)
+    q = events.add_parser("rm", parents=parents, help="remove an event subscription")
+    q.add_argument("name", metavar="FUNCTION")
+    q.add_argument("subscription", metavar="NAME")
+    q.set_defaults(func=cmd_events_rm)
 
 
 # -- init -------------------------------------------------------------------------------------------
@@ -159,6 +197,19 @@ environment: {{}}
 # include: ["*.py", "data/*"]
 # Never package these (.git, .venv, __pycache__ and *.pyc never are):
 # exclude: ["tests", "*.md"]
+# Async invocations: where a record of the outcome goes, another function or a Redis stream.
+# on_success: function:audit        # or {{function: "audit:prod"}}
+# on_failure: stream:hello-failures  # or {{stream: hello-failures}}
+# Event sources that invoke this function ('faas deploy' makes these exactly the declared ones;
+# without an 'events' key it leaves them alone). Each has one source; 'name' defaults to <kind>-<n>.
+# events:
+#   - timer: rate(5 minutes)                      # or cron(SEC MIN HOUR DOM MON DOW), in UTC
+#   - name: uploads
+#     object_store: {{bucket: photos, prefix: in/, suffix: .jpg}}  # events: [ObjectCreated:*]
+#   - queue: {{stream: orders, batch_size: 10, batch_window: 2s, start: latest}}
+#     # qualifier: prod                          # a version or alias (default: latest)
+#   - cloudevents: {{type: com.example.order.created, source: /shop}}
+#     enabled: false
 """
 
 HANDLER_TEMPLATE = '''\
@@ -211,21 +262,74 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    """Upload a new version, then (when faas.yaml has an ``events`` key) make the function's declared
+    subscriptions exactly those.  The two steps are separate requests: if the second fails, the
+    version stays deployed and the error says so."""
+    text = args.output != "json"
     with _client(args) as client:
         manifest = load_manifest(args.dir)
+        if manifest.events:
+            _check_declared_names(client, manifest, args)
         _progress(f"packaging {manifest.name} from {manifest.project_dir}")
         archive = build_archive(manifest.project_dir, manifest, progress=_progress)
         _progress(f"sha256 {hashlib.sha256(archive).hexdigest()[:16]}…, uploading to {client.url}")
         view = client.deploy(manifest.name, manifest.config.model_dump(mode="json"), archive)
-    if args.output == "json":
-        _print_json(view)
+        config = view.get("config") or {}
+        version = config.get("version", view.get("latest_version", "?"))
+        if text:
+            print(f"deployed {manifest.name} version {version}")
+            print(f"url: {_function_url(view, client, manifest.name)}")
+        applied = None
+        if manifest.events is not None:
+            try:
+                applied = client.replace_declared_subscriptions(
+                    manifest.name, declared_bodies(manifest.events)
+                )
+            except GatewayError as exc:
+                raise GatewayError(
+                    f"{manifest.name} version {version} is deployed, but the events in "
+                    f"{MANIFEST_FILE} were not applied: {exc.message}",
+                    kind=exc.kind,
+                    error_type=exc.error_type,
+                    status=exc.status,
+                ) from None
+    if not text:
+        _print_json(view if applied is None else {**view, "subscriptions": applied})
         return 0
-    config = view.get("config") or {}
-    version = config.get("version", view.get("latest_version", "?"))
-    print(f"deployed {manifest.name} version {version}")
-    print(f"url: {_function_url(view, client, manifest.name)}")
+    if applied is not None:
+        _print_declared(applied)
     print(f"invoke: faas invoke {manifest.name}{_ns_flag(args)} -d '{{}}'")
     return 0
+
+
+def _check_declared_names(client: GatewayClient, manifest: Manifest, args: argparse.Namespace) -> None:
+    """Refuse, before uploading, a declared subscription whose name one added by hand already has:
+    the gateway would reject the set after the new version was deployed."""
+    try:
+        existing = client.subscriptions(manifest.name)
+    except GatewayError as exc:
+        if exc.status == 404:  # a new function has no subscriptions
+            return
+        raise
+    clashes = added_by_hand(existing, (event.name for event in manifest.events or ()))
+    if clashes:
+        names = ", ".join(repr(name) for name in clashes)
+        first = clashes[0]
+        raise Conflict(
+            f"{MANIFEST_FILE} declares event subscription {names} of {manifest.name}, which was added "
+            f"with 'faas events add': rename it in {MANIFEST_FILE}, or remove the other with "
+            f"'faas events rm {manifest.name} {first}{_ns_flag(args)}'"
+        )
+
+
+def _print_declared(applied: list[dict[str, Any]]) -> None:
+    if not applied:
+        print(f"events: none declared in {MANIFEST_FILE} (any declared before were removed)")
+        return
+    print(f"events (from {MANIFEST_FILE}):")
+    for sub in applied:
+        state = "" if sub.get("enabled", True) else " (disabled)"
+        print(f"  {sub.get('name', '?')}: {source_kind(sub)} {describe(sub)}{state}")
 
 
 # -- invoke -----------------------------------------------------------------------------------------
@@ -258,7 +362,9 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 def cmd_dlq_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        status, body = client.raw("GET", "/v1/dead-letters", params={"function": args.function} if args.function else None)
+        status, body = client.raw(
+            "GET", "/v1/dead-letters", params={"function": args.function} if args.function else None
+        )
     if status >= 400:
         return _report_error(status, body)
     letters = json.loads(body)["dead_letters"]
@@ -270,7 +376,11 @@ def cmd_dlq_ls(args: argparse.Namespace) -> int:
          f"{(d['error'] or {}).get('type', '?')}: {(d['error'] or {}).get('message', '')}"[:80]]
         for d in letters
     ]  # fmt: skip
-    print(format_table(["DEAD LETTER", "FUNCTION", "INVOCATION", "ATTEMPTS", "LAST ERROR"], rows) if rows else "no dead letters")
+    print(
+        format_table(["DEAD LETTER", "FUNCTION", "INVOCATION", "ATTEMPTS", "LAST ERROR"], rows)
+        if rows
+        else "no dead letters"
+    )
     return 0
 
 
@@ -464,6 +574,61 @@ def cmd_rm(args: argparse.Namespace) -> int:
         _named(name, args, lambda: client.delete(name))
     print(f"deleted {name}")
     return 0
+
+
+# -- events -----------------------------------------------------------------------------------------
+
+
+def cmd_events_ls(args: argparse.Namespace) -> int:
+    name = _name(args) if args.name else None
+    with _client(args) as client:
+        if name is None:
+            subs = client.subscriptions()
+        else:
+            subs = _named(name, args, lambda: client.subscriptions(name))
+    if args.output == "json":
+        _print_json(subs)
+        return 0
+    if not subs:
+        where = f"function {name!r}" if name else f"namespace {args.namespace!r}"
+        print(f"no event subscriptions in {where}", file=sys.stderr)
+        return 0
+    print(format_table(SUBSCRIPTION_HEADERS, subscription_rows(subs)))
+    return 0
+
+
+def cmd_events_add(args: argparse.Namespace) -> int:
+    name = _name(args)
+    subscription = _subscription_name(args)
+    body = request_body(spec_from_flags(args))
+    with _client(args) as client:
+        created, sub = client.put_subscription(name, subscription, body)
+    if args.output == "json":
+        _print_json(sub)
+        return 0
+    state = "" if sub.get("enabled", True) else " (disabled)"
+    target = f" (version {sub['qualifier']})" if sub.get("qualifier") else ""
+    print(
+        f"{'added' if created else 'replaced'} event subscription {subscription!r} of {name}{target}: "
+        f"{source_kind(sub)} {describe(sub)}{state}"
+    )
+    return 0
+
+
+def cmd_events_rm(args: argparse.Namespace) -> int:
+    name = _name(args)
+    subscription = _subscription_name(args)
+    with _client(args) as client:
+        client.delete_subscription(name, subscription)
+    print(f"removed event subscription {subscription!r} of {name}")
+    return 0
+
+
+def _subscription_name(args: argparse.Namespace) -> str:
+    subscription: str = args.subscription
+    if problem := name_problem(subscription, "subscription name"):
+        raise UsageError(problem)
+    return subscription
 
 
 # -- helpers ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from faas.core.errors import FaasError
 
 from . import cluster, commands
 from .archive import HandlerModuleNotFound
-from .commands import UsageError
+from .errors import UsageError
 from .manifest import ManifestError
 
 DEFAULT_URL = "http://127.0.0.1:8080"

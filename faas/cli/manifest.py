@@ -11,12 +11,26 @@ field as the user wrote it, why, and what was given::
 Every problem found is reported at once (one line each) in a ``ManifestError``.  Environment values
 may be written as YAML numbers or booleans (``DEBUG: true``): they are turned into the strings the
 function will see (``"true"``), since an environment only holds strings.  A key given with no value
-(``environment:``) means "empty" for ``environment``, ``description``, ``include`` and ``exclude``.
+(``environment:``) means "empty" for ``environment``, ``description``, ``include``, ``exclude`` and
+``events``.
+
+``on_success`` / ``on_failure`` take ``{function: NAME[:QUALIFIER]}`` or ``{stream: NAME}``, or the
+shorthand strings ``function:NAME[:QUALIFIER]`` / ``stream:NAME``.
+
+``events`` is a list of event subscriptions, each ``{name?, object_store|queue|timer|cloudevents: {...},
+qualifier?, enabled?}``, validated by the platform's own ``SubscriptionSpec`` and reported by path
+(``field 'events[1].queue.batch_size': must be <= 1000 (got 5000)``; indexes count from 0).  Friendly
+forms: ``timer: rate(5 minutes)`` for ``timer: {schedule: ...}``; ``cloudevents:`` with no value for
+"every event"; ``events: ObjectCreated:*`` for a one-item list; ``batch_window: 2s`` (also ``2``,
+``500ms``, ``1m``) for ``batch_window_s``.  An item without a name is called ``<kind>-<n>``, with ``n``
+counting the items of that kind from 1 (``object-store-1``, ``timer-2``).  ``Manifest.events`` is None
+when the key is absent, which tells ``faas deploy`` to leave the function's subscriptions alone.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +40,15 @@ from pydantic import ValidationError
 
 from faas.core.errors import InvalidRequest
 from faas.core.models import VersionConfig, name_problem
+from faas.core.subscriptions import (
+    SOURCE_KINDS,
+    CloudEventsSource,
+    NamedSubscriptionSpec,
+    ObjectStoreSource,
+    QueueSource,
+    SubscriptionSpec,
+    TimerSource,
+)
 
 MANIFEST_FILE = "faas.yaml"
 
@@ -42,10 +65,33 @@ CONFIG_FIELDS: dict[str, str] = {
     "description": "description",
     "max_retries": "max_retries",
     "max_event_age": "max_event_age_s",
+    "on_success": "on_success",
+    "on_failure": "on_failure",
 }
-MANIFEST_KEYS = ("name", *CONFIG_FIELDS, "include", "exclude")
+MANIFEST_KEYS = ("name", *CONFIG_FIELDS, "include", "exclude", "events")
+MAX_EVENTS = 100  # what the gateway accepts in one declared set
+EVENT_KEYS = ("name", *SOURCE_KINDS, "qualifier", "enabled")
+_SOURCE_MODELS: dict[str, type[Any]] = {
+    "object_store": ObjectStoreSource,
+    "queue": QueueSource,
+    "timer": TimerSource,
+    "cloudevents": CloudEventsSource,
+}
+# Friendly source keys of the manifest -> the SubscriptionSpec field they stand for.
+_SOURCE_ALIASES: dict[str, dict[str, str]] = {"queue": {"batch_window": "batch_window_s"}}
+_DESTINATION_KEYS = ("function", "stream")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _KEY_OF_FIELD = {field: key for key, field in CONFIG_FIELDS.items()}
-_NUMERIC_KEYS = ("memory", "timeout", "concurrency", "min_instances", "max_instances", "max_retries", "max_event_age")
+_NUMERIC_KEYS = (
+    "memory",
+    "timeout",
+    "concurrency",
+    "min_instances",
+    "max_instances",
+    "max_retries",
+    "max_event_age",
+)
 _EMPTY_WHEN_NULL: dict[str, Any] = {"environment": {}, "description": "", "include": [], "exclude": []}
 
 
@@ -64,6 +110,8 @@ class Manifest:
     path: Path  # the faas.yaml file
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    # The declared event subscriptions; None when faas.yaml has no 'events' key (leave them alone).
+    events: tuple[NamedSubscriptionSpec, ...] | None = None
 
     @property
     def project_dir(self) -> Path:
@@ -137,6 +185,11 @@ def parse_manifest(text: str, file: Path) -> Manifest:
         if key == "environment" and isinstance(value, dict):
             value, env_problems = _environment_strings(value)
             problems.extend(f"{where}: field 'environment': {p}" for p in env_problems)
+        if key in ("on_success", "on_failure"):
+            value, problem = _destination(value)
+            if problem:
+                problems.append(f"{where}: field '{key}': {problem}")
+                continue
         values[field] = value
 
     globs: dict[str, tuple[str, ...]] = {}
@@ -150,6 +203,11 @@ def parse_manifest(text: str, file: Path) -> Manifest:
             problems.append(f"{where}: field '{key}': must be a list of glob patterns (got {_show(value)})")
             continue
         globs[key] = tuple(value)
+
+    events: tuple[NamedSubscriptionSpec, ...] | None = None
+    if "events" in data:
+        events, event_problems = parse_events(data["events"])
+        problems.extend(f"{where}: {p}" for p in event_problems)
 
     config: VersionConfig | None = None
     try:
@@ -167,7 +225,197 @@ def parse_manifest(text: str, file: Path) -> Manifest:
         path=file,
         include=globs.get("include", ()),
         exclude=globs.get("exclude", ()),
+        events=events,
     )
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number (seconds) or a string ``2``, ``2s``, ``500ms``, ``1m``; ValueError if neither."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"must be a duration like 2s, 500ms or 1m (got {_show(value)})")
+    if seconds < 0:
+        raise ValueError(f"must not be negative (got {_show(value)})")
+    return seconds
+
+
+def parse_events(value: Any) -> tuple[tuple[NamedSubscriptionSpec, ...] | None, list[str]]:
+    """The ``events`` list of a manifest as specs with their final names, and one line per problem."""
+    if value is None:
+        return (), []
+    if not isinstance(value, list):
+        return None, [f"field 'events': must be a list of event sources (got {_kind(value)})"]
+    if len(value) > MAX_EVENTS:
+        return None, [f"field 'events': at most {MAX_EVENTS} event sources (got {len(value)})"]
+    problems: list[str] = []
+    specs: list[NamedSubscriptionSpec] = []
+    seen_kinds: dict[str, int] = {}
+    first_use: dict[str, str] = {}  # name -> the item that used it first
+    for index, item in enumerate(value):
+        label = f"events[{index}]"
+        kind, spec, item_problems = _parse_event(item, label)
+        problems.extend(item_problems)
+        if kind is None:
+            continue
+        seen_kinds[kind] = seen_kinds.get(kind, 0) + 1
+        explicit = isinstance(item, dict) and item.get("name") is not None
+        name = item["name"] if explicit else f"{kind.replace('_', '-')}-{seen_kinds[kind]}"
+        if not isinstance(name, str):
+            continue  # reported by _parse_event
+        if name in first_use:
+            what = f"name {name!r}" if explicit else f"default name {name!r} (give one of them a 'name')"
+            problems.append(f"field '{label}.name': the {what} is already used by {first_use[name]}")
+            continue
+        first_use[name] = label
+        if spec is not None:
+            specs.append(NamedSubscriptionSpec(name=name, **spec.model_dump()))
+    return (None if problems else tuple(specs)), problems
+
+
+def _parse_event(item: Any, label: str) -> tuple[str | None, SubscriptionSpec | None, list[str]]:
+    """One ``events`` item: its source kind (None when it has not exactly one), its spec when valid,
+    and its problems."""
+    if not isinstance(item, dict):
+        sources = ", ".join(SOURCE_KINDS)
+        return None, None, [f"field '{label}': must be a mapping with one of {sources} (got {_kind(item)})"]
+    problems = [
+        f"field '{label}': {_unknown_key(key, EVENT_KEYS, _source_of_key(key))}"
+        for key in item
+        if key not in EVENT_KEYS
+    ]
+    present = [kind for kind in SOURCE_KINDS if kind in item]
+    if len(present) != 1:
+        problems.append(
+            f"field '{label}': needs exactly one source of {', '.join(SOURCE_KINDS)} "
+            + (f"(got {', '.join(present)}; give each its own item)" if present else "(got none)")
+        )
+        return None, None, problems
+    kind = present[0]
+
+    name = item.get("name")
+    if name is not None and not isinstance(name, str):
+        problems.append(f"field '{label}.name': must be a string (got {_show(name)})")
+    elif name is not None and (reason := name_problem(name, "subscription name")):
+        problems.append(f"field '{label}.name': {reason}")
+
+    data: dict[str, Any] = {}
+    qualifier = item.get("qualifier")
+    if isinstance(qualifier, int) and not isinstance(qualifier, bool):
+        data["qualifier"] = str(qualifier)  # 'qualifier: 3' names version 3
+    elif isinstance(qualifier, str):
+        data["qualifier"] = qualifier
+    elif qualifier is not None:
+        problems.append(
+            f"field '{label}.qualifier': must be a version number or an alias (got {_show(qualifier)})"
+        )
+    enabled = item.get("enabled", True)
+    if isinstance(enabled, bool):
+        data["enabled"] = enabled
+    else:  # pydantic would take "yes" and 1
+        problems.append(f"field '{label}.enabled': must be true or false (got {_show(enabled)})")
+
+    source, user_keys, source_problems = _source(kind, item[kind])
+    problems.extend(f"field '{label}.{kind}{where}': {reason}" for where, reason in source_problems)
+    if source is None:
+        return kind, None, problems
+    data[kind] = source
+    try:
+        spec = SubscriptionSpec(**data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            loc = [str(part) for part in error.get("loc") or ()]
+            if len(loc) >= 2 and loc[0] == kind:
+                loc[1] = user_keys.get(loc[1], loc[1])
+            path = ".".join(part for part in [label, *loc] if part)
+            problems.append(f"field '{path}': {error_reason(error)}")
+        return kind, None, problems
+    return kind, (None if problems else spec), problems
+
+
+def _source(kind: str, value: Any) -> tuple[dict[str, Any] | None, dict[str, str], list[tuple[str, str]]]:
+    """An item's source in ``SubscriptionSpec``'s terms; how the user spelled renamed fields (field ->
+    key, "" for the source itself); problems as (".key" or "", reason)."""
+    model = _SOURCE_MODELS[kind]
+    aliases = _SOURCE_ALIASES.get(kind, {})
+    if kind == "timer" and isinstance(value, str):  # timer: rate(5 minutes)
+        return {"schedule": value}, {"schedule": ""}, []
+    if kind == "cloudevents" and value is None:  # cloudevents: (every event)
+        return {}, {}, []
+    if not isinstance(value, dict):
+        required = [f"'{f}'" for f, info in model.model_fields.items() if info.is_required()]
+        needs = f" with {', '.join(required)}" if required else ""
+        return None, {}, [("", f"must be a mapping{needs} (got {_kind(value)})")]
+    allowed = (*model.model_fields, *aliases)
+    shown = tuple(_user_key(field, aliases) for field in model.model_fields)
+    problems: list[tuple[str, str]] = []
+    out: dict[str, Any] = {}
+    user_keys: dict[str, str] = {}
+    for key, given in value.items():
+        if key not in allowed:
+            problems.append(("", _unknown_key(key, shown)))
+            continue
+        field = aliases.get(str(key), str(key))
+        if field in user_keys:
+            problems.append((f".{key}", f"gives {user_keys[field]!r} a second time"))
+            continue
+        user_keys[field] = key
+        if field == "batch_window_s":
+            try:
+                given = parse_duration(given)
+            except ValueError as exc:
+                problems.append((f".{key}", str(exc)))
+                continue
+        elif field == "batch_size" and isinstance(given, bool):
+            problems.append((f".{key}", f"must be a whole number (got {_show(given)})"))
+            continue
+        elif field == "events" and isinstance(given, str):
+            given = [given]
+        out[field] = given
+    return out, user_keys, problems
+
+
+def _user_key(field: str, aliases: dict[str, str]) -> str:
+    return next((key for key, target in aliases.items() if target == field), field)
+
+
+def _source_of_key(key: Any) -> str | None:
+    """The source kind a misplaced key belongs under (``bucket`` -> ``object_store``), if any."""
+    for kind, model in _SOURCE_MODELS.items():
+        if key in model.model_fields or key in _SOURCE_ALIASES.get(kind, {}):
+            return kind
+    return None
+
+
+def _unknown_key(key: Any, known: tuple[str, ...], belongs_under: str | None = None) -> str:
+    if belongs_under:
+        return f"unknown field '{key}' (it belongs under '{belongs_under}')"
+    hint = difflib.get_close_matches(str(key), known, n=1)
+    return f"unknown field '{key}'" + (
+        f" (did you mean '{hint[0]}'?)" if hint else f" (known fields: {', '.join(known)})"
+    )
+
+
+def _destination(value: Any) -> tuple[Any, str | None]:
+    """``on_success``/``on_failure`` as ``Destination`` data: the shorthand string becomes a mapping."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        target, sep, rest = value.partition(":")
+        if sep and target in _DESTINATION_KEYS and rest:
+            return {target: rest}, None
+        return None, (
+            f"must be 'function:NAME[:QUALIFIER]', 'stream:NAME' or a mapping with 'function' or "
+            f"'stream' (got {_show(value)})"
+        )
+    if isinstance(value, dict):
+        for key in value:
+            if key not in _DESTINATION_KEYS:
+                return None, _unknown_key(key, _DESTINATION_KEYS)
+        return value, None
+    return None, f"must be a mapping with 'function' or 'stream' (got {_kind(value)})"
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -230,7 +478,7 @@ def _validation_lines(exc: ValidationError) -> list[str]:
         if loc:
             key = _KEY_OF_FIELD.get(str(loc[0]), str(loc[0]))
             label = ".".join([key, *(str(part) for part in loc[1:])])
-            lines.append(f"field '{label}': {_reason(error)}")
+            lines.append(f"field '{label}': {error_reason(error)}")
         elif "min_instances" in str(error.get("msg", "")) and isinstance(error.get("input"), dict):
             given = error["input"]
             low, high = (
@@ -239,11 +487,12 @@ def _validation_lines(exc: ValidationError) -> list[str]:
             )
             lines.append(f"field 'min_instances': must not exceed max_instances (got {low} > {high})")
         else:
-            lines.append(_reason(error))
+            lines.append(error_reason(error))
     return lines
 
 
-def _reason(error: Any) -> str:
+def error_reason(error: Any) -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) in the manifest's words."""
     kind = error.get("type", "")
     ctx = error.get("ctx") or {}
     got = f" (got {_show(error.get('input'))})"
@@ -265,6 +514,18 @@ def _reason(error: Any) -> str:
         return f"must be a mapping{got}"
     if kind == "literal_error":
         return f"must be {ctx.get('expected', 'one of the allowed values')}{got}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false{got}"
+    if kind == "too_short" and isinstance(error.get("input"), list):
+        return "must not be empty"
+    if kind == "string_too_short":
+        return f"must not be empty{got}"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters{got}"
+    if kind == "list_type":
+        return f"must be a list{got}"
+    if kind == "extra_forbidden":
+        return "unknown field"
     message = str(error.get("msg", "invalid value"))
     return message.removeprefix("Value error, ")
 

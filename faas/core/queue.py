@@ -238,7 +238,9 @@ class InvocationQueue:
             pipe.zadd(redis_keys.ASYNC_DELAYED, {again.model_dump_json(): time.time() + delay_s})
 
         extra = {"result": result_json} if result_json is not None else {}
-        await self._finish(msg_id, env, [schedule, also], status="queued", error=error, **extra)
+        await self._finish(
+            msg_id, env, [schedule, also], status="failed", error=error, retry_at=time.time() + delay_s, **extra
+        )
 
     async def dead_letter(
         self, msg_id: str, env: AsyncEnvelope, error: dict[str, Any], *, also: PipeStep | None = None
