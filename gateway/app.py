@@ -45,6 +45,8 @@ from gateway.events_api import install_event_routes
 from gateway.http_events import build_event, build_response
 from gateway.invoker import TriggerClient
 
+# Caller headers an async event keeps in its envelope (W3C trace context, and who sent it).
+FORWARDED_ASYNC_HEADERS = ("traceparent", "tracestate", "user-agent")
 NamespaceQuery = Annotated[str | None, Query(description="namespace (default: the platform's default)")]
 
 
@@ -270,7 +272,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
                 request_id=request_id,
                 deadline=time.time() + 15.0,
                 route="invoke-async",
-                extra_headers={"x-faas-idempotency-key": key} if key else None,
+                extra_headers={
+                    **{h: request.headers[h] for h in FORWARDED_ASYNC_HEADERS if h in request.headers},
+                    **({"x-faas-idempotency-key": key} if key else {}),
+                },
             )
         return Response(
             resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json"

@@ -44,8 +44,11 @@ async def _wait_final(gw: httpx.AsyncClient, invocation_id: str, timeout_s: floa
 
 async def test_async_result_readable_by_id(gw: httpx.AsyncClient) -> None:
     await deploy(gw, "async-echo", FLAKY)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     resp = await gw.post(
-        "/v1/functions/async-echo/invoke", json={"key": "a"}, headers={"X-Faas-Invocation-Type": "async"}
+        "/v1/functions/async-echo/invoke",
+        json={"key": "a"},
+        headers={"X-Faas-Invocation-Type": "async", "traceparent": traceparent},
     )
     assert resp.status_code == 202, resp.text
     invocation = resp.json()
@@ -54,6 +57,7 @@ async def test_async_result_readable_by_id(gw: httpx.AsyncClient) -> None:
     assert final["status"] == "succeeded"
     assert final["result"] == {"key": "a", "attempts_seen": 1}
     assert final["attempts"] == 1
+    assert final["trace"] == traceparent  # the caller's trace context travels with the event
 
 
 async def test_failing_twice_then_succeeding_takes_three_attempts(gw: httpx.AsyncClient) -> None:

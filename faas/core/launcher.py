@@ -229,7 +229,7 @@ def weed_notification_toml(settings: Settings) -> str:
         # Only where S3 keeps buckets (the filer reports every path).  A plain string prefix, so the
         # "/buckets" folder itself is left out; a rename is matched on its old path.
         'path_prefixes = ["/buckets/"]\n'
-        "timeout_seconds = 10\n"
+        "timeout_seconds = 30\n"  # longer than a trigger failover, which the gateway waits through
     )
 
 

@@ -104,10 +104,13 @@ class InvocationQueue:
 
     @staticmethod
     def _queued_fields(env: AsyncEnvelope) -> dict[str, Any]:
-        return {
+        fields = {
             "status": "queued", "attempts": 0, "namespace": env.namespace, "function": env.function,
             "version": env.version, "enqueued_at": env.enqueued_at,
         }  # fmt: skip
+        if env.trace:
+            fields["trace"] = env.trace
+        return fields
 
     def add_enqueue(self, pipe: Any, env: AsyncEnvelope) -> None:
         """Queue ``env`` as part of a caller's transaction (destinations, fan-out)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,14 @@ from faas.core.subscriptions import SubscriptionIndex
 from faas.core.tasks import TaskSet
 from faas.trigger.service import Trigger, passed_headers
 from faas.trigger.sources import EventSources
+
+_ENVELOPE_HEADERS = ("traceparent", "tracestate", "user-agent")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def trace_context(traceparent: str | None) -> str | None:
+    """The caller's W3C ``traceparent``, if well formed (a malformed one starts no trace, per the spec)."""
+    return traceparent if traceparent and _TRACEPARENT.match(traceparent) else None
 
 
 class EnqueueItem(BaseModel):
@@ -135,6 +144,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             function=params["name"],
             version=params["version"],
             payload=(await request.body()).decode(),
+            headers={h: request.headers[h] for h in _ENVELOPE_HEADERS if h in request.headers},
+            trace=trace_context(request.headers.get("traceparent")),
         )
         queue: InvocationQueue = app.state.queue
         idempotency_key = request.headers.get("x-faas-idempotency-key")
