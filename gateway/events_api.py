@@ -76,6 +76,7 @@ def install_event_routes(
         )
         await check_target(sub)
         created = await store().put(sub)
+        await app.state.subscription_index.refresh()  # events posted right after this call see it
         response.status_code = 201 if created else 200
         return sub
 
@@ -98,7 +99,9 @@ def install_event_routes(
             )
             await check_target(sub)
             declared.append(sub)
-        return {"subscriptions": await store().replace_declared(ns, name, declared)}
+        stored = await store().replace_declared(ns, name, declared)
+        await app.state.subscription_index.refresh()
+        return {"subscriptions": stored}
 
     @app.get("/v1/functions/{name}/subscriptions", tags=["events"])
     async def list_function_subscriptions(
@@ -123,6 +126,7 @@ def install_event_routes(
     @app.delete("/v1/functions/{name}/subscriptions/{subscription}", status_code=204, tags=["events"])
     async def delete_subscription(name: str, subscription: str, namespace: NamespaceQuery = None) -> Response:
         await store().delete(namespace_of(namespace), check_name(name), check_subscription_name(subscription))
+        await app.state.subscription_index.refresh()
         return Response(status_code=204)
 
     # -- ingestion ----------------------------------------------------------------------------

@@ -225,6 +225,10 @@ class PrefixMirror:
         async with self.changed:
             self.changed.notify_all()
 
+    async def refresh(self) -> None:
+        """Re-read the prefix now (a writer that must see its own write in this copy at once)."""
+        await self._relist()
+
     async def _relist(self) -> int:
         kvs, revision = await self.etcd.get_prefix(self.prefix)
         fresh = {kv.key: kv.value for kv in kvs}

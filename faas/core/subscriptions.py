@@ -259,6 +259,9 @@ class SubscriptionIndex:
     async def stop(self) -> None:
         await self._mirror.stop()
 
+    async def refresh(self) -> None:
+        await self._mirror.refresh()
+
     @property
     def changed(self) -> Any:
         return self._mirror.changed
