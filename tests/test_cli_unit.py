@@ -80,7 +80,7 @@ def test_manifest_maps_user_fields_onto_version_config(tmp_path: Path) -> None:
         ("- name\n- hello\n", "faas.yaml: the top level must be a mapping"),
         ("", "faas.yaml: the top level must be a mapping"),
         ("name: hello\ntimeout: 901\n", "faas.yaml: field 'timeout': must be <= 900 (got 901)"),
-        ("name: hello\ntimeout: soon\n", "faas.yaml: field 'timeout': must be a number (got 'soon')"),
+        ("name: hello\ntimeout: soon\n", "faas.yaml: field 'timeout': must be a duration like 2s, 500ms, 1m or 6h (got 'soon')"),
         (
             "name: hello\nruntime: python2\n",
             "faas.yaml: field 'runtime': must be 'python3.11' (got 'python2')",
@@ -389,3 +389,12 @@ def test_client_turns_error_bodies_into_exceptions() -> None:
         client.list()
     assert info.value.status == 502
     assert "Bad Gateway" in info.value.message
+
+
+def test_manifest_durations_accept_units(tmp_path: Path) -> None:
+    (tmp_path / "faas.yaml").write_text("name: hello\ntimeout: 90s\nmax_event_age: 6h\n")
+    config = load_manifest(tmp_path).config
+    assert (config.timeout_s, config.max_event_age_s) == (90.0, 21600.0)
+    (tmp_path / "faas.yaml").write_text("name: hello\nmax_event_age: 6 days\n")
+    with pytest.raises(ManifestError, match="max_event_age.*6h"):
+        load_manifest(tmp_path)

@@ -80,8 +80,9 @@ _SOURCE_MODELS: dict[str, type[Any]] = {
 # Friendly source keys of the manifest -> the SubscriptionSpec field they stand for.
 _SOURCE_ALIASES: dict[str, dict[str, str]] = {"queue": {"batch_window": "batch_window_s"}}
 _DESTINATION_KEYS = ("function", "stream")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_KEYS = ("timeout", "max_event_age")  # seconds, or a string such as 30s, 15m, 6h
 _KEY_OF_FIELD = {field: key for key, field in CONFIG_FIELDS.items()}
 _NUMERIC_KEYS = (
     "memory",
@@ -182,6 +183,12 @@ def parse_manifest(text: str, file: Path) -> Manifest:
         if key in _NUMERIC_KEYS and isinstance(value, bool):
             problems.append(f"{where}: field '{key}': must be a number (got {_show(value)})")
             continue
+        if key in _DURATION_KEYS and isinstance(value, str):
+            try:
+                value = parse_duration(value)
+            except ValueError as exc:
+                problems.append(f"{where}: field '{key}': {exc}")
+                continue
         if key == "environment" and isinstance(value, dict):
             value, env_problems = _environment_strings(value)
             problems.extend(f"{where}: field 'environment': {p}" for p in env_problems)
@@ -236,7 +243,7 @@ def parse_duration(value: Any) -> float:
     elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
-        raise ValueError(f"must be a duration like 2s, 500ms or 1m (got {_show(value)})")
+        raise ValueError(f"must be a duration like 2s, 500ms, 1m or 6h (got {_show(value)})")
     if seconds < 0:
         raise ValueError(f"must not be negative (got {_show(value)})")
     return seconds
