@@ -20,8 +20,10 @@ from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request, Response
+from redis.exceptions import RedisError, ResponseError
 
-from faas.core.errors import FaasError, InvalidRequest, error_from_body
+from faas.core import redis_keys
+from faas.core.errors import FaasError, InvalidRequest, Unavailable, error_from_body
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.subscriptions import (
@@ -53,6 +55,20 @@ def install_event_routes(
     def store() -> SubscriptionStore:
         return app.state.subscriptions  # type: ignore[no-any-return]
 
+    async def prepare_source(sub: Subscription) -> None:
+        """Create a queue subscription's consumer group now, so "latest" means "from this call on"."""
+        if sub.queue is None:
+            return
+        group = redis_keys.queue_subscription_group(sub.namespace, sub.function, sub.name)
+        start = "$" if sub.queue.start == "latest" else "0"
+        try:
+            await app.state.redis.xgroup_create(sub.queue.stream, group, id=start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise InvalidRequest(f"cannot read stream {sub.queue.stream!r}: {exc}") from exc
+        except RedisError as exc:
+            raise Unavailable(f"Redis unreachable while preparing stream {sub.queue.stream!r}: {exc}") from exc
+
     async def check_target(sub: Subscription) -> None:
         if sub.object_store is not None and sub.object_store.bucket == settings.s3_bucket:
             raise InvalidRequest(f"bucket {settings.s3_bucket!r} holds the platform's code archives; use another")
@@ -75,6 +91,7 @@ def install_event_routes(
             ns, check_name(name), check_subscription_name(subscription), spec, origin="api"
         )
         await check_target(sub)
+        await prepare_source(sub)
         created = await store().put(sub)
         await app.state.subscription_index.refresh()  # events posted right after this call see it
         response.status_code = 201 if created else 200
@@ -99,6 +116,8 @@ def install_event_routes(
             )
             await check_target(sub)
             declared.append(sub)
+        for sub in declared:
+            await prepare_source(sub)
         stored = await store().replace_declared(ns, name, declared)
         await app.state.subscription_index.refresh()
         return {"subscriptions": stored}

@@ -438,3 +438,19 @@ async def test_timer_fires_every_tick_once(gw: httpx.AsyncClient, redis: aioredi
     assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), ticks  # and none skipped
     assert ticks[0] >= int(started)
     assert all(e["detail"] == {"hello": 1} and e["detail-type"] == "Scheduled Event" for e in events)
+
+
+async def test_queue_subscription_from_latest_starts_when_it_is_created(
+    gw: httpx.AsyncClient, redis: aioredis.Redis
+) -> None:
+    fn, stream, ok_stream = f"q-{uid()}", f"news-{uid()}", f"q-ok-{uid()}"
+    await deploy(gw, fn, BATCH, on_success={"stream": ok_stream})
+    await redis.xadd(stream, {"order": "before"})
+    await subscribe(gw, fn, "news", {"queue": {"stream": stream, "batch_window_s": 0}})
+    await redis.xadd(stream, {"order": "right-after"})  # before the trigger's poller has even started
+    await wait_until(lambda: _delivered(redis, ok_stream, "right-after"), timeout_s=20, what="the new message")
+    assert not await _delivered(redis, ok_stream, "before")
+
+    await redis.set(f"not-a-stream-{fn}", "x")
+    resp = await gw.put(f"/v1/functions/{fn}/subscriptions/wrong", json={"queue": {"stream": f"not-a-stream-{fn}"}})
+    assert resp.status_code == 400 and "WRONGTYPE" in resp.json()["error"]["message"], resp.text

@@ -48,6 +48,7 @@ MAX_CATCH_UP = 10
 TICK_DEDUP_S = 86_400
 _CONSUMER = "faas-trigger"  # one name for every trigger: a new primary owns its predecessor's pending reads
 _RECONCILE_S = 0.5
+_BLOCK_MS = 1000
 _ERROR_PAUSE_S = 1.0
 
 
@@ -213,8 +214,8 @@ class QueuePoller:
             remaining_ms = int((window_ends - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 break
-            more = await self.redis.xreadgroup(
-                self.group, _CONSUMER, {stream: ">"}, count=size - len(batch), block=remaining_ms
+            more = await self.redis.xreadgroup(  # blocks stay under the client's socket timeout
+                self.group, _CONSUMER, {stream: ">"}, count=size - len(batch), block=min(remaining_ms, _BLOCK_MS)
             )
             batch.extend(_entries(more))
         return batch
