@@ -29,6 +29,7 @@ from faas.core import redis_keys
 from faas.core.errors import NotFound, Unavailable
 
 ENVELOPE_VERSION = 1
+_TAKE_OVER_MIN_IDLE_MS = 1000
 _STREAM_ID = re.compile(r"^\d+-\d+$")
 
 _MOVE_DUE = """
@@ -188,6 +189,40 @@ class InvocationQueue:
         )
         return self._parse([e for e in resp[1] if e and e[1] is not None])
 
+    async def read_own_pending(self, consumer: str, *, count: int) -> list[tuple[str, AsyncEnvelope | None]]:
+        """Events this consumer name took in a previous life (a restarted dispatcher finishes them)."""
+        resp = await self._run(
+            "read pending events",
+            self.redis.xreadgroup(redis_keys.ASYNC_GROUP, consumer, {redis_keys.ASYNC_STREAM: "0"}, count=count),
+        )
+        return self._parse([e for e in (resp[0][1] if resp else []) if e and e[1]])
+
+    async def pending_consumers(self) -> dict[str, int]:
+        """Consumers of the group that hold pending events, with how many."""
+        summary = await self._run(
+            "read pending events", self.redis.xpending(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP)
+        )
+        return {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
+
+    async def take_over(self, dead: str, consumer: str, *, count: int) -> list[tuple[str, AsyncEnvelope | None]]:
+        """Claim the pending events of consumer ``dead`` (gone from the membership) for ``consumer``.
+
+        XCLAIM with a minimum idle time: if two dispatchers race for the same event, the first claim
+        resets its idle time and the second one gets nothing."""
+        stream, group = redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP
+        pending = await self._run(
+            "read pending events",
+            self.redis.xpending_range(stream, group, min="-", max="+", count=count, consumername=dead),
+        )
+        ids = [p["message_id"] for p in pending]
+        if not ids:
+            await self._run("forget a consumer", self.redis.xgroup_delconsumer(stream, group, dead))
+            return []
+        claimed = await self._run(
+            "claim events", self.redis.xclaim(stream, group, consumer, min_idle_time=_TAKE_OVER_MIN_IDLE_MS, message_ids=ids)
+        )
+        return self._parse([e for e in claimed if e and e[1] is not None])
+
     async def move_due(self) -> int:
         moved = await self._run(
             "move due retries",
@@ -199,6 +234,8 @@ class InvocationQueue:
         async def _do() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
                 self._status(pipe, env, status="running", attempts=env.attempt, started_at=time.time())
+                # Every start counts, including a second run of an event reclaimed from a dead dispatcher.
+                pipe.hincrby(redis_keys.invocation(env.id), "runs", 1)
                 await pipe.execute()
 
         await self._run("record a start", _do())
@@ -329,3 +366,7 @@ class InvocationQueue:
 
         await self._run("redrive a dead letter", _do())
         return again
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

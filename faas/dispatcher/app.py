@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 
+from faas.core import keys
+from faas.core.etcd import PrefixMirror
 from faas.core.models import MemberRecord
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog
@@ -41,12 +43,20 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         await dispatcher.start()
         await membership.register()
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        peers = PrefixMirror(etcd, keys.members_prefix("dispatcher"))
+        peers.start()
+
+        def live_consumers() -> set[str]:
+            return {key.decode().rsplit("/", 1)[-1] for key in list(peers.items)}
+
         consumer = AsyncConsumer(
             settings=settings,
             queue=InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s),
             dispatcher=dispatcher,
             consumer_id=member_id,
+            live_consumers=live_consumers,
         )
+        await peers.wait_ready()
         tasks.spawn(consumer.run_forever(), name="async-consumer", long_lived=True)
         app.state.dispatcher = dispatcher
         try:
@@ -54,6 +64,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         finally:
             await tasks.cancel_all()
             await consumer.close()
+            await peers.stop()
             await membership.deregister()
             await dispatcher.close()
             await redis.aclose()

@@ -7,7 +7,10 @@ Guarantees:
 - a failed attempt is retried after ``async_retry_base_s * 2**(attempt-1)`` seconds with +-50% jitter,
   up to the version's ``max_retries``; an event older than its ``max_event_age_s``, or out of retries,
   goes to the dead-letter stream with its last error;
-- events a dead dispatcher held are reclaimed after ``async_visibility_s``;
+- events a dispatcher held when it died are taken over as soon as its membership lease lapses (two
+  scans ``_ORPHAN_SCAN_S`` apart see it gone); a dispatcher restarted under the same id first
+  finishes the events its previous process held; anything else (a live dispatcher stuck on an
+  event) is reclaimed once idle for ``async_visibility_s``;
 - at most ``_MAX_IN_FLIGHT`` events run at once per dispatcher.
 """
 
@@ -19,6 +22,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -34,13 +38,17 @@ log = logging.getLogger("faas.consumer")
 
 _MAX_IN_FLIGHT = 64
 _READ_BLOCK_MS = 1000
+_ORPHAN_SCAN_S = 2.0
 
 
 class AsyncConsumer:
     def __init__(
-        self, *, settings: Settings, queue: InvocationQueue, dispatcher: Dispatcher, consumer_id: str
-    ) -> None:
+        self, *, settings: Settings, queue: InvocationQueue, dispatcher: Dispatcher, consumer_id: str,
+        live_consumers: Callable[[], set[str]],
+    ) -> None:  # fmt: skip
         self.settings = settings
+        self.live_consumers = live_consumers
+        self._suspects: set[str] = set()
         self.queue = queue
         self.dispatcher = dispatcher
         self.consumer_id = consumer_id
@@ -58,12 +66,19 @@ class AsyncConsumer:
             except FaasError as exc:
                 log.warning("cannot prepare the queue: %s", exc)
                 await asyncio.sleep(1.0)
+        backlog = await self._own_pending()
+        next_orphan_scan = 0.0
         while True:
             try:
                 await self.queue.move_due()
-                batch = await self.queue.reclaim(
-                    self.consumer_id, min_idle_s=self.settings.async_visibility_s, count=16
-                )
+                batch, backlog = backlog[:16], backlog[16:]
+                if not batch and time.monotonic() >= next_orphan_scan:
+                    next_orphan_scan = time.monotonic() + _ORPHAN_SCAN_S
+                    batch = await self._orphans()
+                if not batch:
+                    batch = await self.queue.reclaim(
+                        self.consumer_id, min_idle_s=self.settings.async_visibility_s, count=16
+                    )
                 if not batch:
                     batch = await self.queue.read(self.consumer_id, count=16, block_ms=_READ_BLOCK_MS)
                 for msg_id, env in batch:
@@ -72,6 +87,34 @@ class AsyncConsumer:
             except FaasError as exc:
                 log.warning("queue consumer: %s", exc)
                 await asyncio.sleep(1.0)
+
+    async def _own_pending(self) -> list[tuple[str, AsyncEnvelope | None]]:
+        """Events a previous process with this member id took and never finished."""
+        try:
+            found = await self.queue.read_own_pending(self.consumer_id, count=10_000)
+        except FaasError as exc:
+            log.warning("cannot read this consumer's pending events: %s", exc)
+            return []
+        if found:
+            log.info("resuming %d events this dispatcher held before it restarted", len(found))
+        return found
+
+    async def _orphans(self) -> list[tuple[str, AsyncEnvelope | None]]:
+        """Events held by dispatchers that left the membership (lease expired: killed, crashed).
+
+        A consumer must be missing from two scans in a row, so a dispatcher that registered a moment
+        ago (and is not yet in this copy of the membership) keeps its events."""
+        live = self.live_consumers()
+        holders = await self.queue.pending_consumers()
+        missing = {name for name in holders if name not in live and name != self.consumer_id}
+        confirmed, self._suspects = missing & self._suspects, missing
+        out: list[tuple[str, AsyncEnvelope | None]] = []
+        for dead in sorted(confirmed):
+            taken = await self.queue.take_over(dead, self.consumer_id, count=64)
+            if taken:
+                log.warning("took over %d events of dispatcher %s, which left", len(taken), dead)
+            out += taken
+        return out
 
     async def _handle(self, msg_id: str, env: AsyncEnvelope | None) -> None:
         try:
