@@ -162,7 +162,7 @@ def test_batch_window_accepts_seconds_and_units(tmp_path: Path, value: object, s
         ),
         (
             "  - queue: {stream: orders, batch_window: soon}\n",
-            "field 'events[0].queue.batch_window': must be a duration like 2s, 500ms or 1m (got 'soon')",
+            "field 'events[0].queue.batch_window': must be a duration like 2s, 500ms, 1m or 6h (got 'soon')",
         ),
         (
             "  - queue: {stream: orders, batch_window: 10m}\n",
