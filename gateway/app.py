@@ -200,7 +200,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def delete_function(name: str, namespace: NamespaceQuery = None) -> Response:
         ns = namespace_of(namespace)
         registry: FunctionRegistry = app.state.registry
-        await registry.delete_function(ns, check_name(name))
+        subscriptions = await app.state.subscriptions.list_subscriptions(ns, check_name(name))
+        await registry.delete_function(ns, name)
+        await app.state.forget_sources(subscriptions)
         try:
             await app.state.redis.delete(redis_keys.function_logs(ns, name))
         except Exception:  # logs are best effort; the function is gone either way
@@ -254,7 +256,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         body = await read_payload(request, asynchronous=asynchronous) or b"{}"
         try:
             json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidRequest(f"the event must be JSON: {exc}") from exc
         request_id = uuid.uuid4().hex
         if not asynchronous:

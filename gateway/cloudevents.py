@@ -158,7 +158,7 @@ def _binary_data(
     if _is_json(media_type):
         try:
             return {"data": json.loads(body.decode("utf-8"), parse_constant=_reject_constant)}
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise InvalidRequest(
                 f"the body is not valid UTF-8 JSON, but Content-Type is {content_type!r}: {exc}"
             ) from exc
@@ -326,7 +326,7 @@ def _load_json_body(body: bytes, params: Mapping[str, str], *, what: str) -> Any
         raise InvalidRequest(f"unsupported charset {charset!r} for a {what}: JSON must be UTF-8")
     try:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidRequest(f"the body of a {what} is not valid UTF-8 JSON: {exc}") from exc
 
 

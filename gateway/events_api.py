@@ -23,7 +23,7 @@ from fastapi import Body, FastAPI, Query, Request, Response
 from redis.exceptions import RedisError, ResponseError
 
 from faas.core import redis_keys
-from faas.core.errors import FaasError, InvalidRequest, Unavailable, error_from_body
+from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable, error_from_body
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.subscriptions import (
@@ -40,6 +40,7 @@ from gateway.invoker import TriggerClient
 from gateway.object_events import record_matches, records_from_minio, records_from_seaweedfs
 
 log = logging.getLogger("faas.gateway.events")
+MAX_FAN_OUT = 1000  # invocations one ingestion request may queue (the trigger's batch limit)
 
 NamespaceQuery = Annotated[str | None, Query(description="namespace (default: the platform's default)")]
 
@@ -69,6 +70,23 @@ def install_event_routes(
         except RedisError as exc:
             raise Unavailable(f"Redis unreachable while preparing stream {sub.queue.stream!r}: {exc}") from exc
 
+    async def forget_sources(subs: Iterable[Subscription]) -> None:
+        """Remove what deleted queue subscriptions kept in Redis: their consumer group and in-flight hash.
+
+        Best effort (the subscription itself is already gone): an outcome recorded later for one of
+        its batches still completes; only its acknowledgement at the source finds no group."""
+        for sub in subs:
+            if sub.queue is None:
+                continue
+            group = redis_keys.queue_subscription_group(sub.namespace, sub.function, sub.name)
+            try:
+                await app.state.redis.xgroup_destroy(sub.queue.stream, group)
+                await app.state.redis.delete(redis_keys.queue_subscription_inflight(sub.namespace, sub.function, sub.name))
+            except RedisError as exc:
+                log.warning("could not remove the consumer group of %s: %s", sub.ref, exc)
+
+    app.state.forget_sources = forget_sources
+
     async def check_target(sub: Subscription) -> None:
         if sub.object_store is not None and sub.object_store.bucket == settings.s3_bucket:
             raise InvalidRequest(f"bucket {settings.s3_bucket!r} holds the platform's code archives; use another")
@@ -92,8 +110,14 @@ def install_event_routes(
         )
         await check_target(sub)
         await prepare_source(sub)
+        try:
+            previous: Subscription | None = await store().get(ns, name, subscription)
+        except NotFound:
+            previous = None
         created = await store().put(sub)
         await app.state.subscription_index.refresh()  # events posted right after this call see it
+        if previous is not None and not same_stream(previous, sub):
+            await forget_sources([previous])
         response.status_code = 201 if created else 200
         return sub
 
@@ -118,8 +142,11 @@ def install_event_routes(
             declared.append(sub)
         for sub in declared:
             await prepare_source(sub)
+        before = {s.name: s for s in await store().list_subscriptions(ns, name) if s.origin == "manifest"}
         stored = await store().replace_declared(ns, name, declared)
         await app.state.subscription_index.refresh()
+        kept = {s.name: s for s in stored}
+        await forget_sources(old for n, old in before.items() if not same_stream(old, kept.get(n)))
         return {"subscriptions": stored}
 
     @app.get("/v1/functions/{name}/subscriptions", tags=["events"])
@@ -144,8 +171,11 @@ def install_event_routes(
 
     @app.delete("/v1/functions/{name}/subscriptions/{subscription}", status_code=204, tags=["events"])
     async def delete_subscription(name: str, subscription: str, namespace: NamespaceQuery = None) -> Response:
-        await store().delete(namespace_of(namespace), check_name(name), check_subscription_name(subscription))
+        ns = namespace_of(namespace)
+        gone = await store().get(ns, check_name(name), check_subscription_name(subscription))
+        await store().delete(ns, name, subscription)
         await app.state.subscription_index.refresh()
+        await forget_sources([gone])
         return Response(status_code=204)
 
     # -- ingestion ----------------------------------------------------------------------------
@@ -157,15 +187,21 @@ def install_event_routes(
         for sub, event in pairs:
             try:
                 spec = await catalog.resolve(sub.namespace, sub.function, sub.qualifier)
-            except FaasError as exc:
+            except (NotFound, InvalidRequest) as exc:  # its alias or version is gone: this one only
                 log.warning("subscription %s skipped: %s", sub.ref, exc)
                 continue
+            # Anything else (etcd unreachable) fails the whole request with 503: the sender retries.
             items.append({
                 "namespace": sub.namespace, "function": sub.function, "version": spec.version,
                 "payload": json.dumps(event), "source": {"kind": sub.kind, "subscription": sub.name},
             })  # fmt: skip
         if not items:
             return []
+        if len(items) > MAX_FAN_OUT:
+            raise PayloadTooLarge(
+                f"this request would queue {len(items)} invocations (events x matching subscriptions); "
+                f"the limit is {MAX_FAN_OUT}: send fewer events per request"
+            )
         trigger: TriggerClient = app.state.trigger
         resp = await trigger.enqueue(items, deadline=time.time() + 15.0)
         if resp.status != 202:
@@ -216,6 +252,13 @@ def install_event_routes(
         """Webhook for MinIO bucket notifications (already S3-shaped; event names normalised)."""
         body = await read_payload(request)  # a notification lists the object's chunks: allow more than 1 MB
         return await deliver_object_records(records_from_minio(body))
+
+
+def same_stream(old: Subscription, new: Subscription | None) -> bool:
+    """Whether ``new`` keeps reading the stream ``old`` read (so its consumer group stays in use)."""
+    if old.queue is None:
+        return True
+    return new is not None and new.queue is not None and new.queue.stream == old.queue.stream
 
 
 def _json(body: bytes) -> object:

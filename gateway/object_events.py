@@ -453,7 +453,7 @@ def _json_object(body: bytes | Mapping[str, Any], what: str) -> Mapping[str, Any
         data = json.loads(body)
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"{what} is not UTF-8 JSON: {exc}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"{what} is not JSON: {exc}") from None
     if not isinstance(data, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(

@@ -346,3 +346,8 @@ def test_event_matches_each_filter_exactly() -> None:
     assert not event_matches(EVENT, type="order", source=None)  # no prefix matching
     assert not event_matches(EVENT, type="Order.Created", source=None)  # case-sensitive
     assert event_matches(EVENT)  # both filters default to "any"
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
+    with pytest.raises(InvalidRequest, match="not valid UTF-8 JSON"):
+        parse_http({"content-type": "application/cloudevents+json"}, b"[" * 100_000)

@@ -378,6 +378,10 @@ async def test_queue_subscription_delivers_messages_in_batches(
     )
     await wait_until(lambda: _nothing_pending(redis, stream, group), timeout_s=10, what="acknowledgement")
 
+    # Deleting the subscription removes its consumer group from the user's stream.
+    assert (await gw.delete(f"/v1/functions/{fn}/subscriptions/orders")).status_code == 204
+    assert [g["name"] for g in await redis.xinfo_groups(stream)] == []
+
 
 async def _delivered(redis: aioredis.Redis, stream: str, order: str) -> bool:
     records = await stream_records(redis, stream)
@@ -454,3 +458,26 @@ async def test_queue_subscription_from_latest_starts_when_it_is_created(
     await redis.set(f"not-a-stream-{fn}", "x")
     resp = await gw.put(f"/v1/functions/{fn}/subscriptions/wrong", json={"queue": {"stream": f"not-a-stream-{fn}"}})
     assert resp.status_code == 400 and "WRONGTYPE" in resp.json()["error"]["message"], resp.text
+
+
+async def test_a_loop_of_destinations_stops_after_the_hop_limit(gw: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    from faas.dispatcher.consumer import MAX_DESTINATION_HOPS
+
+    ping, pong = f"ping-{uid()}", f"pong-{uid()}"
+    await deploy(gw, pong, ECHO)
+    await deploy(gw, ping, ECHO, on_success={"function": pong})
+    await deploy(gw, pong, ECHO, on_success={"function": ping})  # pong -> ping -> pong ...
+    first = await gw.post(f"/v1/functions/{ping}/invoke-async", json={"n": 0})
+    assert first.status_code == 202, first.text
+
+    async def chain() -> list[dict[str, Any]]:
+        return await invocations_of(redis, ping) + await invocations_of(redis, pong)
+
+    async def finished() -> bool:
+        calls = await chain()
+        return len(calls) >= 1 + MAX_DESTINATION_HOPS and all(c["status"] == "succeeded" for c in calls)
+
+    await wait_until(finished, timeout_s=60, what="the destination chain to reach the hop limit")
+    await asyncio.sleep(2.0)  # and nothing more comes
+    calls = await chain()
+    assert len(calls) == 1 + MAX_DESTINATION_HOPS, sorted((c["status"], c.get("enqueued_at")) for c in calls)

@@ -16,6 +16,7 @@ Envelopes are versioned (``v``); a consumer refuses versions it does not know.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from faas.core import redis_keys
 from faas.core.errors import NotFound, Unavailable
+
+log = logging.getLogger("faas.queue")
 
 ENVELOPE_VERSION = 1
 _TAKE_OVER_MIN_IDLE_MS = 1000
@@ -216,7 +219,7 @@ class InvocationQueue:
         )
         ids = [p["message_id"] for p in pending]
         if not ids:
-            await self._run("forget a consumer", self.redis.xgroup_delconsumer(stream, group, dead))
+            # Nothing to take.  (The consumer is not deleted: it may be alive and about to read again.)
             return []
         claimed = await self._run(
             "claim events", self.redis.xclaim(stream, group, consumer, min_idle_time=_TAKE_OVER_MIN_IDLE_MS, message_ids=ids)
@@ -251,7 +254,12 @@ class InvocationQueue:
                 self._status(pipe, env, attempts=env.attempt, finished_at=time.time(), **fields)
                 pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
                 pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
-                await pipe.execute()
+                # A command of the caller's steps can fail on its own (a destination key of the wrong
+                # type, a source stream deleted by its owner): EXEC still applies the rest, so the
+                # outcome is recorded; the failed step is logged, not raised.
+                for result in await pipe.execute(raise_on_error=False):
+                    if isinstance(result, Exception):
+                        log.warning("event %s: a step of its outcome failed: %s", env.id, result)
 
         await self._run("record an outcome", _do())
 

@@ -37,7 +37,7 @@ def once(scope: str) -> str:
 
 def queue_subscription_group(ns: str, function_name: str, subscription: str) -> str:
     """The consumer group a queue subscription reads the user's stream with."""
-    return f"faas-{ns}-{function_name}-{subscription}"
+    return f"{PREFIX}sub:{ns}:{function_name}:{subscription}"  # ':' cannot occur in the names
 
 
 def queue_subscription_inflight(ns: str, function_name: str, subscription: str) -> str:

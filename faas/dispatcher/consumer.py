@@ -7,11 +7,20 @@ Guarantees:
 - a failed attempt is retried after ``async_retry_base_s * 2**(attempt-1)`` seconds with +-50% jitter,
   up to the version's ``max_retries``; an event older than its ``max_event_age_s``, or out of retries,
   goes to the dead-letter stream with its last error;
-- events a dispatcher held when it died are taken over as soon as its membership lease lapses (two
+- events of a dispatcher whose membership lease lapsed (killed, crashed) are taken over at once (two
   scans ``_ORPHAN_SCAN_S`` apart see it gone); a dispatcher restarted under the same id first
   finishes the events its previous process held; anything else (a live dispatcher stuck on an
   event) is reclaimed once idle for ``async_visibility_s``;
+- the on-success / on-failure destination record, and the acknowledgement of a queue batch at its
+  source, are part of the same transaction as the outcome; a chain of function destinations stops
+  after ``MAX_DESTINATION_HOPS``;
+- an unexpected error while handling an event dead-letters it (``internal_error``) rather than leave
+  it to be reclaimed and fail again forever;
 - at most ``_MAX_IN_FLIGHT`` events run at once per dispatcher.
+
+Caveat: "gone from the membership" means its lease lapsed, not that it died: a dispatcher cut off
+from etcd for longer than its lease while still running has its in-flight events run a second time
+elsewhere (at-least-once).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ log = logging.getLogger("faas.consumer")
 _MAX_IN_FLIGHT = 64
 _READ_BLOCK_MS = 1000
 _ORPHAN_SCAN_S = 2.0
+MAX_DESTINATION_HOPS = 16  # as AWS Lambda's recursive-loop detection
 
 
 class AsyncConsumer:
@@ -124,6 +134,15 @@ class AsyncConsumer:
             await self._run(msg_id, env)
         except FaasError as exc:  # Redis down while recording: the event stays pending, reclaimed later
             log.warning("event %s: %s", msg_id, exc)
+        except Exception as exc:
+            # A bug must not leave the event to cycle through reclaims forever: set it aside with the error.
+            log.exception("event %s: unexpected failure; dead-lettering it", msg_id)
+            if env is not None:
+                internal = {"kind": "internal_error", "type": type(exc).__name__, "message": str(exc)[:500]}
+                try:
+                    await asyncio.shield(self.queue.dead_letter(msg_id, env, internal))
+                except FaasError as again:
+                    log.warning("event %s: %s", msg_id, again)
         finally:
             self.slots.release()
 
@@ -160,9 +179,7 @@ class AsyncConsumer:
             if result.status == 200:
                 await self._succeeded(msg_id, env, spec, result.body.decode())
                 return
-            error = json.loads(result.body).get(
-                "error", {"kind": "error", "message": result.body.decode()[:500]}
-            )
+            error = error_of(result.status, result.body)
         if env.attempt <= spec.max_retries and age < spec.max_event_age_s:
             await asyncio.shield(self.queue.retry_later(msg_id, env, error, self._backoff(env)))
         else:
@@ -243,11 +260,28 @@ class AsyncConsumer:
             # The outcome itself is still recorded; only the hand-off is lost, and it is logged.
             log.warning("event %s: destination %s unavailable: %s", env.id, dest.function, exc)
             return None
+        hops = int((env.source or {}).get("hops", 0)) + 1 if (env.source or {}).get("kind") == "destination" else 1
+        if hops > MAX_DESTINATION_HOPS:
+            # A chain of destinations that comes back on itself (A -> B -> A ...) stops here.
+            log.warning("event %s: destination %s not invoked: %d hops in a row", env.id, dest.function, hops)
+            return None
         follow_up = AsyncEnvelope(
             id=uuid.uuid4().hex, namespace=env.namespace, function=target.function, version=target.version,
-            payload=record, source={"kind": "destination", "from": env.id, "condition": condition},
+            payload=record, source={"kind": "destination", "from": env.id, "condition": condition, "hops": hops},
         )  # fmt: skip
         return lambda pipe: self.queue.add_enqueue(pipe, follow_up)
+
+
+def error_of(status: int, body: bytes) -> dict[str, Any]:
+    """The ``error`` object of a failed invocation's response, whatever shape the body has."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        return error
+    return {"kind": "error", "type": f"HTTP {status}", "message": body.decode(errors="replace")[:500]}
 
 
 def steps(*parts: PipeStep | None) -> PipeStep | None:
@@ -288,7 +322,7 @@ def failed_items(env: AsyncEnvelope, result_json: str) -> list[str]:
     ids = source_ids(env)
     try:
         result = json.loads(result_json)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     if not isinstance(result, dict) or "batchItemFailures" not in result:
         return []
@@ -319,7 +353,7 @@ def outcome_record(
     """The record a destination receives (the shape of AWS Lambda's destination records)."""
     try:
         request_payload = json.loads(env.payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         request_payload = env.payload
     record: dict[str, Any] = {
         "version": "1.0",
@@ -335,7 +369,7 @@ def outcome_record(
     if result is not None:
         try:
             record["responsePayload"] = json.loads(result)
-        except ValueError:
+        except (ValueError, RecursionError):
             record["responsePayload"] = result
         record["responseContext"] = {"statusCode": 200}
     if error is not None:

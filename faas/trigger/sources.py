@@ -48,6 +48,7 @@ MAX_CATCH_UP = 10
 TICK_DEDUP_S = 86_400
 _CONSUMER = "faas-trigger"  # one name for every trigger: a new primary owns its predecessor's pending reads
 _RECONCILE_S = 0.5
+MAX_BATCH_BYTES = 1024 * 1024  # an async event's payload limit; a bigger batch is cut in several
 _BLOCK_MS = 1000
 _ERROR_PAUSE_S = 1.0
 
@@ -111,6 +112,8 @@ class EventSources:
         while True:
             try:
                 await poller.run()
+            except GroupGone:
+                return
             except (FaasError, RedisError) as exc:
                 if isinstance(exc, NotLeader):
                     return
@@ -131,6 +134,10 @@ class EventSources:
                     return
                 log.warning("timer %s: %s", sub.ref, exc)
                 await asyncio.sleep(_ERROR_PAUSE_S)
+
+
+class GroupGone(Exception):
+    """The subscription's consumer group no longer exists on its stream."""
 
 
 class QueuePoller:
@@ -188,13 +195,26 @@ class QueuePoller:
             if not entries:
                 return
             cursor = _text(entries[-1][0])
-            ids = [_text(e[0]) for e in entries]
-            known = await self.redis.hmget(self.inflight, ids)
-            orphans = [e for e, held in zip(entries, known, strict=True) if held is None and e[1]]
+            gone = [_text(e[0]) for e in entries if not e[1]]
+            if gone:  # deleted from the stream by its owner while pending: nothing to deliver
+                await self.redis.xack(self.source.stream, self.group, *gone)
+            present = [e for e in entries if e[1]]
+            if not present:
+                continue
+            held = await self.redis.hmget(self.inflight, [_text(e[0]) for e in present])
+            candidates = [e for e, invocation in zip(present, held, strict=True) if invocation is None]
+            if not candidates:
+                continue
+            # Still pending *after* the in-flight check: a batch settled in between (XACK and HDEL in
+            # one transaction) is neither, and must not be delivered again.
+            still = await self.redis.xpending_range(
+                self.source.stream, self.group, min=_text(candidates[0][0]), max=_text(candidates[-1][0]),
+                count=len(present), consumername=_CONSUMER,
+            )  # fmt: skip
+            pending_now = {_text(p["message_id"]) for p in still}
+            orphans = [e for e in candidates if _text(e[0]) in pending_now]
             if orphans:
-                log.info(
-                    "queue subscription %s: re-delivering %d unhanded messages", self.sub.ref, len(orphans)
-                )
+                log.info("queue subscription %s: re-delivering %d unhanded messages", self.sub.ref, len(orphans))
                 await self._hand_over(orphans, await self._target_version())
 
     async def _read_batch(self) -> list[Any]:
@@ -205,9 +225,10 @@ class QueuePoller:
                 await self.redis.xreadgroup(self.group, _CONSUMER, {stream: ">"}, count=size, block=1000)
             )
         except ResponseError as exc:
-            if "NOGROUP" in str(exc):  # the stream was deleted and re-created: make the group again
-                await self._ensure_group()
-                return []
+            if "NOGROUP" in str(exc):
+                # The group was removed (the subscription deleted) or the stream deleted: stop; the
+                # reconciler starts this poller again, creating the group, if it is still wanted.
+                raise GroupGone(str(exc)) from exc
             raise
         window_ends = time.monotonic() + self.source.batch_window_s
         while batch and len(batch) < size:
@@ -221,8 +242,8 @@ class QueuePoller:
         return batch
 
     async def _hand_over(self, entries: list[Any], version: int) -> None:
+        """Queue the messages as one invocation per at most ``MAX_BATCH_BYTES`` of records."""
         self.election.require_leader()
-        ids = [_text(entry_id) for entry_id, _ in entries]
         records = [
             {
                 "messageId": _text(entry_id),
@@ -233,6 +254,20 @@ class QueuePoller:
             }
             for entry_id, fields in entries
         ]
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for record in records:
+            record_size = len(json.dumps(record))
+            if batch and size + record_size > MAX_BATCH_BYTES:
+                await self._queue_batch(batch, version)
+                batch, size = [], 0
+            batch.append(record)
+            size += record_size
+        if batch:
+            await self._queue_batch(batch, version)
+
+    async def _queue_batch(self, records: list[dict[str, Any]], version: int) -> None:
+        ids = [r["messageId"] for r in records]
         env = AsyncEnvelope(
             id=uuid.uuid4().hex, namespace=self.sub.namespace, function=self.sub.function, version=version,
             payload=json.dumps({"Records": records}),
@@ -266,7 +301,7 @@ class TimerRunner:
         while True:
             now = time.time()
             floor = max(last, now - CATCH_UP_S)
-            due = self.schedule.ticks_between(floor, now, MAX_CATCH_UP + 1)
+            due = self.schedule.ticks_between(floor, now, CATCH_UP_S + 1)  # ticks are whole seconds
             if len(due) > MAX_CATCH_UP:
                 log.warning("timer %s: skipping missed ticks older than %d", self.sub.ref, due[-MAX_CATCH_UP])
                 due = due[-MAX_CATCH_UP:]
