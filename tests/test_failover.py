@@ -193,7 +193,7 @@ async def test_timer_fires_no_tick_twice_across_a_trigger_failover(
         )
         await asyncio.sleep(3)
         assert (await gw.delete(f"/v1/functions/{name}/subscriptions/every-second")).status_code == 204
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.5)  # the timer has stopped: the SCAN below sees every tick
 
     client = aioredis.from_url(platform.settings.redis_url)
     try:
