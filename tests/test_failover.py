@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -49,6 +50,13 @@ async def _members(platform: Platform, role: str) -> dict[str, MemberRecord]:
     if leader_kv is not None:
         members["__leader__"] = members[LeaderRecord.model_validate_json(leader_kv.value).member_id]
     return members
+
+
+@pytest.fixture(scope="module")
+def lasting() -> Iterator[ExitStack]:
+    """Services a test starts that must outlive it (stopped with the module's platform)."""
+    with ExitStack() as stack:
+        yield stack
 
 
 @contextmanager
@@ -166,7 +174,7 @@ async def test_async_events_survive_a_killed_dispatcher(platform: Platform, gw: 
 
 
 async def test_timer_fires_no_tick_twice_across_a_trigger_failover(
-    platform: Platform, gw: httpx.AsyncClient
+    platform: Platform, gw: httpx.AsyncClient, lasting: ExitStack
 ) -> None:
     import redis.asyncio as aioredis
 
@@ -174,26 +182,27 @@ async def test_timer_fires_no_tick_twice_across_a_trigger_failover(
 
     name = "ticker"
     await deploy(gw, name, "def handler(event, context):\n    return event['tick']\n")
-    with extra_service(platform, "faas.trigger", "trigger-timer-standby"):
-        await wait_until(
-            lambda: _has_member(platform, "trigger", "trigger-timer-standby"),
-            timeout_s=20,
-            what="a standby trigger",
-        )
-        resp = await gw.put(
-            f"/v1/functions/{name}/subscriptions/every-second", json={"timer": {"schedule": "rate(1 second)"}}
-        )
-        assert resp.status_code == 201, resp.text
-        await asyncio.sleep(3)
-        leader = (await _members(platform, "trigger"))["__leader__"]
-        os.kill(leader.pid, signal.SIGKILL)
-        killed_at = time.time()
-        await wait_until(
-            lambda: _new_leader(platform, leader.member_id), timeout_s=30, what="the standby to take over"
-        )
-        await asyncio.sleep(3)
-        assert (await gw.delete(f"/v1/functions/{name}/subscriptions/every-second")).status_code == 204
-        await asyncio.sleep(2.5)  # the timer has stopped: the SCAN below sees every tick
+    # Not stopped after this test: it may be the only trigger left for the next ones.
+    lasting.enter_context(extra_service(platform, "faas.trigger", "trigger-timer-standby"))
+    await wait_until(
+        lambda: _has_member(platform, "trigger", "trigger-timer-standby"),
+        timeout_s=20,
+        what="a standby trigger",
+    )
+    resp = await gw.put(
+        f"/v1/functions/{name}/subscriptions/every-second", json={"timer": {"schedule": "rate(1 second)"}}
+    )
+    assert resp.status_code == 201, resp.text
+    await asyncio.sleep(3)
+    leader = (await _members(platform, "trigger"))["__leader__"]
+    os.kill(leader.pid, signal.SIGKILL)
+    killed_at = time.time()
+    await wait_until(
+        lambda: _new_leader(platform, leader.member_id), timeout_s=30, what="the standby to take over"
+    )
+    await asyncio.sleep(3)
+    assert (await gw.delete(f"/v1/functions/{name}/subscriptions/every-second")).status_code == 204
+    await asyncio.sleep(2.5)  # the timer has stopped: the SCAN below sees every tick
 
     client = aioredis.from_url(platform.settings.redis_url)
     try:
@@ -218,3 +227,50 @@ async def test_timer_fires_no_tick_twice_across_a_trigger_failover(
 async def _new_leader(platform: Platform, old_member_id: str) -> bool:
     leader = (await _members(platform, "trigger")).get("__leader__")
     return leader is not None and leader.member_id != old_member_id
+
+
+async def test_queue_subscription_keeps_delivering_across_a_trigger_failover(
+    platform: Platform, gw: httpx.AsyncClient, lasting: ExitStack
+) -> None:
+    import json
+
+    import redis.asyncio as aioredis
+
+    name, stream, seen = "stream-reader", "failover-orders", "failover-seen"
+    await deploy(gw, name, "def handler(event, context):\n    return len(event['Records'])\n", on_success={"stream": seen})
+    resp = await gw.put(
+        f"/v1/functions/{name}/subscriptions/orders", json={"queue": {"stream": stream, "batch_window_s": 0}}
+    )
+    assert resp.status_code == 201, resp.text
+    client = aioredis.from_url(platform.settings.redis_url)
+
+    async def delivered() -> set[str]:
+        out = set()
+        for _, fields in await client.xrange(seen):
+            for record in json.loads(fields[b"record"])["requestPayload"]["Records"]:
+                out.add(record["body"]["n"])
+        return out
+
+    try:
+        # Not stopped after this test: it may be the only trigger left for the next ones.
+        lasting.enter_context(extra_service(platform, "faas.trigger", "trigger-queue-standby"))
+        await wait_until(
+            lambda: _has_member(platform, "trigger", "trigger-queue-standby"), timeout_s=20, what="a standby"
+        )
+        for n in range(5):
+            await client.xadd(stream, {"n": str(n)})
+        await wait_until(lambda: _has_all(delivered, 5), timeout_s=20, what="messages before the failover")
+        leader = (await _members(platform, "trigger"))["__leader__"]
+        os.kill(leader.pid, signal.SIGKILL)
+        for n in range(5, 10):  # while no trigger leads: they wait in the stream
+            await client.xadd(stream, {"n": str(n)})
+        await wait_until(
+            lambda: _has_all(delivered, 10), timeout_s=30, what="the new primary to deliver the rest"
+        )
+        assert await delivered() == {str(n) for n in range(10)}
+    finally:
+        await client.aclose()
+
+
+async def _has_all(delivered: Any, count: int) -> bool:
+    return len(await delivered()) >= count
