@@ -14,7 +14,7 @@ import httpx
 
 from faas.core import keys
 from faas.core.etcd import Etcd
-from faas.core.models import InstanceRecord
+from faas.core.models import InstanceRecord, MemberRecord
 from faas.core.settings import Settings
 
 
@@ -47,6 +47,16 @@ async def instances_of(settings: Settings, name: str, ns: str = "default") -> li
     finally:
         await etcd.close()
     return [InstanceRecord.model_validate_json(kv.value) for kv in kvs]
+
+
+async def members_of(settings: Settings, role: str) -> list[MemberRecord]:
+    host, port = settings.etcd_host_port
+    etcd = Etcd(host, port)
+    try:
+        kvs, _ = await etcd.get_prefix(keys.members_prefix(role))
+    finally:
+        await etcd.close()
+    return [MemberRecord.model_validate_json(kv.value) for kv in kvs]
 
 
 async def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition") -> Any:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import Platform
-from tests.helpers import deploy, instances_of, make_zip, wait_until
+from tests.helpers import deploy, instances_of, make_zip, members_of, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +51,14 @@ async def test_cold_then_warm_then_new_version_then_reaped(platform: Platform, g
     old = await gw.post("/v1/functions/echo/invoke", params={"qualifier": "1"}, json={})
     assert old.headers["x-faas-version"] == "1"
 
-    # keepalive_s is 4 s in the test platform: every instance goes away when idle.
+    assert ("echo", 1) in await _pooled(platform)
+    # keepalive_s is 4 s in the test platform: every instance goes away when idle, and with them the
+    # dispatchers' tables for those versions.
     await wait_until(
         lambda: _none_left(platform), timeout_s=20, what="idle instances of 'echo' to be reaped"
+    )
+    await wait_until(
+        lambda: _not_pooled(platform, "echo"), timeout_s=10, what="the dispatchers to forget idle versions"
     )
     fourth = await gw.post("/v1/functions/echo/invoke", json={})
     assert fourth.status_code == 200
@@ -61,6 +66,20 @@ async def test_cold_then_warm_then_new_version_then_reaped(platform: Platform, g
 
     logs = (await gw.get("/v1/functions/echo/logs")).json()["logs"]
     assert any("hello from echo" in entry["output"] for entry in logs)
+
+
+async def _pooled(platform: Platform) -> set[tuple[str, int]]:
+    """(function, version) of every pool any dispatcher keeps."""
+    out: set[tuple[str, int]] = set()
+    async with httpx.AsyncClient() as client:
+        for member in await members_of(platform.settings, "dispatcher"):
+            pools = (await client.get(member.address + "/v1/pools")).json()["pools"]
+            out |= {(p["function"], p["version"]) for p in pools}
+    return out
+
+
+async def _not_pooled(platform: Platform, name: str) -> bool:
+    return not any(function == name for function, _ in await _pooled(platform))
 
 
 async def _none_left(platform: Platform) -> bool:

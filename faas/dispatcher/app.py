@@ -77,6 +77,18 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def healthz() -> dict[str, object]:
         return {"ok": True}
 
+    @app.get("/v1/pools")
+    async def pools() -> dict[str, object]:
+        """The versions this dispatcher keeps a table of instances for (an operator's view)."""
+        dispatcher: Dispatcher = app.state.dispatcher
+        return {
+            "pools": [
+                {"namespace": ns, "function": name, "version": version, "instances": len(pool.instances),
+                 "waiters": len(pool.waiters), "pending_starts": pool.pending_starts}
+                for (ns, name, version), pool in list(dispatcher.pools.items())
+            ]
+        }  # fmt: skip
+
     async def invoke(request: Request) -> Response:
         # A plain Starlette route: this is the hot path, and FastAPI's parameter machinery costs more
         # than everything else the endpoint does.

@@ -50,6 +50,7 @@ VersionKey = tuple[str, str, int]
 # Grace on top of the function timeout for the host to answer a timed-out call itself.
 TIMEOUT_GRACE_S = 1.5
 _LOG_LINGER_S = 0.05
+_POOL_SWEEP_S = 30.0
 
 
 class InvocationResult:
@@ -114,6 +115,7 @@ class Dispatcher:
         self.nodes.start()
         self.scheduler.start()
         self.tasks.spawn(self.logs.run_forever(), name="logs", long_lived=True)
+        self.tasks.spawn(self._sweep_pools_forever(), name="sweep-pools", long_lived=True)
         await self.instances.wait_ready()
 
     async def close(self) -> None:
@@ -143,8 +145,25 @@ class Dispatcher:
             inst = pool.remove(instance_id)
             if inst is not None:
                 self.tasks.spawn(self._close_when_drained(inst), name=f"close:{instance_id}")
+            self._forget_if_idle((ns, name, version))
         else:
             self._add_instance(pool, InstanceRecord.model_validate_json(value))
+
+    def _forget_if_idle(self, key: VersionKey) -> None:
+        """Drop the pool of a version with no instance, no waiter and no start under way.
+
+        Invocations look their pool up again on every attempt, so one that still holds a dropped
+        pool object only releases into it; the next attempt uses the pool the table has."""
+        pool = self.pools.get(key)
+        if pool is not None and pool.idle:
+            del self.pools[key]
+
+    async def _sweep_pools_forever(self) -> NoReturn:
+        """Versions that never got an instance (a failed cold start) leave idle pools too."""
+        while True:
+            await asyncio.sleep(_POOL_SWEEP_S)
+            for key in list(self.pools):
+                self._forget_if_idle(key)
 
     def _add_instance(self, pool: FunctionPool, record: InstanceRecord) -> None:
         if record.instance_id in pool.instances:
@@ -170,9 +189,9 @@ class Dispatcher:
     ) -> InvocationResult:
         spec = await self.catalog.version(ns, name, version)
         key: VersionKey = (ns, name, version)
-        pool = self._pool(key)
         started = time.perf_counter()
         while True:
+            pool = self._pool(key)
             inst, cold = await self._acquire(pool, key, spec, deadline)
             try:
                 outcome = await self._call(inst, spec, body, request_id=request_id, deadline=deadline)
