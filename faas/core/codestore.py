@@ -1,7 +1,8 @@
 """Code archives in the S3-compatible object store, addressed by sha256.
 
 Guarantees: an archive is stored under ``archives/<sha256>.zip`` and never overwritten with other
-bytes (same key, same content); a presigned URL lets an instance read exactly one archive for a short
+bytes (same key, same content); storing it again refreshes its modification time, which the garbage
+collector (``delete_if_older``) reads, so an archive a deploy just stored is never collected; a presigned URL lets an instance read exactly one archive for a short
 time without holding credentials.  boto3 is synchronous, so calls run in a worker thread; every S3 or
 network failure surfaces as ``Unavailable`` naming the endpoint.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import datetime
 
 import boto3
 import botocore.exceptions
@@ -60,13 +62,8 @@ class CodeStore:
         key = f"archives/{sha}.zip"
 
         def _put() -> None:
-            try:
-                head = self._s3.head_object(Bucket=self.bucket, Key=key)
-                if int(head["ContentLength"]) == len(data):
-                    return  # content-addressed: already stored
-            except botocore.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                    raise
+            # Always written, even when present: the new modification time keeps the garbage
+            # collector off an archive a version is about to refer to.
             self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/zip")
 
         try:
@@ -74,6 +71,40 @@ class CodeStore:
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._fail("store the code archive", exc) from exc
         return CodeRef(key=key, sha256=sha, size=len(data))
+
+    async def list_archives(self) -> list[tuple[str, datetime]]:
+        """Every archive key with its modification time."""
+
+        def _list() -> list[tuple[str, datetime]]:
+            out = []
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix="archives/"):
+                out += [(obj["Key"], obj["LastModified"]) for obj in page.get("Contents", [])]
+            return out
+
+        try:
+            return await asyncio.to_thread(_list)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail("list code archives", exc) from exc
+
+    async def delete_if_older(self, key: str, cutoff: datetime) -> bool:
+        """Delete one archive unless it was (re)written after ``cutoff``; True if deleted."""
+
+        def _delete() -> bool:
+            try:
+                head = self._s3.head_object(Bucket=self.bucket, Key=key)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+            if head["LastModified"] >= cutoff:
+                return False
+            self._s3.delete_object(Bucket=self.bucket, Key=key)
+            return True
+
+        try:
+            return await asyncio.to_thread(_delete)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail(f"delete {key}", exc) from exc
 
     def presign_get(self, key: str) -> str:
         """A GET URL for one archive, valid for ``presign_ttl_s`` (computed locally, no I/O)."""

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = 512 * 1024 * 1024
     keepalive_s: float = 300.0
     reap_interval_s: float = 5.0
+    # Code archives no version refers to are deleted from S3 by the scheduler leader, once older
+    # than the grace period (which covers a deploy between its upload and its version).
+    archive_gc_interval_s: float = 600.0
+    archive_gc_grace_s: float = 3600.0
     cold_start_timeout_s: float = 30.0
     presign_ttl_s: int = 300
 

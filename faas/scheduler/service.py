@@ -10,7 +10,9 @@ Guarantees:
 - the reaper (leader only, every ``reap_interval_s``) drops records of dead instances, stops instances
   idle longer than ``keepalive_s`` (keeping ``min_instances`` of each function's latest version),
   stops instances of deleted functions and orphans no record points at, and starts instances until each
-  latest version has ``min_instances``.
+  latest version has ``min_instances``;
+- the leader deletes code archives no version refers to, once older than ``archive_gc_grace_s``
+  (checked every ``archive_gc_interval_s``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
 import httpx
@@ -68,6 +71,7 @@ class Scheduler:
         self.catalog.start()
         self.tasks.spawn(self.election.campaign_forever(), name="election", long_lived=True)
         self.tasks.spawn(self._reap_forever(), name="reaper", long_lived=True)
+        self.tasks.spawn(self._collect_archives_forever(), name="archive-gc", long_lived=True)
 
     async def close(self) -> None:
         await self.tasks.cancel_all()
@@ -221,6 +225,41 @@ class Scheduler:
                 log.warning("reaper pass failed: %s", exc)
             except Exception:
                 log.exception("reaper pass crashed")
+
+    # -- code archives -----------------------------------------------------------------------
+
+    async def _collect_archives_forever(self) -> NoReturn:
+        while True:
+            await asyncio.sleep(self.settings.archive_gc_interval_s)
+            if not self.election.is_leader:
+                continue
+            try:
+                deleted = await self.collect_archives_once()
+            except FaasError as exc:
+                log.warning("archive collection failed: %s", exc)
+            except Exception:
+                log.exception("archive collection crashed")
+            else:
+                if deleted:
+                    log.info("deleted %d code archives no version refers to", deleted)
+
+    async def collect_archives_once(self) -> int:
+        """Delete the archives no version refers to, once older than ``archive_gc_grace_s``.
+
+        References are read from etcd itself (not the watched copy), after the listing: an archive
+        a version created meanwhile refers to is kept, and one stored again by a deploy in progress
+        is newer than the cutoff (``CodeStore.delete_if_older`` checks just before deleting)."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.archive_gc_grace_s)
+        candidates = [key for key, modified in await self.code_store.list_archives() if modified < cutoff]
+        if not candidates:
+            return 0
+        kvs, _ = await self.etcd.get_prefix(keys.all_versions_prefix())
+        referenced = {VersionSpec.model_validate_json(kv.value).code.key for kv in kvs}
+        deleted = 0
+        for key in candidates:
+            if key not in referenced and self.election.is_leader:
+                deleted += await self.code_store.delete_if_older(key, cutoff)
+        return deleted
 
     async def _reap(self, rec: InstanceRecord, *, reason: str) -> None:
         key = keys.instance(rec.namespace, rec.function, rec.version, rec.instance_id)
