@@ -1,10 +1,10 @@
 """The production runtime backend: every instance is a Docker container driven through aiodocker.
 
-A cold start follows the same protocol as ``process_backend``: take a generic container from the
-warm pool (or create one when the pool is empty), put the code where the container can see it,
-apply the function's limits, ``POST /_/specialize`` to the host inside, refill the pool in the
-background.  The host listens on ``/run/faas/host.sock`` inside the container, a bind mount of
-``<run_dir>/containers/<folder>/``, so the address handed out is
+A cold start follows the same protocol as ``process_backend`` (``host_pool.PooledBackend``): take a
+generic container from the warm pool (or create one when the pool is empty), put the code where the
+container can see it, apply the function's limits, ``POST /_/specialize`` to the host inside, refill
+the pool in the background.  The host listens on ``/run/faas/host.sock`` inside the container, a bind
+mount of ``<run_dir>/containers/<folder>/``, so the address handed out is
 ``unix://<run_dir>/containers/<folder>/host.sock``: nothing is reached over a container network.
 
 Each container: ``--network none``; memory from the function (swap capped: ``MemorySwap ==
@@ -31,15 +31,12 @@ Code delivery (the container has no network, so it cannot use the presigned URL 
   that finds ``/code/<sha256>/`` runs exactly the verified archive.  The host is told a
   ``file:///code/<sha256>`` URL instead of the presigned one: user code never holds a presigned URL.
 
-Invariants (as in the process backend):
+Invariants (besides those of ``host_pool``; destroying a container removes it):
 
-- A container is specialised at most once.  One whose specialisation failed, timed out or was
-  cancelled is removed, never returned to the pool.
 - The exit callback fires only for specialised instances whose container stops on its own (a crash,
   an OOM kill, the host retiring itself, ``docker kill`` from outside), never for ``stop`` or
   ``close``.  A pool member that dies is replaced without a callback.  Deaths are learnt from the
   daemon's event stream (filtered by this node's label), reconnected with ``since`` so none is lost.
-- ``launch`` holds no lock across I/O: concurrent launches each take their own pool member.
 - ``_destroy`` returns only once the daemon no longer has the container; concurrent calls share one
   removal, and ``close`` finally removes whatever the daemon still lists under this node's label.
 - On ``start``, containers labelled with this node id that a previous agent left behind are removed,
@@ -78,7 +75,6 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -87,9 +83,9 @@ import aiodocker
 import httpx
 
 from faas.core.errors import InstanceStartError, Unavailable
-from faas.core.tasks import TaskSet
 from faas.runtime import host as _host
-from faas.runtime.backend import InstanceExit, InstanceExitCallback, InstanceSpec, InstanceStatus
+from faas.runtime.backend import InstanceExit, InstanceSpec
+from faas.runtime.host_pool import PooledBackend, check_socket_path, host_client
 from faas.runtime.image import (
     CODE_DIR_IN_CONTAINER,
     DEFAULT_TAG,
@@ -115,8 +111,6 @@ LABEL_FUNCTION = "faas.function"
 LABEL_VERSION = "faas.version"
 
 HOST_READY_TIMEOUT_S = 15.0
-READY_POLL_INTERVAL_S = 0.005
-HEALTH_TIMEOUT_S = 0.5
 DOCKER_PING_TIMEOUT_S = 5.0
 EVENTS_RECONNECT_S = 1.0
 REMOVAL_WAIT_S = 10.0
@@ -135,8 +129,6 @@ CONTAINER_ENV = (
     "PATH=/usr/local/bin:/usr/bin:/bin",
     *(f"{key}={value}" for key, value in HOST_ENV.items()),
 )
-# sun_path holds 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
 
 
 def _api_error(exc: BaseException) -> str:
@@ -167,11 +159,16 @@ class _Container:
     def address(self) -> str:
         return f"unix://{self.socket_path}"
 
+    def has_exited(self) -> bool:
+        return self.exited.is_set()
 
-class DockerBackend:
+
+class DockerBackend(PooledBackend[_Container]):
     """Runs function hosts as Docker containers, keeping ``pool_size`` generic ones warm."""
 
     name = "docker"
+    _noun = "container"
+    _log = logger
 
     def __init__(
         self,
@@ -183,25 +180,18 @@ class DockerBackend:
         node_id: str,
         image_tag: str = DEFAULT_TAG,
     ) -> None:
+        super().__init__(pool_size=pool_size)
         self._containers_dir = Path(run_dir) / "containers"
         self._views_dir = Path(run_dir) / "code"
         self._cache_dir = Path(cache_dir)
-        self._pool_size = pool_size
         self._docker_url = docker_url
         self._node_id = node_id
         self._name_prefix = "faas-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", node_id)
         self._image_tag = image_tag
         self._docker: aiodocker.Docker | None = None
         self._layout: RuntimeLayout | None = None
-        self._pool: deque[_Container] = deque()
-        self._pool_spawning = 0
-        self._instances: dict[str, _Container] = {}
-        self._launching: set[str] = set()
         self._by_id: dict[str, _Container] = {}  # every created container not yet removed
         self._prefetches: dict[str, asyncio.Task[Path | BaseException]] = {}
-        self._tasks = TaskSet("docker-backend")
-        self._exit_callback: InstanceExitCallback | None = None
-        self._closed = False
 
     @property
     def _daemon(self) -> str:
@@ -211,11 +201,7 @@ class DockerBackend:
 
     async def start(self) -> None:
         probe = self._containers_dir / f"c-{secrets.token_hex(5)}" / SOCKET_NAME
-        if len(os.fsencode(probe)) > MAX_SOCKET_PATH_BYTES:
-            raise Unavailable(
-                f"run dir {self._containers_dir} is too long for unix socket paths "
-                f"(at most {MAX_SOCKET_PATH_BYTES} bytes); choose a shorter FAAS_HOME"
-            )
+        check_socket_path(probe, self._containers_dir)
         docker = await self._connect()
         try:
             self._layout = await runtime_layout(
@@ -234,39 +220,21 @@ class DockerBackend:
         self._docker = docker
         # Events are replayed from this moment on, however late the stream is established.
         self._tasks.spawn(self._watch_events(since=time.time() - 1.0), name="events", long_lived=True)
-        results = await asyncio.gather(
-            *(self._spawn(None) for _ in range(self._pool_size)), return_exceptions=True
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        members = [r for r in results if isinstance(r, _Container)]
-        if failures:
+        try:
+            count = await self._fill_pool()
+        except Unavailable:
             await self.close()
-            first = failures[0]
-            if isinstance(first, Unavailable):
-                raise first
-            raise Unavailable(f"cannot start function containers: {first}") from first
-        for member in members:
-            member.role = "pool"
-        self._pool.extend(members)
+            raise
         logger.info(
             "docker backend started with %d warm containers (image %s, daemon %s)",
-            len(members),
+            count,
             self._layout.image[:19],
             self._daemon,
         )
 
     async def close(self) -> None:
         """Remove every container of this backend; safe to call twice, or after a failed ``start``."""
-        self._closed = True
-        containers = list(self._by_id.values())
-        self._pool.clear()
-        self._instances.clear()
-        await asyncio.gather(*(self._destroy(c) for c in containers), return_exceptions=True)
-        await self._tasks.cancel_all()
-        # A refill cancelled while its container was being created leaves it behind: remove it here.
-        leftovers = list(self._by_id.values())
-        await asyncio.gather(*(self._destroy(c) for c in leftovers), return_exceptions=True)
-        await self._tasks.cancel_all()
+        await super().close()
         if self._docker is not None:
             # The daemon is the source of truth: a create cancelled in flight may still have made one.
             with contextlib.suppress(aiodocker.DockerError):
@@ -277,54 +245,59 @@ class DockerBackend:
             await self._docker.close()
             self._docker = None
 
-    async def launch(self, spec: InstanceSpec, *, timeout_s: float) -> str:
+    # -- PooledBackend hooks ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
         if self._closed or self._docker is None:
             raise Unavailable("the docker backend is not running")
-        if spec.instance_id in self._instances or spec.instance_id in self._launching:
-            raise InstanceStartError(f"instance {spec.instance_id} already exists", error_type="Conflict")
-        self._launching.add(spec.instance_id)
+
+    async def _acquire(self, spec: InstanceSpec, deadline: float) -> _Container:
+        """A generic container with ``spec``'s limits and, in its view, ``spec``'s code."""
+        async with asyncio.timeout_at(deadline):
+            container, code = await self._take_or_spawn(spec)
         try:
-            return await self._launch(spec, timeout_s)
-        finally:
-            self._launching.discard(spec.instance_id)
-
-    async def _launch(self, spec: InstanceSpec, timeout_s: float) -> str:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-
-        def remaining() -> float:
-            return max(0.0, deadline - loop.time())
-
-        while True:
-            try:
-                async with asyncio.timeout(remaining()):
-                    container, code = await self._acquire(spec)
-            except TimeoutError:
+            await asyncio.to_thread(_link_tree, code, container.code_dir / spec.sha256)
+        except BaseException as exc:
+            self._destroy_later(container)
+            if isinstance(exc, OSError):
                 raise InstanceStartError(
-                    f"no function container became ready within {timeout_s:g} s", error_type="TimeoutError"
-                ) from None
-            try:
-                await asyncio.to_thread(_link_tree, code, container.code_dir / spec.sha256)
-            except BaseException as exc:
-                self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
-                if isinstance(exc, OSError):
-                    raise InstanceStartError(
-                        f"cannot give the code to the container: {exc}", error_type="OSError"
-                    ) from exc
-                raise
-            try:
-                return await self._specialize(container, spec, deadline, timeout_s)
-            except httpx.ConnectError:
-                # Nothing was sent: the pooled container died unnoticed.  Retry on another.
-                await self._destroy(container)
-                if loop.time() >= deadline:
-                    raise InstanceStartError(
-                        f"no function container could be reached within {timeout_s:g} s",
-                        error_type="TimeoutError",
-                    ) from None
-                logger.warning("container %s unreachable before specialise; trying another", container.name)
+                    f"cannot give the code to the container: {exc}", error_type="OSError"
+                ) from exc
+            raise
+        return container
 
-    async def _acquire(self, spec: InstanceSpec) -> tuple[_Container, Path]:
+    def _started_hosts(self) -> list[_Container]:
+        return list(self._by_id.values())
+
+    async def _exited_while_starting(self, container: _Container) -> Unavailable:
+        tail = await self._log_tail(container)
+        return Unavailable("function container exited while starting" + (f": {tail}" if tail else ""))
+
+    async def _not_ready(self, container: _Container, timeout_s: float) -> Unavailable:
+        tail = await self._log_tail(container)
+        return Unavailable(
+            f"function container did not become ready within {timeout_s:g} s" + (f": {tail}" if tail else "")
+        )
+
+    def _specialize_body(self, spec: InstanceSpec) -> dict[str, object]:
+        body = spec.specialize_body()
+        body["code_url"] = f"file://{CODE_DIR_IN_CONTAINER}/{spec.sha256}"
+        return body
+
+    def _add_to_pool(self, container: _Container) -> None:
+        container.role = "pool"
+        super()._add_to_pool(container)
+
+    def _register_instance(self, container: _Container, spec: InstanceSpec) -> None:
+        container.role = "instance"
+        super()._register_instance(container, spec)
+
+    def _refill_failed(self, exc: Unavailable) -> None:
+        logger.error("cannot refill the warm pool: %s", exc)
+
+    # -- acquire ------------------------------------------------------------------------------------
+
+    async def _take_or_spawn(self, spec: InstanceSpec) -> tuple[_Container, Path]:
         """A generic container with ``spec``'s limits, and the cached code of ``spec``."""
         if not self._pool:
             # Nothing warm: create a container and fetch the code at the same time.
@@ -340,7 +313,7 @@ class DockerBackend:
             try:
                 await self._set_memory(container, spec)
             except BaseException:
-                self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
+                self._destroy_later(container)
                 raise
         container.role = "launching"
         return container, code
@@ -358,17 +331,6 @@ class DockerBackend:
         container = await spawn  # on failure or cancellation _spawn removes its container itself
         container.role = "launching"
         return container, code
-
-    async def stop(self, instance_id: str) -> None:
-        container = self._instances.pop(instance_id, None)
-        if container is not None:
-            await self._destroy(container)
-
-    async def list_instances(self) -> list[InstanceStatus]:
-        return list(await asyncio.gather(*(self._status(iid, c) for iid, c in list(self._instances.items()))))
-
-    def set_exit_callback(self, callback: InstanceExitCallback) -> None:
-        self._exit_callback = callback
 
     # -- daemon -------------------------------------------------------------------------------------
 
@@ -480,7 +442,7 @@ class DockerBackend:
             with contextlib.suppress(ValueError):
                 self._pool.remove(container)
             logger.warning("warm container %s exited with code %s; replacing it", container.name, exit_code)
-            self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
+            self._destroy_later(container)
             self._refill_pool()
         # spawning / launching: whoever is starting it sees ``exited`` and removes it.
 
@@ -572,90 +534,6 @@ class DockerBackend:
                 error_type="DockerError",
             ) from exc
 
-    async def _specialize(
-        self, container: _Container, spec: InstanceSpec, deadline: float, timeout_s: float
-    ) -> str:
-        """Specialise ``container`` as ``spec``; on any failure but ``ConnectError`` it is removed."""
-        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        body = spec.specialize_body()
-        body["code_url"] = f"file://{CODE_DIR_IN_CONTAINER}/{spec.sha256}"
-        try:
-            async with asyncio.timeout(remaining):
-                response = await container.client.post("/_/specialize", json=body, timeout=remaining)
-        except httpx.ConnectError:
-            raise
-        except (TimeoutError, httpx.TimeoutException):
-            await self._destroy(container)
-            raise InstanceStartError(
-                f"specialising {spec.namespace}/{spec.function}:{spec.version} did not finish within {timeout_s:g} s",
-                error_type="TimeoutError",
-            ) from None
-        except httpx.HTTPError as exc:
-            tail = await self._log_tail(container)
-            await self._destroy(container)
-            raise InstanceStartError(
-                f"the function container failed while specialising: {exc!r}"
-                + (f"; container log: {tail}" if tail else ""),
-                error_type="HostCrashed",
-            ) from exc
-        except BaseException:
-            # Cancelled: the caller is gone, but the container must not outlive the attempt.
-            self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
-            raise
-        if response.status_code != 200:
-            await self._destroy(container)
-            message, error_type = _start_error_of(response)
-            raise InstanceStartError(message, error_type=error_type)
-        if container.exited.is_set():
-            await self._destroy(container)
-            raise InstanceStartError(
-                "the function container exited right after specialising", error_type="HostCrashed"
-            )
-        container.instance_id = spec.instance_id
-        container.role = "instance"
-        self._instances[spec.instance_id] = container
-        logger.info(
-            "instance %s (%s/%s:%s) is container %s",
-            spec.instance_id,
-            spec.namespace,
-            spec.function,
-            spec.version,
-            container.name,
-        )
-        return container.address
-
-    # -- pool ---------------------------------------------------------------------------------------
-
-    def _take_pooled(self) -> _Container | None:
-        while self._pool:
-            container = self._pool.popleft()
-            if not container.exited.is_set():
-                return container
-        return None
-
-    def _refill_pool(self) -> None:
-        if self._closed:
-            return
-        for _ in range(self._pool_size - len(self._pool) - self._pool_spawning):
-            self._pool_spawning += 1
-            self._tasks.spawn(self._add_pool_member(), name="pool-refill")
-
-    async def _add_pool_member(self) -> None:
-        try:
-            container = await self._spawn(None)
-        except Unavailable as exc:
-            if self._closed:
-                return
-            logger.error("cannot refill the warm pool: %s", exc)
-            return
-        finally:
-            self._pool_spawning -= 1
-        if self._closed:
-            await self._destroy(container)
-            return
-        container.role = "pool"
-        self._pool.append(container)
-
     # -- containers ---------------------------------------------------------------------------------
 
     def _config(self, container: _Container, spec: InstanceSpec | None) -> dict[str, Any]:
@@ -718,23 +596,15 @@ class DockerBackend:
         folder = f"c-{token}"
         socket_dir = self._containers_dir / folder
         code_dir = self._views_dir / folder
-        # TLS is meaningless on a unix socket; verify=False also skips loading the CA bundle (~70 ms).
-        client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_dir / SOCKET_NAME), verify=False),
-            base_url="http://host",
-            verify=False,
-            trust_env=False,
-            timeout=HEALTH_TIMEOUT_S,
-        )
         return _Container(
             name=f"{self._name_prefix}-{token}",
             folder=folder,
             socket_dir=socket_dir,
             code_dir=code_dir,
-            client=client,
+            client=host_client(socket_dir / SOCKET_NAME),
         )
 
-    async def _spawn(self, spec: InstanceSpec | None) -> _Container:
+    async def _spawn(self, spec: InstanceSpec | None = None) -> _Container:
         """Create and start a generic container and wait until its host answers ``GET /_/health``."""
         if self._closed or self._docker is None:
             raise Unavailable("the docker backend is closed")
@@ -745,7 +615,7 @@ class DockerBackend:
         except OSError as exc:
             await container.client.aclose()
             raise Unavailable(f"cannot create the container's folders: {exc}") from exc
-        try:
+        async with self._destroy_on_failure(container):
             try:
                 created = await docker.containers.create(self._config(container, spec), name=container.name)
                 container.container_id = created.id
@@ -753,39 +623,8 @@ class DockerBackend:
                 await created.start()
             except aiodocker.DockerError as exc:
                 raise Unavailable(f"cannot start a function container: {exc}") from exc
-            await self._wait_ready(container)
-        except asyncio.CancelledError:
-            self._tasks.spawn(self._destroy(container), name=f"destroy-{container.name}")
-            raise
-        except BaseException:
-            await self._destroy(container)
-            raise
+            await self._wait_ready(container, HOST_READY_TIMEOUT_S)
         return container
-
-    async def _wait_ready(self, container: _Container) -> None:
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + HOST_READY_TIMEOUT_S
-        while True:
-            if self._closed:
-                raise Unavailable("the docker backend is closed")
-            if container.exited.is_set():
-                tail = await self._log_tail(container)
-                raise Unavailable("function container exited while starting" + (f": {tail}" if tail else ""))
-            # The socket file appears once the host listens; before that, connecting is pointless.
-            if container.socket_path.exists():
-                try:
-                    response = await container.client.get("/_/health")
-                    if response.status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-            if loop.time() > give_up_at:
-                tail = await self._log_tail(container)
-                raise Unavailable(
-                    f"function container did not become ready within {HOST_READY_TIMEOUT_S:g} s"
-                    + (f": {tail}" if tail else "")
-                )
-            await asyncio.sleep(READY_POLL_INTERVAL_S)
 
     async def _destroy(self, container: _Container) -> None:
         """Kill and remove the container (a no-op if it is gone), then its folders.
@@ -806,23 +645,6 @@ class DockerBackend:
             self._by_id.pop(container.container_id, None)
         await container.client.aclose()
         await asyncio.to_thread(_remove_folders, container)
-
-    async def _status(self, instance_id: str, container: _Container) -> InstanceStatus:
-        try:
-            response = await container.client.get("/_/health", timeout=HEALTH_TIMEOUT_S)
-            response.raise_for_status()
-            health = response.json()
-            return InstanceStatus(
-                instance_id=instance_id,
-                address=container.address,
-                alive=True,
-                state=str(health.get("state", "unknown")),
-                inflight=int(health.get("inflight", 0)),
-                idle_s=float(health.get("idle_s", 0.0)),
-                invocations=int(health.get("invocations", 0)),
-            )
-        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
-            return InstanceStatus(instance_id=instance_id, address=container.address, alive=False)
 
 
 async def _remove_container(docker: aiodocker.Docker, container_id: str) -> None:  # id or name
@@ -916,13 +738,3 @@ def _link_tree(source: Path, dest: Path) -> None:
             raise
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(source, dest)
-
-
-def _start_error_of(response: httpx.Response) -> tuple[str, str | None]:
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"]), (str(error["type"]) if error.get("type") else None)
-    return f"specialise failed with HTTP {response.status_code}: {response.text[:200]}", None
