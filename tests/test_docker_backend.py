@@ -523,6 +523,35 @@ async def test_killed_container_triggers_the_exit_callback(
     assert await backend.list_instances() == []
 
 
+async def test_code_cache_eviction_keeps_running_code_and_a_later_launch_downloads_again(
+    backends: Backends, docker: aiodocker.Docker, code_server: CodeServer, run_dir: Path
+) -> None:
+    backend, node_id = await backends.make(pool_size=1)
+
+    def own_archive() -> dict[str, str]:
+        return {"app.py": f"# {uuid.uuid4()}\ndef handler(event, context):\n    return {{'echo': event}}\n"}
+
+    running, stopped, killed = (code_server.spec(own_archive()) for _ in range(3))
+    address = await backend.launch(running, timeout_s=20)
+    await backend.launch(stopped, timeout_s=20)
+    await backend.stop(stopped.instance_id)
+    killed_address = await backend.launch(killed, timeout_s=20)
+    await docker.containers.container(container_name(node_id, killed_address)).kill()
+    await asyncio.wait_for(backends.exits[node_id].get(), 10)
+
+    evicted = await backend.code_cache.sweep(now=time.time() + 2 * 24 * 3600)
+
+    assert sorted(evicted) == sorted([stopped.sha256, killed.sha256])
+    assert sorted(p.name for p in (run_dir / "cache").iterdir()) == [running.sha256]
+    assert (await invoke(address, {"still": "here"})).json()["result"] == {"echo": {"still": "here"}}
+    path = stopped.code_url.split(str(code_server.port), 1)[1]
+    assert code_server.hits[path] == 1
+    relaunched = stopped.model_copy(update={"instance_id": f"i-{uuid.uuid4().hex[:8]}"})
+    again = await backend.launch(relaunched, timeout_s=20)
+    assert code_server.hits[path] == 2
+    assert (await invoke(again, {"n": 2})).json()["result"] == {"echo": {"n": 2}}
+
+
 async def test_killed_pool_member_is_replaced_without_callback(
     backends: Backends, docker: aiodocker.Docker
 ) -> None:

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket
     pool_size: int = Field(default=2, ge=0)
     node_memory_mb: int = 0  # 0 = read the machine's memory
+    # The node's cache of unpacked code archives: an archive no instance of the node runs or is being
+    # launched with is evicted once unused this long; the sweep runs this often.
+    code_cache_ttl_s: float = Field(default=24 * 3600.0, ge=0)
+    code_cache_sweep_s: float = Field(default=600.0, gt=0)
 
     # Async invocations.
     max_async_payload_bytes: int = 1024 * 1024

@@ -5,6 +5,8 @@ Guarantees:
   memory and CPU load every ``_REPORT_INTERVAL_S``; the scheduler writes instance records under the
   same lease, so when the agent dies its instances disappear from the routing tables;
 - an instance that exits on its own has its record deleted at once, so dispatchers stop routing to it;
+- the backend evicts cached code that no instance of this node runs or is being launched with, once
+  unused for ``code_cache_ttl_s`` (checked every ``code_cache_sweep_s``; see ``code_cache``);
 - ``POST /v1/instances`` either returns the address of a specialised instance or an error, never a
   half-started instance (the backend destroys hosts whose specialisation failed).
 """
@@ -68,6 +70,8 @@ async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
             pool_size=settings.pool_size,
             docker_url=settings.docker_url,
             node_id=node_id,
+            code_cache_ttl_s=settings.code_cache_ttl_s,
+            code_cache_sweep_s=settings.code_cache_sweep_s,
         )
         try:
             await docker.start()
@@ -76,7 +80,13 @@ async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
             if settings.runtime == "docker":
                 raise
             log.warning("runtime auto: %s; running instances as local processes", exc)
-    backend = ProcessBackend(run_dir=run_dir, cache_dir=cache_dir, pool_size=settings.pool_size)
+    backend = ProcessBackend(
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+        pool_size=settings.pool_size,
+        code_cache_ttl_s=settings.code_cache_ttl_s,
+        code_cache_sweep_s=settings.code_cache_sweep_s,
+    )
     await backend.start()
     return backend
 

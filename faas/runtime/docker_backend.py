@@ -26,6 +26,10 @@ Code delivery (the container has no network, so it cannot use the presigned URL 
   ``/code/<sha256>/`` already there and uses it without downloading (``host._fetch_code`` reuses an
   existing dir).  Containers of one version therefore share the same inodes, read-only, and a
   container never sees another function's code.
+- Eviction: the cache is swept every ``code_cache_sweep_s``; a ``<sha256>/`` dir that no container
+  of this backend runs or is being launched with, and that is unused for ``code_cache_ttl_s``, is
+  renamed away and deleted (see ``code_cache``); the next launch of that archive downloads it again.
+  A container's view holds its own hard links, so eviction never takes code from under a container.
 - Integrity: a ``<sha256>/`` dir exists in the cache only after its archive matched that sha256 (the
   rename is the last step), and no container can write to the cache or to its view, so a container
   that finds ``/code/<sha256>/`` runs exactly the verified archive.  The host is told a
@@ -58,9 +62,8 @@ Caveats:
   root (or uid 10001) can connect: the node agent and dispatchers run as root on a Docker node.
 - ``docker_url`` must name a daemon on this machine (the default socket, a rootless daemon's socket):
   the bind mounts and the unix-socket addresses are paths on this machine.
-- The cache is never evicted (as with the process backend); container logs (host diagnostics,
-  output outside invocations) are copied to this process's log when a container dies on its own,
-  then removed with the container.
+- Container logs (host diagnostics, output outside invocations) are copied to this process's log
+  when a container dies on its own, then removed with the container.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ import httpx
 from faas.core.errors import InstanceStartError, Unavailable
 from faas.runtime import host as _host
 from faas.runtime.backend import InstanceExit, InstanceSpec
+from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
 from faas.runtime.host_pool import PooledBackend, check_socket_path, host_client
 from faas.runtime.image import (
     CODE_DIR_IN_CONTAINER,
@@ -179,8 +183,13 @@ class DockerBackend(PooledBackend[_Container]):
         docker_url: str | None = None,
         node_id: str,
         image_tag: str = DEFAULT_TAG,
+        code_cache_ttl_s: float = DEFAULT_TTL_S,
+        code_cache_sweep_s: float = DEFAULT_SWEEP_INTERVAL_S,
     ) -> None:
-        super().__init__(pool_size=pool_size)
+        super().__init__(
+            pool_size=pool_size,
+            code_cache=CodeCache(Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s),
+        )
         self._containers_dir = Path(run_dir) / "containers"
         self._views_dir = Path(run_dir) / "code"
         self._cache_dir = Path(cache_dir)
@@ -225,6 +234,7 @@ class DockerBackend(PooledBackend[_Container]):
         except Unavailable:
             await self.close()
             raise
+        self._sweep_code_cache_forever()
         logger.info(
             "docker backend started with %d warm containers (image %s, daemon %s)",
             count,
@@ -437,6 +447,7 @@ class DockerBackend(PooledBackend[_Container]):
         iid = container.instance_id
         if container.role == "instance" and iid is not None and self._instances.get(iid) is container:
             del self._instances[iid]
+            self._release_code(container)
             self._tasks.spawn(self._instance_exited(container, iid, exit_code), name=f"exit-{container.name}")
         elif container.role == "pool":
             with contextlib.suppress(ValueError):

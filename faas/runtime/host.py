@@ -21,7 +21,9 @@ Guarantees:
 - Text written to ``sys.stdout`` / ``sys.stderr`` while a handler runs (in its executor thread or its
   asyncio tasks) is returned with that invocation only, truncated to 64 KiB with a marker.
 - The code archive is verified against its sha256 before use and unpacked once per sha256 into the
-  shared cache dir through an atomic rename; hosts sharing the cache reuse each other's result.
+  shared cache dir through an atomic rename; hosts sharing the cache reuse each other's result.  The
+  node agent evicts a dir from the cache only when no host of its node runs or is specialising with
+  it, by renaming it away first (``code_cache``): a host finds either the whole dir or none.
 - Host diagnostics go to the real stderr; nothing reaches the real stdout except handler output
   written outside any invocation (for instance at import time).
 

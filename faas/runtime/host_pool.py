@@ -15,6 +15,10 @@ Invariants:
 - ``launch`` holds no lock across I/O: concurrent launches each take their own pool member.
 - An instance id is launched at most once at a time: a second ``launch`` of an id that exists or is
   being launched fails with ``InstanceStartError`` (``Conflict``).
+- The node's code cache (``code_cache``) never evicts the code of a launch under way or of an
+  instance this backend runs: ``launch`` acquires ``spec.sha256`` before any host is taken, a failed
+  launch releases it, and a launched instance holds it until it is stopped (once its host is
+  destroyed), exits on its own, or the backend closes.
 
 Every host listens on a unix socket whose path is its address (``unix://…``); the shared code logs
 under the backend's own logger, and names a host by the backend's word for it ("host",
@@ -38,6 +42,7 @@ import httpx
 from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.tasks import TaskSet
 from faas.runtime.backend import InstanceExitCallback, InstanceSpec, InstanceStatus
+from faas.runtime.code_cache import CodeCache
 
 READY_POLL_INTERVAL_S = 0.005
 HEALTH_TIMEOUT_S = 0.5
@@ -89,19 +94,23 @@ class PooledBackend(ABC, Generic[H]):
     """A runtime backend that keeps ``pool_size`` generic hosts warm and specialises them on demand.
 
     A subclass sets ``name``, ``_noun`` (its word for a host, in error messages) and ``_log``, and
-    implements the hooks; ``start`` and ``check`` are its own.
+    implements the hooks; ``start`` and ``check`` are its own.  ``start`` runs the code cache's sweeps
+    (``_sweep_code_cache_forever``); a subclass calls ``_release_code`` when an instance's host exits
+    on its own.
     """
 
     name: str
     _noun: str
     _log: logging.Logger
 
-    def __init__(self, *, pool_size: int) -> None:
+    def __init__(self, *, pool_size: int, code_cache: CodeCache) -> None:
+        self.code_cache = code_cache
         self._pool_size = pool_size
         self._pool: deque[H] = deque()
         self._pool_spawning = 0
         self._instances: dict[str, H] = {}
         self._launching: set[str] = set()  # instance ids with a launch under way
+        self._code_holds: dict[H, str] = {}  # launched instances' hosts -> the sha256 they hold in the cache
         self._tasks = TaskSet(f"{self.name}-backend")  # pool refills, background destroys, the backend's own
         self._exit_callback: InstanceExitCallback | None = None
         self._closed = False
@@ -177,6 +186,18 @@ class PooledBackend(ABC, Generic[H]):
         """A pool refill could not start a host: by default it fails the refill task, whose guard logs it."""
         raise exc
 
+    # -- code cache ---------------------------------------------------------------------------------
+
+    def _sweep_code_cache_forever(self) -> None:
+        """Evict unused code from the node cache periodically, until the backend closes."""
+        self._tasks.spawn(self.code_cache.sweep_forever(), name="code-cache-sweep", long_lived=True)
+
+    def _release_code(self, host: H) -> None:
+        """``host`` no longer runs its instance's code: let the cache evict it once unused long enough."""
+        sha256 = self._code_holds.pop(host, None)
+        if sha256 is not None:
+            self.code_cache.release(sha256)
+
     # -- RuntimeBackend -----------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -190,16 +211,29 @@ class PooledBackend(ABC, Generic[H]):
         leftovers = self._started_hosts()
         await asyncio.gather(*(self._destroy(host) for host in leftovers), return_exceptions=True)
         await self._tasks.cancel_all()
+        for host in list(self._code_holds):
+            self._release_code(host)
 
     async def launch(self, spec: InstanceSpec, *, timeout_s: float) -> str:
         self._check_open()
         if spec.instance_id in self._instances or spec.instance_id in self._launching:
             raise InstanceStartError(f"instance {spec.instance_id} already exists", error_type="Conflict")
         self._launching.add(spec.instance_id)
+        # Before any host can read <cache>/<sha256>: from here on a sweep keeps it.
+        self.code_cache.acquire(spec.sha256)
         try:
-            return await self._launch(spec, timeout_s)
+            address = await self._launch(spec, timeout_s)
+        except BaseException:
+            self.code_cache.release(spec.sha256)
+            raise
         finally:
             self._launching.discard(spec.instance_id)
+        host = self._instances.get(spec.instance_id)
+        if host is None:  # not expected: registering is the launch's last step, with no await after it
+            self.code_cache.release(spec.sha256)
+        else:
+            self._code_holds[host] = spec.sha256  # the launch's hold passes to the instance
+        return address
 
     async def _launch(self, spec: InstanceSpec, timeout_s: float) -> str:
         loop = asyncio.get_running_loop()
@@ -228,7 +262,10 @@ class PooledBackend(ABC, Generic[H]):
     async def stop(self, instance_id: str) -> None:
         host = self._instances.pop(instance_id, None)
         if host is not None:
-            await self._destroy(host)
+            try:
+                await self._destroy(host)
+            finally:
+                self._release_code(host)
 
     async def list_instances(self) -> list[InstanceStatus]:
         return list(

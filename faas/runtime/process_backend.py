@@ -16,6 +16,12 @@ Invariants (besides those of ``host_pool``; destroying a host kills its process 
   retiring itself after a sync timeout or ``MemoryError``), never for ``stop`` or ``close``.  A pool
   member that dies is replaced without a callback.
 
+Code: a host downloads and unpacks its archive into the node's cache, ``<cache_dir>/<sha256>/``
+(``host._fetch_code``: a staging dir and an atomic rename), which hosts of one archive share and
+run in.  The cache is swept every ``code_cache_sweep_s``: a ``<sha256>/`` dir no running or
+launching instance of this backend uses, and unused for ``code_cache_ttl_s``, is evicted (see
+``code_cache``); the next launch of that archive downloads it again.
+
 Caveats: the per-host log file (``<host name>.log`` beside the socket: host diagnostics and anything
 the user's code prints outside an invocation) is deleted when the backend stops the host and kept when
 the host exits on its own, for the post-mortem.  Nothing rotates the kept ones.
@@ -37,6 +43,7 @@ import httpx
 
 from faas.core.errors import Unavailable
 from faas.runtime.backend import InstanceExit, InstanceSpec
+from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
 from faas.runtime.host_pool import PooledBackend, check_socket_path, host_client
 
 logger = logging.getLogger(__name__)
@@ -104,9 +111,19 @@ class ProcessBackend(PooledBackend[_Host]):
     _log = logger
 
     def __init__(
-        self, *, run_dir: Path, cache_dir: Path, pool_size: int, python: str = sys.executable
+        self,
+        *,
+        run_dir: Path,
+        cache_dir: Path,
+        pool_size: int,
+        python: str = sys.executable,
+        code_cache_ttl_s: float = DEFAULT_TTL_S,
+        code_cache_sweep_s: float = DEFAULT_SWEEP_INTERVAL_S,
     ) -> None:
-        super().__init__(pool_size=pool_size)
+        super().__init__(
+            pool_size=pool_size,
+            code_cache=CodeCache(Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s),
+        )
         self._socket_dir = Path(run_dir) / "instances"
         self._cache_dir = Path(cache_dir)
         self._python = python
@@ -126,6 +143,7 @@ class ProcessBackend(PooledBackend[_Host]):
         except OSError as exc:
             raise Unavailable(f"cannot create the runtime directories: {exc}") from exc
         count = await self._fill_pool()
+        self._sweep_code_cache_forever()
         logger.info("process backend started with %d warm hosts in %s", count, self._socket_dir)
 
     async def check(self) -> None:
@@ -212,6 +230,7 @@ class ProcessBackend(PooledBackend[_Host]):
         if host.stopping:
             return
         _signal_group(host, signal.SIGKILL)  # whatever the user's code left behind in its session
+        self._release_code(host)
         await host.client.aclose()
         with contextlib.suppress(OSError):
             host.socket_path.unlink()
