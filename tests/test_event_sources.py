@@ -483,3 +483,23 @@ async def test_a_loop_of_destinations_stops_after_the_hop_limit(gw: httpx.AsyncC
     await asyncio.sleep(2.0)  # and nothing more comes
     calls = await chain()
     assert len(calls) == 1 + MAX_DESTINATION_HOPS, sorted((c["status"], c.get("enqueued_at")) for c in calls)
+
+
+async def test_subscriptions_honour_their_qualifier_and_enabled_flag(
+    gw: httpx.AsyncClient, redis: aioredis.Redis
+) -> None:
+    fn, ce_type = f"pinned-{uid()}", f"com.example.pinned.{uid()}"
+    await deploy(gw, fn, "def handler(event, context):\n    return 'one'\n")
+    await deploy(gw, fn, "def handler(event, context):\n    return 'two'\n")
+    await subscribe(gw, fn, "pinned", {"cloudevents": {"type": ce_type}, "qualifier": "1"})
+    await subscribe(gw, fn, "paused", {"timer": {"schedule": "rate(1 second)"}, "enabled": False})
+    resp = await gw.post(
+        "/v1/events",
+        json={"specversion": "1.0", "id": "p-1", "source": "/t", "type": ce_type},
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    [inv] = resp.json()["invocations"]
+    assert inv["version"] == 1
+    assert (await final_status(gw, inv["id"]))["result"] == "one"
+    await asyncio.sleep(2.5)
+    assert len(await invocations_of(redis, fn)) == 1, "a disabled timer fired"
