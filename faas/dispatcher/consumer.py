@@ -10,7 +10,7 @@ Guarantees:
 - events of a dispatcher whose membership lease lapsed (killed, crashed) are taken over at once (two
   scans ``_ORPHAN_SCAN_S`` apart see it gone); a dispatcher restarted under the same id first
   finishes the events its previous process held; anything else (a live dispatcher stuck on an
-  event) is reclaimed once idle for ``async_visibility_s``;
+  event) is reclaimed once idle for ``async_visibility_s`` (looked for every ``_RECLAIM_S``);
 - the on-success / on-failure destination record, and the acknowledgement of a queue batch at its
   source, are part of the same transaction as the outcome; a chain of function destinations stops
   after ``MAX_DESTINATION_HOPS``;
@@ -48,6 +48,8 @@ log = logging.getLogger("faas.consumer")
 _MAX_IN_FLIGHT = 64
 _READ_BLOCK_MS = 1000
 _ORPHAN_SCAN_S = 2.0
+_DUE_MOVE_S = 0.25  # how often retries that came due move back onto the stream
+_RECLAIM_S = 5.0  # how often events idle past async_visibility_s are looked for
 MAX_DESTINATION_HOPS = 16  # as AWS Lambda's recursive-loop detection
 
 
@@ -77,18 +79,24 @@ class AsyncConsumer:
                 log.warning("cannot prepare the queue: %s", exc)
                 await asyncio.sleep(1.0)
         backlog = await self._own_pending()
-        next_orphan_scan = 0.0
+        # The housekeeping reads run on their own clocks, not on every pass: under load a pass
+        # takes a few events, and three extra round trips per pass cost more than the events.
+        next_orphan_scan = next_due_move = next_reclaim = 0.0
         while True:
             try:
-                await self.queue.move_due()
+                now = time.monotonic()
+                if now >= next_due_move:
+                    next_due_move = now + _DUE_MOVE_S
+                    await self.queue.move_due()
                 batch, backlog = backlog[:16], backlog[16:]
-                if not batch and time.monotonic() >= next_orphan_scan:
-                    next_orphan_scan = time.monotonic() + _ORPHAN_SCAN_S
+                if not batch and now >= next_orphan_scan:
+                    next_orphan_scan = now + _ORPHAN_SCAN_S
                     batch = await self._orphans()
-                if not batch:
+                if not batch and now >= next_reclaim:
                     batch = await self.queue.reclaim(
                         self.consumer_id, min_idle_s=self.settings.async_visibility_s, count=16
                     )
+                    next_reclaim = now + (0.0 if len(batch) == 16 else _RECLAIM_S)  # more may be idle
                 if not batch:
                     batch = await self.queue.read(self.consumer_id, count=16, block_ms=_READ_BLOCK_MS)
                 for msg_id, env in batch:
