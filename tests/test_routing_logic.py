@@ -124,3 +124,20 @@ def test_valid_name() -> None:
     from faas.core.models import name_problem
 
     assert name_problem("hello-world2") is None
+
+
+def test_outcome_records_stay_under_the_async_payload_limit() -> None:
+    import json
+
+    from faas.core.queue import AsyncEnvelope
+    from faas.dispatcher.consumer import outcome_record
+
+    env = AsyncEnvelope(id="i", namespace="default", function="f", version=1, payload=json.dumps({"x": "a" * 600}))
+    small = json.loads(outcome_record(env, "Success", result='"ok"', error=None, max_bytes=1000))
+    assert small["requestPayload"] == {"x": "a" * 600} and small["responsePayload"] == "ok"
+    big = json.loads(outcome_record(env, "Success", result=json.dumps("b" * 600), error=None, max_bytes=1000))
+    assert big["responsePayload"] == {"truncated": True, "bytes": 602}
+    assert big["requestPayload"] == {"x": "a" * 600}
+    both = json.loads(outcome_record(env, "Success", result=json.dumps("b" * 600), error=None, max_bytes=400))
+    assert both["requestPayload"]["truncated"] and both["responsePayload"]["truncated"]
+    assert both["requestContext"]["requestId"] == "i"

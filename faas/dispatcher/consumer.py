@@ -258,7 +258,9 @@ class AsyncConsumer:
         """The transaction step that hands a record of the outcome to ``dest`` (None: nothing to do)."""
         if dest is None:
             return None
-        record = outcome_record(env, condition, result=result, error=error)
+        record = outcome_record(
+            env, condition, result=result, error=error, max_bytes=self.settings.max_async_payload_bytes
+        )
         if dest.stream is not None:
             stream = dest.stream
             return lambda pipe: pipe.xadd(stream, {"record": record})
@@ -356,9 +358,14 @@ def only_items(env: AsyncEnvelope, ids: list[str]) -> AsyncEnvelope:
 
 
 def outcome_record(
-    env: AsyncEnvelope, condition: str, *, result: str | None, error: dict[str, Any] | None
+    env: AsyncEnvelope, condition: str, *, result: str | None, error: dict[str, Any] | None,
+    max_bytes: int = 1024 * 1024,
 ) -> str:
-    """The record a destination receives (the shape of AWS Lambda's destination records)."""
+    """The record a destination receives (the shape of AWS Lambda's destination records).
+
+    At most ``max_bytes`` (an async event's limit, since a function destination receives it as
+    one): the response payload, then the request payload, is replaced by ``{"truncated": true,
+    "bytes": N}`` when the record would be larger."""
     try:
         request_payload = json.loads(env.payload)
     except (ValueError, RecursionError):
@@ -384,4 +391,10 @@ def outcome_record(
         record["responsePayload"] = {"error": error}
         record["responseContext"] = {"statusCode": 200 if error.get("kind") == "partial_batch_failure" else 500,
                                      "functionError": error.get("kind")}  # fmt: skip
-    return json.dumps(record)
+    text = json.dumps(record)
+    for field in ("responsePayload", "requestPayload"):
+        if len(text) <= max_bytes or field not in record:
+            break
+        record[field] = {"truncated": True, "bytes": len(json.dumps(record[field]))}
+        text = json.dumps(record)
+    return text
