@@ -7,8 +7,10 @@ When a binary is missing the integration tests skip on a laptop but FAIL in CI (
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import pytest
 from faas.core.errors import Unavailable
 from faas.core.launcher import EmbeddedCluster, settings_env, settings_for_test
 from faas.core.settings import Settings
+from tests.code_server import CodeServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +105,22 @@ async def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 async def gw(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=platform.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def code_server() -> Iterator[CodeServer]:
+    """A local HTTP server handing out code archives, as S3 would by presigned URL."""
+    server = CodeServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    # Not tmp_path: unix socket paths must stay under 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="faas-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

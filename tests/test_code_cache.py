@@ -12,13 +12,11 @@ import asyncio
 import hashlib
 import logging
 import os
-import shutil
 import signal
 import stat
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -216,21 +214,6 @@ async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < give_up_at, "condition not met in time"
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def code_server() -> Iterator[CodeServer]:
-    server = CodeServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    # Not tmp_path: unix socket paths must stay under 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="fc-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

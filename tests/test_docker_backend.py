@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -179,14 +177,6 @@ async def sweep(docker: aiodocker.Docker) -> None:
 
 def new_node_id() -> str:
     return f"{NODE_PREFIX}{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    # Not tmp_path: unix socket paths must stay under 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="fd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def node_filters(node_id: str, **more: list[str]) -> str:

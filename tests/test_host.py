@@ -10,13 +10,11 @@ import asyncio
 import io
 import itertools
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import zipfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +26,6 @@ from tests.code_server import CodeServer
 from tests.helpers import make_zip
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(scope="module")
-def code_server() -> Iterator[CodeServer]:
-    server = CodeServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # Not tmp_path: unix socket paths must stay under 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="fh-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Host:
@@ -108,16 +91,16 @@ def specialize_body(url: str, sha: str, size: int, **overrides: Any) -> dict[str
 
 
 @pytest.fixture
-async def spawn_host(short_dir: Path) -> AsyncIterator[Callable[[], Awaitable[Host]]]:
+async def spawn_host(run_dir: Path) -> AsyncIterator[Callable[[], Awaitable[Host]]]:
     hosts: list[Host] = []
-    cache_dir = short_dir / "cache"
+    cache_dir = run_dir / "cache"
     numbers = itertools.count()
 
     async def spawn() -> Host:
         n = next(numbers)
-        socket_path = short_dir / f"h{n}.sock"
-        stdout = short_dir / f"h{n}.out"
-        with stdout.open("wb") as out, (short_dir / f"h{n}.err").open("wb") as err:
+        socket_path = run_dir / f"h{n}.sock"
+        stdout = run_dir / f"h{n}.out"
+        with stdout.open("wb") as out, (run_dir / f"h{n}.err").open("wb") as err:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-S",

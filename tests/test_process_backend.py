@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -35,21 +33,6 @@ APP = {
             return {"echo": event, "instance_function": context.function_name}
     """
 }
-
-
-@pytest.fixture(scope="module")
-def code_server() -> Iterator[CodeServer]:
-    server = CodeServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    # Not tmp_path: unix socket paths must stay under 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="fb-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def alive(pid: int) -> bool:
