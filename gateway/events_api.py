@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request, Response
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from faas.core import redis_keys
-from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable, error_from_body
+from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, error_from_body
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.subscriptions import (
@@ -33,6 +33,7 @@ from faas.core.subscriptions import (
     SubscriptionSpec,
     SubscriptionStore,
     check_subscription_name,
+    ensure_queue_group,
     subscription_from_request,
 )
 from gateway.cloudevents import event_matches, parse_http
@@ -58,17 +59,8 @@ def install_event_routes(
 
     async def prepare_source(sub: Subscription) -> None:
         """Create a queue subscription's consumer group now, so "latest" means "from this call on"."""
-        if sub.queue is None:
-            return
-        group = redis_keys.queue_subscription_group(sub.namespace, sub.function, sub.name)
-        start = "$" if sub.queue.start == "latest" else "0"
-        try:
-            await app.state.redis.xgroup_create(sub.queue.stream, group, id=start, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise InvalidRequest(f"cannot read stream {sub.queue.stream!r}: {exc}") from exc
-        except RedisError as exc:
-            raise Unavailable(f"Redis unreachable while preparing stream {sub.queue.stream!r}: {exc}") from exc
+        if sub.queue is not None:
+            await ensure_queue_group(app.state.redis, sub)
 
     async def forget_sources(subs: Iterable[Subscription]) -> None:
         """Remove what deleted queue subscriptions kept in Redis: their consumer group and in-flight hash.

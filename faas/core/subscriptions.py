@@ -24,9 +24,10 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from redis.exceptions import RedisError, ResponseError
 
-from faas.core import keys
-from faas.core.errors import Conflict, InvalidRequest, NotFound
+from faas.core import keys, redis_keys
+from faas.core.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.models import name_problem, stream_problem
 from faas.core.schedule import ScheduleError, parse_schedule
@@ -241,6 +242,23 @@ def subscription_from_request(
 ) -> Subscription:
     check_subscription_name(name)
     return Subscription(**spec.model_dump(), namespace=ns, function=function_name, name=name, origin=origin)
+
+
+async def ensure_queue_group(redis: Any, sub: Subscription) -> None:
+    """Create the consumer group a queue subscription reads its stream with (idempotent).
+
+    ``latest`` starts it at the stream's end as of this call, ``earliest`` at its beginning.  A key
+    that is not a stream is the user's mistake (400); Redis unreachable is 503."""
+    assert sub.queue is not None
+    group = redis_keys.queue_subscription_group(sub.namespace, sub.function, sub.name)
+    start = "$" if sub.queue.start == "latest" else "0"
+    try:
+        await redis.xgroup_create(sub.queue.stream, group, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise InvalidRequest(f"cannot read stream {sub.queue.stream!r}: {exc}") from exc
+    except RedisError as exc:
+        raise Unavailable(f"Redis unreachable while preparing stream {sub.queue.stream!r}: {exc}") from exc
 
 
 class SubscriptionIndex:

@@ -33,12 +33,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from faas.core import keys, redis_keys
 from faas.core.election import Election
-from faas.core.errors import FaasError, NotLeader, Unavailable
+from faas.core.errors import FaasError, NotLeader
 from faas.core.etcd import Etcd
 from faas.core.queue import AsyncEnvelope, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.schedule import parse_schedule
-from faas.core.subscriptions import Subscription, SubscriptionIndex
+from faas.core.subscriptions import Subscription, SubscriptionIndex, ensure_queue_group
 from faas.core.tasks import TaskSet
 
 log = logging.getLogger("faas.trigger.sources")
@@ -172,12 +172,7 @@ class QueuePoller:
                 await self._hand_over(batch, version)
 
     async def _ensure_group(self) -> None:
-        start = "$" if self.source.start == "latest" else "0"
-        try:
-            await self.redis.xgroup_create(self.source.stream, self.group, id=start, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise Unavailable(f"cannot create consumer group on {self.source.stream!r}: {exc}") from exc
+        await ensure_queue_group(self.redis, self.sub)
 
     async def _target_version(self) -> int:
         spec = await self.catalog.resolve(self.sub.namespace, self.sub.function, self.sub.qualifier)
