@@ -78,15 +78,15 @@ from faas.core import redis_keys  # noqa: E402
 from faas.core.errors import FaasError  # noqa: E402
 from faas.core.etcd import Etcd  # noqa: E402
 from faas.core.http import HopClient, HopError  # noqa: E402
-from faas.core.launcher import (  # noqa: E402
+from faas.core.queue import AsyncEnvelope  # noqa: E402
+from faas.core.settings import Settings  # noqa: E402
+from faas.launcher.embedded import (  # noqa: E402
     EmbeddedCluster,
     ProcessRecord,
     pid_alive,
     read_members,
     settings_for_test,
 )
-from faas.core.queue import AsyncEnvelope  # noqa: E402
-from faas.core.settings import Settings  # noqa: E402
 
 NAMESPACE = il.NAMESPACE
 EVENT = il.EVENT

@@ -69,9 +69,9 @@ import invoke_latency as il  # noqa: E402  (the measurement helpers of the other
 
 from faas.core.errors import Unavailable  # noqa: E402
 from faas.core.etcd import Etcd  # noqa: E402
-from faas.core.launcher import EmbeddedCluster, settings_for_test  # noqa: E402
 from faas.core.models import InstanceRecord  # noqa: E402
 from faas.core.settings import Settings  # noqa: E402
+from faas.launcher.embedded import EmbeddedCluster, settings_for_test  # noqa: E402
 from faas.runtime.image import DEFAULT_TAG, RuntimeLayout, ensure_runtime_image, runtime_layout  # noqa: E402
 
 log = il.log

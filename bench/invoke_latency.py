@@ -65,10 +65,10 @@ import httpx
 
 from faas.core import keys
 from faas.core.etcd import Etcd
-from faas.core.launcher import EmbeddedCluster, settings_for_test
 from faas.core.models import InstanceRecord, LeaderRecord
 from faas.core.rendezvous import rank
 from faas.core.settings import Settings
+from faas.launcher.embedded import EmbeddedCluster, settings_for_test
 
 NAMESPACE = "default"
 HANDLER_CODE = "def handler(event, context):\n    return event\n"

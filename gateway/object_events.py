@@ -57,7 +57,7 @@ Caveats:
 
 - sequencers order changes by arrival, and SeaweedFS posts up to ``workers`` (5) notifications at
   once: two changes to one key within a few milliseconds may be sequenced in either order;
-- SeaweedFS' webhook delivers at most once (see ``faas.core.launcher.weed_notification_toml``);
+- SeaweedFS' webhook delivers at most once (see ``faas.launcher.embedded.weed_notification_toml``);
 - overwriting an empty object with empty content changes nothing this adapter can compare, and
   gives no record.
 """

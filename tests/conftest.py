@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from faas.core.errors import Unavailable
-from faas.core.launcher import EmbeddedCluster, settings_env, settings_for_test
 from faas.core.settings import Settings
+from faas.launcher.embedded import EmbeddedCluster, settings_env, settings_for_test
 from tests.code_server import CodeServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from faas.core.launcher import find_free_port, settings_env
+from faas.launcher.embedded import find_free_port, settings_env
 from tests.conftest import ROOT, Platform
 from tests.helpers import make_zip
 

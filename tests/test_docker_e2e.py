@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from faas.core.errors import Unavailable
-from faas.core.launcher import EmbeddedCluster, settings_for_test
+from faas.launcher.embedded import EmbeddedCluster, settings_for_test
 from tests.conftest import Platform, require_docker, running_platform
 from tests.helpers import deploy, instances_of
 

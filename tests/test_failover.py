@@ -22,8 +22,8 @@ import pytest
 
 from faas.core import keys
 from faas.core.etcd import Etcd
-from faas.core.launcher import settings_env
 from faas.core.models import LeaderRecord, MemberRecord
+from faas.launcher.embedded import settings_env
 from tests.conftest import ROOT, Platform, running_platform
 from tests.helpers import deploy, instances_of, wait_until
 
@@ -48,8 +48,21 @@ async def _members(platform: Platform, role: str) -> dict[str, MemberRecord]:
         await etcd.close()
     members = {m.member_id: m for m in (MemberRecord.model_validate_json(kv.value) for kv in kvs)}
     if leader_kv is not None:
-        members["__leader__"] = members[LeaderRecord.model_validate_json(leader_kv.value).member_id]
+        # The election key of a leader killed a moment ago outlives its membership until its lease
+        # lapses: only a leader that is still a member counts.
+        leader_id = LeaderRecord.model_validate_json(leader_kv.value).member_id
+        if leader_id in members:
+            members["__leader__"] = members[leader_id]
     return members
+
+
+async def _live_leader(platform: Platform, role: str) -> MemberRecord:
+    """The current leader of ``role``, once it is a live member (waits out a lapsing election key)."""
+
+    async def found() -> MemberRecord | None:
+        return (await _members(platform, role)).get("__leader__")
+
+    return await wait_until(found, timeout_s=20, what=f"a live {role} leader")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +93,8 @@ def extra_service(platform: Platform, module: str, member_id: str) -> Iterator[s
 @pytest.mark.parametrize("role", ["trigger", "scheduler"])
 async def test_standby_answers_503_not_leader(platform: Platform, role: str) -> None:
     members = await _members(platform, role)
-    leader = members.pop("__leader__")
+    members.pop("__leader__", None)
+    leader = await _live_leader(platform, role)
     standbys = [m for m in members.values() if m.member_id != leader.member_id]
     assert standbys, f"no standby {role}"
     path = "/v1/invoke/default/x/1" if role == "trigger" else "/v1/acquire/default/x/1"
@@ -103,7 +117,7 @@ async def test_killed_leader_is_replaced_and_calls_keep_working(
             timeout_s=20,
             what=f"{role}-extra to register",
         )
-        leader = (await _members(platform, role))["__leader__"]
+        leader = await _live_leader(platform, role)
         os.kill(leader.pid, signal.SIGKILL)
         started = time.monotonic()
         # A call made right away waits for the new leader instead of failing.
@@ -113,7 +127,7 @@ async def test_killed_leader_is_replaced_and_calls_keep_working(
         resp = await gw.post(f"/v1/functions/{name}/invoke", json={})
         assert resp.status_code == 200, f"{resp.text} after {time.monotonic() - started:.1f} s"
         assert time.monotonic() - started < platform.settings.lease_ttl_s + 10
-        new_leader = (await _members(platform, role))["__leader__"]
+        new_leader = await _live_leader(platform, role)
         assert new_leader.member_id != leader.member_id
         status = platform.cli("status", "--home", str(platform.settings.home))
         assert status.returncode == 1, status.stdout  # the killed member is reported down
@@ -194,7 +208,7 @@ async def test_timer_fires_no_tick_twice_across_a_trigger_failover(
     )
     assert resp.status_code == 201, resp.text
     await asyncio.sleep(3)
-    leader = (await _members(platform, "trigger"))["__leader__"]
+    leader = await _live_leader(platform, "trigger")
     os.kill(leader.pid, signal.SIGKILL)
     killed_at = time.time()
     await wait_until(
@@ -260,7 +274,7 @@ async def test_queue_subscription_keeps_delivering_across_a_trigger_failover(
         for n in range(5):
             await client.xadd(stream, {"n": str(n)})
         await wait_until(lambda: _has_all(delivered, 5), timeout_s=20, what="messages before the failover")
-        leader = (await _members(platform, "trigger"))["__leader__"]
+        leader = await _live_leader(platform, "trigger")
         os.kill(leader.pid, signal.SIGKILL)
         for n in range(5, 10):  # while no trigger leads: they wait in the stream
             await client.xadd(stream, {"n": str(n)})

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from botocore.config import Config
 
 from faas.core.errors import Conflict, Unavailable
-from faas.core.launcher import (
+from faas.launcher.embedded import (
     EmbeddedCluster,
     etcd_binary,
     pid_alive,

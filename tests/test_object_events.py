@@ -23,7 +23,7 @@ import pytest
 from botocore.config import Config
 
 from faas.core.errors import InvalidRequest, Unavailable
-from faas.core.launcher import (
+from faas.launcher.embedded import (
     SEAWEED_EVENTS_PATH,
     EmbeddedCluster,
     etcd_binary,

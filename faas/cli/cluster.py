@@ -23,7 +23,8 @@ from typing import Any
 
 from faas.core import keys
 from faas.core.errors import Unavailable
-from faas.core.launcher import (
+from faas.core.settings import Settings
+from faas.launcher.embedded import (
     ELECTED_ROLES,
     STOP_GRACE_S,
     EmbeddedCluster,
@@ -40,7 +41,6 @@ from faas.core.launcher import (
     state_settings,
     stop_from_state,
 )
-from faas.core.settings import Settings
 
 from .commands import format_table
 
