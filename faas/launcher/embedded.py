@@ -319,6 +319,9 @@ def settings_for_test(home: Path, **overrides: Any) -> Settings:
         "weed_base_port": weed_base,
         "gateway_host": "127.0.0.1",
         "gateway_port": _free_port(taken),
+        # Unique per test cluster: a Docker node removes the containers labelled with its id that it
+        # finds at start, so two clusters on one daemon must never share one.
+        "node_id": f"node-{random.Random().getrandbits(24):06x}",
     }
     values.update(overrides)
     return Settings(**values)
