@@ -5,7 +5,17 @@ Guarantees:
   lease, so a dead leader's key vanishes within the lease TTL and a standby takes over;
 - ``fence()`` gives a comparison that holds only while this member's term is current: a deposed
   leader's fenced transactions fail instead of overwriting the new leader's work;
-- ``is_leader`` turns false as soon as the lease is known lost (before the key expires on the server).
+- ``is_leader`` is true only while the lease is confirmed (``Lease.valid``): a leader that cannot
+  reach etcd, or was frozen past its TTL, stops acting at once, before anyone else can be elected;
+  when etcd confirms the lease again and the key is still this term's, it resumes without a gap;
+- ``serving`` is the weaker "this term is not known to be over": it stays true while the lease is
+  merely unconfirmed (etcd unreachable), for work that is safe for two members to do at once during
+  a takeover (the trigger forwarding invocations), so an etcd outage does not stop it;
+- a standby watches the key and campaigns the moment it is deleted; with ``probe_leader`` it also
+  checks that the leader's address still accepts connections, and revokes the lease of a leader
+  whose port refuses them twice in a row (its process is gone), so a killed leader is replaced in
+  about a second instead of a TTL.  A frozen leader still accepts connections (the kernel does), so
+  it is replaced when its lease lapses.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any, NoReturn
+from urllib.parse import urlparse
 
 from faas.core import keys
 from faas.core.errors import NotLeader, Unavailable
@@ -21,19 +32,39 @@ from faas.core.models import LeaderRecord
 
 log = logging.getLogger("faas.election")
 
+_PROBE_INTERVAL_S = 0.25
+_PROBE_TIMEOUT_S = 0.5
+_REFUSALS_TO_DEPOSE = 2
+
 
 class Election:
-    def __init__(self, etcd: Etcd, *, role: str, member_id: str, address: str, ttl_s: int) -> None:
+    def __init__(
+        self,
+        etcd: Etcd,
+        *,
+        role: str,
+        member_id: str,
+        address: str,
+        ttl_s: int,
+        probe_leader: bool = False,
+    ) -> None:
         self.etcd = etcd
         self.role = role
         self.member_id = member_id
         self.address = address
         self.ttl_s = ttl_s
+        self.probe_leader = probe_leader
         self.key = keys.election(role)
         self.revision = 0  # create_revision of our leader key while we lead
-        self.is_leader = False
         self.became_leader = asyncio.Event()
+        self._leading = False
+        self._term = False  # elected, and not known to have lost the term
         self._lease: Lease | None = None
+        self._watch = LeaderWatch(etcd, role)
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leading and self._lease is not None and self._lease.valid()
 
     def fence(self) -> Any:
         """A transaction comparison true only while this member's term is the current one."""
@@ -45,17 +76,29 @@ class Election:
         if not self.is_leader:
             raise NotLeader(f"{self.member_id} is a standby {self.role}, not the leader")
 
+    @property
+    def serving(self) -> bool:
+        return self._term
+
+    def require_serving(self) -> None:
+        if not self._term:
+            raise NotLeader(f"{self.member_id} is a standby {self.role}, not the leader")
+
     async def campaign_forever(self) -> NoReturn:
         poll_s = min(0.5, self.ttl_s / 4)
-        while True:
-            try:
-                await self._campaign_once(poll_s)
-            except asyncio.CancelledError:
-                raise
-            except Unavailable as exc:
-                log.warning("%s %s: election unavailable: %s", self.role, self.member_id, exc)
-            self._step_down()
-            await asyncio.sleep(poll_s)
+        self._watch.start()
+        try:
+            while True:
+                try:
+                    await self._campaign_once(poll_s)
+                except asyncio.CancelledError:
+                    raise
+                except Unavailable as exc:
+                    log.warning("%s %s: election unavailable: %s", self.role, self.member_id, exc)
+                self._step_down()
+                await asyncio.sleep(poll_s)
+        finally:
+            await self._watch.stop()
 
     async def _campaign_once(self, poll_s: float) -> None:
         lease = Lease(self.etcd, self.ttl_s, owner=f"{self.role}:{self.member_id}")
@@ -63,6 +106,7 @@ class Election:
         try:
             lease_id = await lease.grant()
             record = LeaderRecord(role=self.role, member_id=self.member_id, address=self.address)
+            refusals = 0
             while True:
                 ok, responses = await self.etcd.txn(
                     [self.etcd.create_revision(self.key) == 0],
@@ -73,21 +117,88 @@ class Election:
                     # lead at once, without a second round trip during which peers already see our
                     # record but we would still answer "not leader".
                     self.revision = int(responses[0].response_put.header.revision)
-                    self.is_leader = True
-                    self.became_leader.set()
-                    log.info("%s %s: elected leader (revision %d)", self.role, self.member_id, self.revision)
-                    await lease.lost.wait()
-                    log.warning("%s %s: lost leadership", self.role, self.member_id)
+                    await self._lead(lease)
                     return
                 if lease.lost.is_set():
                     return
-                await asyncio.sleep(poll_s)
+                refusals = await self._wait_for_vacancy(poll_s, refusals)
         finally:
             self._step_down()
             await lease.revoke()
 
+    async def _lead(self, lease: Lease) -> None:
+        """Act as leader while the lease is confirmed; return when this term is over."""
+        resumed = False
+        self._term = True
+        while True:
+            self._leading = True
+            self.became_leader.set()
+            if resumed:
+                log.warning("%s %s: lease confirmed again; leading on (revision %d)", self.role, self.member_id, self.revision)
+            else:
+                log.info("%s %s: elected leader (revision %d)", self.role, self.member_id, self.revision)
+            await lease.wait_invalid()
+            self._leading = False
+            self.became_leader.clear()
+            if lease.lost.is_set():
+                log.warning("%s %s: lost leadership (lease gone)", self.role, self.member_id)
+                return
+            log.warning("%s %s: lease not confirmed within its TTL; acting no more until it is", self.role, self.member_id)
+            if not await lease.wait_valid():
+                log.warning("%s %s: lost leadership (lease gone)", self.role, self.member_id)
+                return
+            # etcd kept the lease, so it kept our key, unless someone deleted it meanwhile.
+            try:
+                kv = await self.etcd.get(self.key)
+            except Unavailable:
+                return
+            if kv is None or kv.create_revision != self.revision:
+                log.warning("%s %s: lost leadership (the key changed hands)", self.role, self.member_id)
+                return
+            resumed = True
+
+    async def _wait_for_vacancy(self, poll_s: float, refusals: int) -> int:
+        """Wait until the key may be free (deleted, or ``poll_s`` passed); returns the refusal count.
+
+        With ``probe_leader``, a leader whose port refuses connections ``_REFUSALS_TO_DEPOSE`` times in
+        a row has its lease revoked: a process that no longer listens cannot be leading."""
+        interval = min(poll_s, _PROBE_INTERVAL_S) if self.probe_leader else poll_s
+        if self._watch.current() is not None:
+            await self._watch.wait_change(interval)  # a deletion wakes us at once
+        else:
+            # Our copy has no key, yet the transaction found one: the copy lags (or the key went
+            # just now).  Try again soon, not in a tight loop.
+            await asyncio.sleep(min(interval, 0.1))
+        leader = self._watch.current()
+        if not self.probe_leader or leader is None or leader.member_id == self.member_id:
+            return 0
+        if not await _refuses_connections(leader.address):
+            return 0
+        refusals += 1
+        if refusals < _REFUSALS_TO_DEPOSE:
+            return refusals
+        await self._depose(leader)
+        return 0
+
+    async def _depose(self, leader: LeaderRecord) -> None:
+        try:
+            kv = await self.etcd.get(self.key)
+            if kv is None or kv.lease == 0:
+                return
+            current = LeaderRecord.model_validate_json(kv.value)
+            if current.member_id != leader.member_id or current.address != leader.address:
+                return  # a new term began meanwhile
+            log.warning(
+                "%s %s: leader %s at %s refuses connections; revoking its lease",
+                self.role, self.member_id, leader.member_id, leader.address,
+            )  # fmt: skip
+            await self.etcd.revoke_lease(kv.lease)
+        except Unavailable as exc:
+            log.warning("%s %s: could not depose %s: %s", self.role, self.member_id, leader.member_id, exc)
+
     def _step_down(self) -> None:
-        self.is_leader = False
+        self._leading = False
+        self._term = False
         self.became_leader.clear()
         self.revision = 0
 
@@ -95,6 +206,21 @@ class Election:
         self._step_down()
         if self._lease is not None:
             await self._lease.revoke()
+
+
+async def _refuses_connections(address: str) -> bool:
+    """True when nothing listens at ``address`` (connection refused); False if it accepts or hangs."""
+    parsed = urlparse(address)
+    if parsed.scheme != "http" or parsed.hostname is None or parsed.port is None:
+        return False
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parsed.hostname, parsed.port), _PROBE_TIMEOUT_S)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return False
 
 
 class LeaderWatch:
@@ -105,6 +231,7 @@ class LeaderWatch:
         self.etcd = etcd
         self._key = keys.election(role)
         self.mirror = PrefixMirror(etcd, self._key)
+        self._parsed: tuple[bytes, LeaderRecord] | None = None
 
     def start(self) -> None:
         self.mirror.start()
@@ -114,7 +241,19 @@ class LeaderWatch:
 
     def current(self) -> LeaderRecord | None:
         raw = self.mirror.items.get(self._key)
-        return LeaderRecord.model_validate_json(raw) if raw else None
+        if not raw:
+            return None
+        if self._parsed is None or self._parsed[0] is not raw:
+            self._parsed = (raw, LeaderRecord.model_validate_json(raw))
+        return self._parsed[1]
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the key to change."""
+        async with self.mirror.changed:
+            try:
+                await asyncio.wait_for(self.mirror.changed.wait(), timeout_s)
+            except TimeoutError:
+                pass
 
     async def wait_for_leader(self, timeout_s: float, *, not_address: str | None = None) -> LeaderRecord:
         """The current leader, waiting up to ``timeout_s`` for one (other than ``not_address``) to appear.
@@ -138,8 +277,4 @@ class LeaderWatch:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise Unavailable(f"no {self.role} leader is elected")
-            async with self.mirror.changed:
-                try:
-                    await asyncio.wait_for(self.mirror.changed.wait(), min(remaining, 0.25))
-                except TimeoutError:
-                    pass
+            await self.wait_change(min(remaining, 0.25))

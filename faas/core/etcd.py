@@ -3,7 +3,13 @@
 Guarantees:
 - every call either succeeds or raises ``Unavailable`` (etcd unreachable or timing out) — callers
   never see gRPC or aetcd exceptions;
-- ``Lease`` keeps a lease alive in a guarded task and tells its owner when it is lost;
+- one client talks to every endpoint of the cluster (``FAAS_ETCD_URL`` may list several, comma
+  separated): gRPC picks the first that answers and moves to the next when it fails; it reconnects
+  within a second of etcd coming back (gRPC's own backoff would grow to two minutes), and keepalive
+  pings notice a member that stops answering without waiting on TCP;
+- ``Lease`` keeps a lease alive across an etcd outage of any length: it retries with backoff and
+  jitter and tells its owner apart "etcd said the lease is gone" (``lost``: write your keys again
+  under a new lease) from "not confirmed lately" (``valid()`` false: an elected leader stops acting);
 - ``PrefixMirror`` keeps an in-memory copy of a key prefix (list, then watch from the next revision,
   re-list after any watch failure and every ``resync_s`` in case a watch stalls silently), so readers
   on the hot path never wait on etcd.
@@ -12,8 +18,11 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+import random
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +35,54 @@ from faas.core.tasks import TaskSet
 log = logging.getLogger("faas.etcd")
 
 _OP_TIMEOUT_S = 5.0
+
+Endpoint = tuple[str, int]
+
+GRPC_OPTIONS: dict[str, int] = {
+    # Reconnect within a second of etcd coming back: gRPC's default backoff grows to 120 s, so a
+    # client that saw a long outage would stay away long after etcd returned.
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    # A member that is frozen or cut off keeps its TCP connection open: pings notice it in ~4 s, and
+    # gRPC then moves to the next endpoint.  etcd must accept pings this often
+    # (``--grpc-keepalive-min-time``, which the launcher sets to 1 s).
+    "grpc.keepalive_time_ms": 2000,
+    "grpc.keepalive_timeout_ms": 2000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+}
+
+
+def grpc_target(endpoints: Sequence[Endpoint]) -> Endpoint:
+    """The (host, port) pair aetcd joins into its gRPC target, for one endpoint or several.
+
+    Several endpoints become one ``ipv4:a:p1,b:p2,...`` target (gRPC's static address list, tried in
+    order); aetcd formats its target as ``f"{host}:{port}"``, so the list is split at its last colon.
+    Host names are resolved here, once per client."""
+    if not endpoints:
+        raise Unavailable("no etcd endpoint is configured")
+    if len(endpoints) == 1:
+        return endpoints[0]
+    addresses = [f"{_ipv4(host)}:{port}" for host, port in endpoints]
+    head, _, port = ("ipv4:" + ",".join(addresses)).rpartition(":")
+    return head, int(port)
+
+
+def _ipv4(host: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        raise Unavailable(f"cannot resolve the etcd host {host!r}: {exc}") from exc
+
+
+def jittered(seconds: float) -> float:
+    """``seconds`` +-50%: peers that failed together do not retry in lockstep."""
+    return seconds * random.uniform(0.5, 1.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,25 +99,44 @@ def _kv(raw: Any) -> KV:
 
 
 class Etcd:
-    """One connection to etcd, shared by everything in a process."""
+    """One connection to etcd (one gRPC channel to all its endpoints), shared by a process."""
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = _OP_TIMEOUT_S) -> None:
-        self.host = host
-        self.port = port
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float = _OP_TIMEOUT_S,
+        endpoints: Sequence[Endpoint] | None = None,
+    ) -> None:
+        self.endpoints: tuple[Endpoint, ...] = tuple(endpoints) if endpoints else ((host, port),)
+        self.host, self.port = self.endpoints[0]
         self.timeout_s = timeout_s
-        self.client = aetcd.Client(host=host, port=port, timeout=int(timeout_s) or 1, connect_wait_timeout=3)
+        target_host, target_port = grpc_target(self.endpoints)
+        self.client = aetcd.Client(
+            host=target_host,
+            port=target_port,
+            timeout=int(timeout_s) or 1,
+            connect_wait_timeout=3,
+            options=dict(GRPC_OPTIONS),
+        )
 
-    async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
+    @property
+    def where(self) -> str:
+        return ",".join(f"{host}:{port}" for host, port in self.endpoints)
+
+    async def _call(self, what: str, coro: Awaitable[Any], *, timeout_s: float | None = None) -> Any:
+        timeout = timeout_s or self.timeout_s
         try:
-            return await asyncio.wait_for(coro, self.timeout_s)
+            return await asyncio.wait_for(coro, timeout)
         except (aetcd.exceptions.ClientError, OSError) as exc:
-            raise Unavailable(f"etcd at {self.host}:{self.port} failed on {what}: {exc or type(exc).__name__}") from exc
+            raise Unavailable(f"etcd at {self.where} failed on {what}: {exc or type(exc).__name__}") from exc
         except TimeoutError as exc:
-            raise Unavailable(f"etcd at {self.host}:{self.port} did not answer {what} in {self.timeout_s:.0f} s") from exc
+            raise Unavailable(f"etcd at {self.where} did not answer {what} in {timeout:.1f} s") from exc
 
     def fork(self) -> Etcd:
         """A separate connection to the same etcd (its own gRPC channel and watch stream)."""
-        return Etcd(self.host, self.port, timeout_s=self.timeout_s)
+        return Etcd(self.host, self.port, timeout_s=self.timeout_s, endpoints=self.endpoints)
 
     async def connect(self) -> None:
         await self._call("connect", self.client.connect())
@@ -116,9 +192,9 @@ class Etcd:
         lease = await self._call("lease grant", self.client.lease(ttl_s))
         return int(lease.id)
 
-    async def refresh_lease(self, lease_id: int) -> int:
+    async def refresh_lease(self, lease_id: int, *, timeout_s: float | None = None) -> int:
         """Refresh a lease; returns its remaining TTL (<= 0 means the lease is gone)."""
-        reply = await self._call("lease keepalive", self.client.refresh_lease(lease_id))
+        reply = await self._call("lease keepalive", self.client.refresh_lease(lease_id), timeout_s=timeout_s)
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
@@ -129,7 +205,18 @@ class Etcd:
 
 
 class Lease:
-    """A lease kept alive by a guarded task; ``lost`` is set when it lapses."""
+    """A lease kept alive by a guarded task, through etcd outages of any length.
+
+    Two signals for its owner:
+
+    - ``lost`` is set once etcd says the lease is gone (it expired, was revoked, or this etcd never
+      granted it): every key under it is gone too, and the owner grants a new lease and writes them
+      again.  A failed keepalive is not a loss: the task retries with backoff and jitter, and etcd
+      renews every lease when it comes back after a restart, so the keys usually survive an outage;
+    - ``valid()`` holds only while the lease is surely alive: within the TTL etcd gave at the last
+      keepalive it answered, counted from when that keepalive was *sent* (monotonic clock, which also
+      runs while the process is frozen).  An elected leader acts only while it holds.
+    """
 
     def __init__(self, etcd: Etcd, ttl_s: int, *, owner: str) -> None:
         self.etcd = etcd
@@ -137,42 +224,104 @@ class Lease:
         self.owner = owner
         self.lease_id = 0
         self.lost = asyncio.Event()
+        self._valid_until = 0.0
+        self._changed = asyncio.Event()
         self._tasks = TaskSet(f"lease:{owner}")
 
+    def valid(self) -> bool:
+        return not self.lost.is_set() and asyncio.get_running_loop().time() < self._valid_until
+
     async def grant(self) -> int:
-        self.lease_id = await self.etcd.grant_lease(self.ttl_s)
+        """Grant a fresh lease and keep it alive; raises ``Unavailable`` (nothing is kept then)."""
+        sent = asyncio.get_running_loop().time()
+        lease_id = await self.etcd.grant_lease(self.ttl_s)
+        self._keep(lease_id, sent + self.ttl_s)
+        return lease_id
+
+    async def adopt(self, lease_id: int) -> bool:
+        """Keep alive a lease granted earlier (by this owner's previous process).
+
+        Returns False, keeping nothing, when etcd says it is gone; raises ``Unavailable``."""
+        sent = asyncio.get_running_loop().time()
+        ttl = await self.etcd.refresh_lease(lease_id, timeout_s=max(self.ttl_s / 2, 0.5))
+        if ttl <= 0:
+            return False
+        self._keep(lease_id, sent + ttl)
+        return True
+
+    def _keep(self, lease_id: int, valid_until: float) -> None:
+        self.lease_id = lease_id
         self.lost.clear()
-        self._tasks.spawn(self._keepalive(self.lease_id), name="keepalive", long_lived=True)
-        return self.lease_id
+        self._set_valid_until(valid_until)
+        self._tasks.spawn(self._keepalive(lease_id), name="keepalive", long_lived=True)
+
+    def _set_valid_until(self, when: float) -> None:
+        self._valid_until = when
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_invalid(self) -> None:
+        """Return once ``valid()`` is false (lost, or not confirmed within its TTL)."""
+        loop = asyncio.get_running_loop()
+        while self.valid():
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), max(self._valid_until - loop.time(), 0.0) + 0.001)
+            except TimeoutError:
+                pass
+
+    async def wait_valid(self) -> bool:
+        """Wait until the lease is confirmed again (True) or known lost (False)."""
+        while not self.valid():
+            if self.lost.is_set():
+                return False
+            await self._changed.wait()
+        return True
 
     async def _keepalive(self, lease_id: int) -> None:
-        interval = max(self.ttl_s / 3.0, 0.3)
         loop = asyncio.get_running_loop()
-        last_ok = loop.time()
+        interval = max(self.ttl_s / 3.0, 0.3)
+        retry_s = 0.1
+        failing_since: float | None = None
         while True:
-            await asyncio.sleep(interval)
+            sent = loop.time()
             try:
-                ttl = await self.etcd.refresh_lease(lease_id)
+                # Bounded by the interval: an answer that comes later is useless for validity anyway.
+                ttl = await self.etcd.refresh_lease(lease_id, timeout_s=interval)
             except Unavailable as exc:
-                if loop.time() - last_ok > self.ttl_s:
-                    log.warning("%s: lease %x presumed lost: %s", self.owner, lease_id, exc)
-                    self.lost.set()
-                    return
+                if failing_since is None:
+                    failing_since = sent
+                    log.warning("%s: lease %x not refreshed (%s); retrying", self.owner, lease_id, exc)
+                await asyncio.sleep(jittered(retry_s))
+                retry_s = min(retry_s * 2, interval)
                 continue
             if ttl <= 0:
-                log.warning("%s: lease %x expired", self.owner, lease_id)
+                log.warning("%s: lease %x is gone from etcd", self.owner, lease_id)
                 self.lost.set()
+                self._set_valid_until(0.0)
                 return
-            last_ok = loop.time()
+            if failing_since is not None:
+                log.info("%s: lease %x refreshed again after %.1f s", self.owner, lease_id, loop.time() - failing_since)
+                failing_since = None
+            retry_s = 0.1
+            self._set_valid_until(sent + ttl)
+            await asyncio.sleep(interval)
 
     async def revoke(self) -> None:
+        """Stop keeping the lease and revoke it (best effort: an unreachable etcd lets it expire)."""
         await self._tasks.cancel_all()
+        self._set_valid_until(0.0)
         if self.lease_id:
             try:
                 await self.etcd.revoke_lease(self.lease_id)
             except Unavailable:
                 pass
             self.lease_id = 0
+
+    async def release(self) -> None:
+        """Stop keeping the lease without revoking it (its keys live until it expires)."""
+        await self._tasks.cancel_all()
+        self._set_valid_until(0.0)
 
 
 MirrorCallback = Callable[[str, bytes, bytes | None], None]  # (kind, key, value or None on delete)
@@ -204,11 +353,19 @@ class PrefixMirror:
         await self._tasks.cancel_all()
         await self.etcd.close()
 
-    async def wait_ready(self, timeout_s: float = 10.0) -> None:
-        try:
-            await asyncio.wait_for(self.ready.wait(), timeout_s)
-        except TimeoutError as exc:
-            raise Unavailable(f"could not read {self.prefix.decode()} from etcd") from exc
+    async def wait_ready(self, timeout_s: float | None = 10.0) -> None:
+        """Wait for the first listing; ``timeout_s=None`` waits as long as etcd is away (logging it)."""
+        if timeout_s is not None:
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout_s)
+            except TimeoutError as exc:
+                raise Unavailable(f"could not read {self.prefix.decode()} from etcd") from exc
+            return
+        while not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), 10.0)
+            except TimeoutError:
+                log.warning("still waiting for etcd to list %s", self.prefix.decode())
 
     def _apply(self, kind: str, key: bytes, value: bytes | None) -> None:
         if value is None:

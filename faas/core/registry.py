@@ -125,9 +125,9 @@ class Catalog:
         self._functions.start()
         self._versions.start()
 
-    async def wait_ready(self) -> None:
-        await self._functions.wait_ready()
-        await self._versions.wait_ready()
+    async def wait_ready(self, timeout_s: float | None = 10.0) -> None:
+        await self._functions.wait_ready(timeout_s)
+        await self._versions.wait_ready(timeout_s)
 
     async def stop(self) -> None:
         await self._functions.stop()

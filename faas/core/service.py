@@ -1,8 +1,9 @@
 """How every platform process runs: one bound socket, one uvicorn server, one membership lease.
 
 ``run_service`` binds the listening socket *before* building the app, so the app knows the address
-it registers in etcd; ``Membership`` keeps ``/faas/members/{role}/{id}`` alive under a lease and
-re-registers after the lease is lost.  ``install_error_handlers`` turns every ``FaasError`` into the
+it registers in etcd (the socket is not inherited by child processes); ``Membership`` keeps
+``/faas/members/{role}/{id}`` alive under a lease through etcd outages and re-registers after the
+lease is lost.  ``install_error_handlers`` turns every ``FaasError`` into the
 platform's JSON error shape once, for the whole app.
 """
 
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 from faas.core import keys
 from faas.core.errors import FaasError, InvalidRequest
-from faas.core.etcd import Etcd, Lease
+from faas.core.etcd import Etcd, Lease, jittered
 from faas.core.models import MemberRecord
 from faas.core.settings import Settings
 
@@ -85,45 +86,80 @@ def deadline_header(deadline: float) -> str:
     return str(int(deadline * 1000))
 
 
-def etcd_from_settings(settings: Settings) -> Etcd:
-    host, port = settings.etcd_host_port
-    return Etcd(host, port)
+def etcd_from_settings(settings: Settings, *, timeout_s: float | None = None) -> Etcd:
+    """A client of every etcd endpoint the settings name."""
+    endpoints = settings.etcd_endpoints
+    host, port = endpoints[0]
+    if timeout_s is None:
+        return Etcd(host, port, endpoints=endpoints)
+    return Etcd(host, port, endpoints=endpoints, timeout_s=timeout_s)
+
+
+class Backoff:
+    """Exponential backoff with jitter, from ``first_s`` doubling up to ``max_s``."""
+
+    def __init__(self, first_s: float = 0.2, max_s: float = 2.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self._next = first_s
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(jittered(self._next))
+        self._next = min(self._next * 2, self.max_s)
+
+    def reset(self) -> None:
+        self._next = self.first_s
 
 
 class Membership:
-    """Keeps this process's member record in etcd for as long as it runs."""
+    """Keeps this process's member record in etcd for as long as it runs.
+
+    ``keep_forever`` registers (a lease, then the record under it), retrying with backoff and jitter
+    while etcd is unreachable, so a service started during an etcd outage registers when etcd is
+    back; it registers again whenever etcd says the lease is gone.  An outage that etcd survives
+    with its leases (a restart) needs nothing: the record is still there."""
 
     def __init__(self, etcd: Etcd, record: MemberRecord, ttl_s: int) -> None:
         self.etcd = etcd
         self.record = record
         self.ttl_s = ttl_s
         self.lease: Lease | None = None
+        self.registered = asyncio.Event()
 
     async def register(self) -> None:
-        self.lease = Lease(self.etcd, self.ttl_s, owner=f"{self.record.role}:{self.record.member_id}")
-        lease_id = await self.lease.grant()
-        await self.etcd.put(
-            keys.member(self.record.role, self.record.member_id),
-            self.record.model_dump_json().encode(),
-            lease=lease_id,
-        )
+        """One attempt: a new lease and the record under it; raises ``Unavailable``, keeping nothing."""
+        lease = Lease(self.etcd, self.ttl_s, owner=f"{self.record.role}:{self.record.member_id}")
+        lease_id = await lease.grant()
+        try:
+            await self.etcd.put(
+                keys.member(self.record.role, self.record.member_id),
+                self.record.model_dump_json().encode(),
+                lease=lease_id,
+            )
+        except BaseException:
+            await lease.revoke()
+            raise
+        self.lease = lease
+        self.registered.set()
 
     async def keep_forever(self) -> NoReturn:
-        """Register (retrying while etcd is unreachable), then re-register whenever the lease is lost."""
+        """Register (retrying while etcd is unreachable), then again whenever the lease is lost."""
+        backoff = Backoff()
         while True:
-            if self.lease is None or self.lease.lost.is_set():
-                if self.lease is not None:
-                    log.warning("membership lease lost; registering again")
-                    await self.lease.revoke()
-                    self.lease = None
+            if self.lease is None:
                 try:
                     await self.register()
                 except FaasError as exc:
                     log.warning("registration of %s failed: %s", self.record.member_id, exc)
-                    await asyncio.sleep(1.0)
+                    await backoff.sleep()
                     continue
+                backoff.reset()
             assert self.lease is not None
             await self.lease.lost.wait()
+            log.warning("membership lease of %s lost; registering again", self.record.member_id)
+            self.registered.clear()
+            await self.lease.revoke()
+            self.lease = None
 
     async def deregister(self) -> None:
         try:
@@ -150,7 +186,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
-    sock.set_inheritable(True)
+    # Not inheritable: a child (a function host) must never hold the service's port open after the
+    # service died, which would leave connections to it hanging instead of refused.
+    sock.set_inheritable(False)
     return sock
 
 

@@ -271,8 +271,8 @@ class SubscriptionIndex:
     def start(self) -> None:
         self._mirror.start()
 
-    async def wait_ready(self) -> None:
-        await self._mirror.wait_ready()
+    async def wait_ready(self, timeout_s: float | None = 10.0) -> None:
+        await self._mirror.wait_ready(timeout_s)
 
     async def stop(self) -> None:
         await self._mirror.stop()

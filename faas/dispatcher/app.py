@@ -40,9 +40,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             etcd, MemberRecord(role="dispatcher", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
         )
         tasks = TaskSet("dispatcher-app")
-        await dispatcher.start()
-        await membership.register()
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        await dispatcher.start()
         peers = PrefixMirror(etcd, keys.members_prefix("dispatcher"))
         peers.start()
 
@@ -56,7 +55,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             consumer_id=member_id,
             live_consumers=live_consumers,
         )
-        await peers.wait_ready()
+        await peers.wait_ready(timeout_s=None)
         tasks.spawn(consumer.run_forever(), name="async-consumer", long_lived=True)
         app.state.dispatcher = dispatcher
         try:

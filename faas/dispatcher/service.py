@@ -116,7 +116,7 @@ class Dispatcher:
         self.scheduler.start()
         self.tasks.spawn(self.logs.run_forever(), name="logs", long_lived=True)
         self.tasks.spawn(self._sweep_pools_forever(), name="sweep-pools", long_lived=True)
-        await self.instances.wait_ready()
+        await self.instances.wait_ready(timeout_s=None)
 
     async def close(self) -> None:
         await self.tasks.cancel_all()

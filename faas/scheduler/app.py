@@ -23,7 +23,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
-        election = Election(etcd, role="scheduler", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s)
+        election = Election(
+            etcd, role="scheduler", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s,
+            probe_leader=True,
+        )
         scheduler = Scheduler(
             settings=settings, etcd=etcd, election=election, catalog=Catalog(etcd), code_store=CodeStore(settings)
         )
@@ -32,7 +35,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         )
         tasks = TaskSet("scheduler-app")
         await scheduler.start()
-        await membership.register()
+        # Registers as soon as etcd answers (now, or when an outage ends).
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
         app.state.scheduler = scheduler
         try:

@@ -61,7 +61,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
         election = Election(
-            etcd, role="trigger", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s
+            etcd, role="trigger", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s,
+            probe_leader=True,
         )
         trigger = Trigger(settings=settings, etcd=etcd, election=election)
         membership = Membership(
@@ -84,11 +85,11 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             index=subscriptions,
         )
         tasks = TaskSet("trigger-app")
-        await trigger.start()
-        await catalog.wait_ready()
-        await subscriptions.wait_ready()
-        await membership.register()
+        # Registers as soon as etcd answers; the copies below wait for etcd as long as it is away.
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        await trigger.start()
+        await catalog.wait_ready(timeout_s=None)
+        await subscriptions.wait_ready(timeout_s=None)
         tasks.spawn(sources.run_forever(), name="event-sources", long_lived=True)
         app.state.trigger = trigger
         try:
@@ -136,7 +137,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def invoke_async(request: Request) -> Response:
         """Write the event durably to the queue, then answer 202 (only the primary does)."""
         trigger: Trigger = app.state.trigger
-        trigger.election.require_leader()
+        trigger.election.require_serving()
         params = request.path_params
         env = AsyncEnvelope(
             id=request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex,
@@ -166,7 +167,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def enqueue_events(batch: EnqueueBatch) -> dict[str, Any]:
         """Queue events for several functions in one transaction (event fan-out): all or none."""
         trigger: Trigger = app.state.trigger
-        trigger.election.require_leader()
+        trigger.election.require_serving()
         envs = [
             AsyncEnvelope(id=item.id or uuid.uuid4().hex, namespace=item.namespace, function=item.function,
                           version=item.version, payload=item.payload, source=item.source)

@@ -48,7 +48,7 @@ class Trigger:
     async def start(self) -> None:
         self.dispatchers.start()
         self.tasks.spawn(self.election.campaign_forever(), name="election", long_lived=True)
-        await self.dispatchers.wait_ready()
+        await self.dispatchers.wait_ready(timeout_s=None)
 
     async def close(self) -> None:
         await self.tasks.cancel_all()
@@ -70,7 +70,7 @@ class Trigger:
     async def invoke_sync(
         self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
     ) -> HopResponse:
-        self.election.require_leader()
+        self.election.require_serving()
         members = self.dispatcher_addresses()
         if not members:
             raise Unavailable("no dispatcher is registered")
