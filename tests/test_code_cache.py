@@ -329,7 +329,7 @@ async def test_the_agent_passes_the_cache_settings_to_its_backend(run_dir: Path)
     backend = await start_backend(settings, "node-cache")
     try:
         assert isinstance(backend, ProcessBackend)
-        assert backend.code_cache.root == settings.code_cache_dir.absolute()
+        assert backend.code_cache.root == (settings.node_dir("node-cache") / "cache").absolute()
         assert (backend.code_cache.ttl_s, backend.code_cache.sweep_interval_s) == (120.0, 7.0)
     finally:
         await backend.close()

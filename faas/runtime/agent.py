@@ -3,7 +3,16 @@
 Guarantees:
 - the node is registered at ``/faas/nodes/{id}`` under the node's lease, refreshed with its free
   memory and CPU load every ``_REPORT_INTERVAL_S``; the scheduler writes instance records under the
-  same lease, so when the agent dies its instances disappear from the routing tables;
+  same lease, so when the agent stays dead longer than the lease TTL its instances disappear from
+  the routing tables;
+- a restarted agent (same node id) keeps the lease its predecessor held when etcd still has it, so
+  a restart within the TTL loses no record and warm calls go on; its backend adopts the healthy
+  instances the predecessor left and kills the rest (see ``host_pool``); the agent then makes the
+  records match: adopted instances recorded (again, under the current lease), records of this node
+  that name no live instance deleted;
+- when etcd says the lease is gone (the agent was cut off longer than the TTL), the agent grants a
+  new one and writes the node record and every live instance's record again under it; while etcd
+  is unreachable it keeps retrying, and the instances keep serving;
 - an instance that exits on its own has its record deleted at once, so dispatchers stop routing to it;
 - the backend evicts cached code that no instance of this node runs or is being launched with, once
   unused for ``code_cache_ttl_s`` (checked every ``code_cache_sweep_s``; see ``code_cache``);
@@ -25,8 +34,8 @@ from fastapi import FastAPI
 from faas.core import keys
 from faas.core.errors import FaasError, NotFound, Unavailable
 from faas.core.etcd import Etcd, Lease
-from faas.core.models import MemberRecord, NodeRecord
-from faas.core.service import Membership, etcd_from_settings, install_error_handlers
+from faas.core.models import InstanceRecord, MemberRecord, NodeRecord
+from faas.core.service import Backoff, Membership, etcd_from_settings, install_error_handlers
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 from faas.runtime.backend import InstanceExit, InstanceSpec, InstanceStatus, RuntimeBackend
@@ -60,7 +69,8 @@ async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
     """
     from faas.runtime.process_backend import ProcessBackend
 
-    run_dir, cache_dir = settings.run_dir.absolute(), settings.code_cache_dir.absolute()
+    node_dir = settings.node_dir(node_id).absolute()
+    run_dir, cache_dir = node_dir / "run", node_dir / "cache"
     if settings.runtime in ("docker", "auto"):
         from faas.runtime.docker_backend import DockerBackend
 
@@ -91,15 +101,40 @@ async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
     return backend
 
 
+async def node_lease(etcd: Etcd, settings: Settings, node_id: str) -> Lease:
+    """The node's lease: the one its previous agent held, when etcd still has it, else a new one.
+
+    Waits (retrying with backoff) for as long as etcd is unreachable: a node agent that cannot
+    record anything has nothing to do yet."""
+    backoff = Backoff()
+    while True:
+        lease = Lease(etcd, settings.lease_ttl_s, owner=f"node:{node_id}")
+        try:
+            kv = await etcd.get(keys.node(node_id))
+            if kv is not None:
+                previous = NodeRecord.model_validate_json(kv.value).lease_id
+                if previous and await lease.adopt(previous):
+                    log.info("node %s: kept the lease %x of the previous agent", node_id, previous)
+                    return lease
+            await lease.grant()
+            return lease
+        except Unavailable as exc:
+            log.warning("node %s: etcd unreachable (%s); waiting for it", node_id, exc)
+            await backoff.sleep()
+
+
 class NodeAgent:
-    def __init__(self, *, settings: Settings, etcd: Etcd, backend: RuntimeBackend, node_id: str, address: str) -> None:
+    def __init__(
+        self, *, settings: Settings, etcd: Etcd, backend: RuntimeBackend, node_id: str, address: str, lease: Lease
+    ) -> None:
         self.settings = settings
         self.etcd = etcd
         self.backend = backend
         self.node_id = node_id
         self.address = address
-        self.lease = Lease(etcd, settings.lease_ttl_s, owner=f"node:{node_id}")
+        self.lease = lease
         self.specs: dict[str, InstanceSpec] = {}
+        self.addresses: dict[str, str] = {}
         self.recent_exits: dict[str, InstanceExit] = {}
         self._exits_changed = asyncio.Condition()
         self.tasks = TaskSet(f"agent:{node_id}")
@@ -122,9 +157,63 @@ class NodeAgent:
         )
 
     async def start(self) -> None:
-        await self.lease.grant()
-        await self.etcd.put(keys.node(self.node_id), self.node_record().model_dump_json().encode(), lease=self.lease.lease_id)
+        """Record what the backend adopted, drop stale records, register the node (retrying)."""
+        for spec, address in self.backend.adopted():
+            self.specs[spec.instance_id] = spec
+            self.addresses[spec.instance_id] = address
+        backoff = Backoff()
+        while True:
+            try:
+                await self._reconcile_records()
+                await self._put_node_record()
+                break
+            except Unavailable as exc:
+                log.warning("node %s: cannot record itself yet: %s", self.node_id, exc)
+                await backoff.sleep()
         self.tasks.spawn(self._report_forever(), name="report", long_lived=True)
+
+    async def _put_node_record(self, runtime_error: str = "") -> None:
+        record = self.node_record(runtime_error)
+        await self.etcd.put(keys.node(self.node_id), record.model_dump_json().encode(), lease=self.lease.lease_id)
+
+    def _instance_record(self, spec: InstanceSpec) -> InstanceRecord:
+        return InstanceRecord(
+            instance_id=spec.instance_id,
+            namespace=spec.namespace,
+            function=spec.function,
+            version=spec.version,
+            node_id=self.node_id,
+            address=self.addresses[spec.instance_id],
+            concurrency=spec.concurrency,
+            memory_mb=spec.memory_mb,
+        )
+
+    async def _reconcile_records(self) -> None:
+        """Make etcd's instance records of this node match the instances it runs.
+
+        A live instance whose record is missing or under another lease is recorded under the current
+        one (create-if-absent, or compare on the record's revision, so a concurrent reap wins); a
+        record of this node naming no live instance is deleted."""
+        kvs, _ = await self.etcd.get_prefix(keys.instances_prefix())
+        recorded: dict[str, tuple[bytes, int, int]] = {}
+        for kv in kvs:
+            rec = InstanceRecord.model_validate_json(kv.value)
+            if rec.node_id == self.node_id:
+                recorded[rec.instance_id] = (kv.key, kv.mod_revision, kv.lease)
+        for instance_id, (key, _, _) in recorded.items():
+            if instance_id not in self.specs:
+                log.info("node %s: deleting the record of %s, which no longer runs here", self.node_id, instance_id)
+                await self.etcd.delete(key)
+        for instance_id, spec in list(self.specs.items()):
+            found = recorded.get(instance_id)
+            if found is not None and found[2] == self.lease.lease_id:
+                continue
+            key = keys.instance(spec.namespace, spec.function, spec.version, instance_id)
+            guard = self.etcd.mod_revision(key) == found[1] if found else self.etcd.create_revision(key) == 0
+            value = self._instance_record(spec).model_dump_json().encode()
+            ok, _ = await self.etcd.txn([guard], [self.etcd.op_put(key, value, lease=self.lease.lease_id)])
+            if ok:
+                log.info("node %s: recorded instance %s under lease %x", self.node_id, instance_id, self.lease.lease_id)
 
     async def close(self) -> None:
         await self.tasks.cancel_all()
@@ -140,28 +229,40 @@ class NodeAgent:
             await asyncio.sleep(_REPORT_INTERVAL_S)
             try:
                 if self.lease.lost.is_set():
-                    await self.lease.revoke()
-                    self.lease = Lease(self.etcd, self.settings.lease_ttl_s, owner=f"node:{self.node_id}")
-                    await self.lease.grant()
+                    log.warning("node %s: lease gone; recording the node and its instances again", self.node_id)
+                    await self.lease.release()
+                    fresh = Lease(self.etcd, self.settings.lease_ttl_s, owner=f"node:{self.node_id}")
+                    await fresh.grant()
+                    self.lease = fresh
+                    await self._put_node_record()
+                    await self._reconcile_records()
                 runtime_error = ""
                 try:
                     await self.backend.check()
                 except Unavailable as exc:
                     runtime_error = exc.message
                     log.warning("runtime backend unavailable: %s", runtime_error)
-                record = self.node_record(runtime_error)
-                await self.etcd.put(keys.node(self.node_id), record.model_dump_json().encode(), lease=self.lease.lease_id)
+                await self._put_node_record(runtime_error)
             except FaasError as exc:
                 log.warning("node report failed: %s", exc)
 
     async def launch(self, spec: InstanceSpec) -> str:
         address = await self.backend.launch(spec, timeout_s=self.settings.cold_start_timeout_s)
         self.specs[spec.instance_id] = spec
+        self.addresses[spec.instance_id] = address
         return address
 
     async def stop(self, instance_id: str) -> None:
-        self.specs.pop(instance_id, None)
+        spec = self.specs.pop(instance_id, None)
+        self.addresses.pop(instance_id, None)
         await self.backend.stop(instance_id)
+        if spec is not None:
+            # Normally the scheduler deleted it before asking; this covers a record written again
+            # (by a reconcile) in between.
+            try:
+                await self.etcd.delete(keys.instance(spec.namespace, spec.function, spec.version, instance_id))
+            except FaasError as exc:
+                log.warning("could not delete the record of %s: %s", instance_id, exc)
 
     async def _on_instance_exit(self, exit: InstanceExit) -> None:
         async with self._exits_changed:
@@ -170,6 +271,7 @@ class NodeAgent:
                 self.recent_exits.pop(next(iter(self.recent_exits)))
             self._exits_changed.notify_all()
         spec = self.specs.pop(exit.instance_id, None)
+        self.addresses.pop(exit.instance_id, None)
         if spec is None:
             return
         log.info("instance %s exited (%s); removing its record", exit.instance_id, exit.detail)
@@ -195,14 +297,18 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
+        # The lease first: a restarted agent keeps its predecessor's (and so its instance records)
+        # only if it refreshes it before the TTL runs out.
+        lease = await node_lease(etcd, settings, member_id)
         backend = await start_backend(settings, member_id)
-        agent = NodeAgent(settings=settings, etcd=etcd, backend=backend, node_id=member_id, address=address)
+        agent = NodeAgent(
+            settings=settings, etcd=etcd, backend=backend, node_id=member_id, address=address, lease=lease
+        )
         membership = Membership(
             etcd, MemberRecord(role="node", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
         )
         tasks = TaskSet("agent-app")
         await agent.start()
-        await membership.register()
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
         app.state.agent = agent
         try:

@@ -2,7 +2,7 @@
 
 A backend turns an ``InstanceSpec`` into a running, specialised function host reachable at an address
 (``unix:///…`` or ``http://127.0.0.1:PORT``).  Implementations: ``process_backend.ProcessBackend``
-(local processes, the embedded default) and, later, a Docker backend.  The node agent is the only
+(local processes, the embedded default) and ``docker_backend.DockerBackend``.  The node agent is the only
 caller; it serialises nothing, so implementations must be safe for concurrent ``launch`` calls.
 """
 
@@ -80,3 +80,7 @@ class RuntimeBackend(Protocol):
 
     def set_exit_callback(self, callback: InstanceExitCallback) -> None:
         """Register a coroutine called with how an instance ended, when it exits on its own."""
+
+    def adopted(self) -> list[tuple[InstanceSpec, str]]:
+        """The instances ``start`` adopted from a previous agent on this node, still running:
+        (spec, address).  Every other host a previous agent left was killed by ``start``."""

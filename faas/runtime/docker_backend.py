@@ -43,15 +43,16 @@ Invariants (besides those of ``host_pool``; destroying a container removes it):
   daemon's event stream (filtered by this node's label), reconnected with ``since`` so none is lost.
 - ``_destroy`` returns only once the daemon no longer has the container; concurrent calls share one
   removal, and ``close`` finally removes whatever the daemon still lists under this node's label.
-- On ``start``, containers labelled with this node id that a previous agent left behind are removed,
-  not re-registered: their instance records died with the old agent's lease, nothing routes to them,
-  and a pool member's binding to a function lived only in the old agent's memory.
+- On ``start``, the containers labelled with this node id that a previous agent left behind are
+  adopted when the journal (``host_pool``) names them as instances, they still run under the same
+  container id and their host answers as a ready instance; every other one (pool members, half-
+  started ones, ones that do not answer) is removed, with the folders of everything not adopted.
 
 Labels: ``faas.platform=1`` and ``faas.node=<node id>`` on every container.  A container created
 for a launch also carries ``faas.instance``, ``faas.function`` (``<namespace>/<name>``) and
 ``faas.version``; a pool member carries ``faas.pool=1`` instead, for ever: labels cannot change on a
 running container, so which function a specialised pool member serves is known only to this
-backend's memory (hence the orphan rule above).
+backend's memory and its journal (hence the adoption rule above).
 
 Caveats:
 
@@ -189,6 +190,7 @@ class DockerBackend(PooledBackend[_Container]):
         super().__init__(
             pool_size=pool_size,
             code_cache=CodeCache(Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s),
+            journal_dir=Path(run_dir) / "journal",
         )
         self._containers_dir = Path(run_dir) / "containers"
         self._views_dir = Path(run_dir) / "code"
@@ -216,17 +218,20 @@ class DockerBackend(PooledBackend[_Container]):
             self._layout = await runtime_layout(
                 docker, await ensure_runtime_image(docker, tag=self._image_tag)
             )
-            await self._remove_orphans(docker)
             for directory in (self._containers_dir, self._views_dir):
                 directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._cache_dir.mkdir(parents=True, exist_ok=True)
+            self.journal.prepare()
+            self._docker = docker
+            await self._adopt_leftovers()
         except OSError as exc:
+            self._docker = None
             await docker.close()
             raise Unavailable(f"cannot create the runtime directories: {exc}") from exc
         except BaseException:
+            self._docker = None
             await docker.close()
             raise
-        self._docker = docker
         # Events are replayed from this moment on, however late the stream is established.
         self._tasks.spawn(self._watch_events(since=time.time() - 1.0), name="events", long_lived=True)
         try:
@@ -372,22 +377,60 @@ class DockerBackend(PooledBackend[_Container]):
     def _node_filters(self) -> dict[str, list[str]]:
         return {"label": [f"{LABEL_PLATFORM}=1", f"{LABEL_NODE}={self._node_id}"]}
 
-    async def _remove_orphans(self, docker: aiodocker.Docker) -> None:
+    def _journal_handle(self, container: _Container) -> dict[str, Any]:
+        return {"container_id": container.container_id, "folder": container.folder}
+
+    async def _adopt_leftovers(self) -> None:
+        """Adopt the journalled, healthy instances a previous agent left; remove its other containers."""
+        docker = self._docker
+        assert docker is not None
+        entries = self.journal.read_all()
         try:
-            orphans = await docker.containers.list(all=True, filters=json.dumps(self._node_filters()))
-            for orphan in orphans:
-                await _remove_container(docker, orphan.id)
+            leftovers = await docker.containers.list(all=True, filters=json.dumps(self._node_filters()))
         except aiodocker.DockerError as exc:
-            raise Unavailable(f"cannot remove the containers a previous agent left: {exc}") from exc
-        if orphans:
-            logger.warning(
-                "removed %d containers left by a previous agent on node %s", len(orphans), self._node_id
-            )
-        # Their socket folders and code views (and any left by a crash) go too: only this backend
-        # writes under these dirs, for this node.
+            raise Unavailable(f"cannot list the containers a previous agent left: {exc}") from exc
+        kept: set[str] = set()
+        removed = 0
+        for leftover in leftovers:
+            info = leftover._container
+            name = str((info.get("Names") or ["?"])[0]).lstrip("/")
+            entry = entries.get(name)
+            if entry is not None and info.get("State") == "running" and await self._adopt_container(leftover.id, name, entry):
+                kept.add(entry.handle.get("folder", ""))
+                continue
+            await _remove_container(docker, leftover.id)
+            removed += 1
+        for name in set(entries) - {e.host for e in entries.values() if e.handle.get("folder") in kept}:
+            self.journal.remove(name)
+        if removed:
+            logger.warning("removed %d containers left by a previous agent on node %s", removed, self._node_id)
+        # The folders of everything not adopted (and any left by a crash): only this backend writes
+        # under these dirs, for this node.
         for directory in (self._containers_dir, self._views_dir):
-            if directory.is_dir():
-                await asyncio.to_thread(shutil.rmtree, directory, True)
+            for path in list(directory.iterdir()) if directory.is_dir() else []:
+                if path.name not in kept:
+                    await asyncio.to_thread(shutil.rmtree, path, True)
+
+    async def _adopt_container(self, container_id: str, name: str, entry: Any) -> bool:
+        folder = str(entry.handle.get("folder", ""))
+        if entry.handle.get("container_id") != container_id or not folder:
+            return False
+        socket_dir = self._containers_dir / folder
+        container = _Container(
+            name=name,
+            folder=folder,
+            socket_dir=socket_dir,
+            code_dir=self._views_dir / folder,
+            client=host_client(socket_dir / SOCKET_NAME),
+            container_id=container_id,
+            role="instance",
+        )
+        if not await self._is_ready_instance(container):
+            await container.client.aclose()
+            return False
+        self._by_id[container_id] = container
+        self._adopt(container, entry)
+        return True
 
     async def _watch_events(self, *, since: float) -> NoReturn:
         """Notice every container of this node that stops, for as long as the backend runs."""
@@ -649,6 +692,7 @@ class DockerBackend(PooledBackend[_Container]):
         await asyncio.shield(container.removal)
 
     async def _remove(self, container: _Container) -> None:
+        self.journal.remove(container.name)
         if self._docker is not None:
             # By name when the create call never returned (cancelled): the daemon may have made it.
             await _remove_container(self._docker, container.container_id or container.name)

@@ -20,6 +20,14 @@ Invariants:
   launch releases it, and a launched instance holds it until it is stopped (once its host is
   destroyed), exits on its own, or the backend closes.
 
+- Restarts: every specialised instance has an entry in the backend's journal (``journal_dir``, one
+  JSON file per host, readable by the agent only) from its registration until it is destroyed or
+  exits.  A backend started after its predecessor died (``start`` calls ``_adopt_leftovers``) adopts
+  each host that its journal names, that is still the same process or container, and that answers
+  its health check as a ready instance; it kills every other host the predecessor left (pool
+  members, half-started hosts, hosts that do not answer).  Nothing is orphaned: what is not adopted
+  is killed.  ``adopted()`` lists the adopted instances, for the node agent to record again.
+
 Every host listens on a unix socket whose path is its address (``unix://…``); the shared code logs
 under the backend's own logger, and names a host by the backend's word for it ("host",
 "container") in errors.
@@ -35,9 +43,10 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.tasks import TaskSet
@@ -67,6 +76,59 @@ class PooledHost(Protocol):
 
 
 H = TypeVar("H", bound=PooledHost)
+
+
+class JournalEntry(BaseModel):
+    """What a restarted backend needs to adopt a specialised host its predecessor left."""
+
+    host: str  # the host's name (process backend) or container name (Docker backend)
+    spec: InstanceSpec  # with ``code_url`` blanked: it expires, and adoption needs no download
+    address: str
+    handle: dict[str, Any]  # how the backend finds the same host again (pid and start time, container id)
+
+
+class InstanceJournal:
+    """One small JSON file per specialised instance under ``directory`` (mode 700, files 600)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, host: str) -> Path:
+        return self.directory / f"{host}.json"
+
+    def write(self, entry: JournalEntry) -> None:
+        path = self._path(entry.host)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the function's environment
+        with os.fdopen(fd, "w") as fh:
+            fh.write(entry.model_dump_json())
+        os.replace(tmp, path)
+
+    def remove(self, host: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(host).unlink()
+
+    def read_all(self) -> dict[str, JournalEntry]:
+        """Every readable entry by host name; unreadable files are removed."""
+        out: dict[str, JournalEntry] = {}
+        if not self.directory.is_dir():
+            return out
+        for path in self.directory.glob("*.json"):
+            try:
+                entry = JournalEntry.model_validate_json(path.read_bytes())
+            except (OSError, ValidationError, ValueError):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            out[entry.host] = entry
+        return out
+
+
+def journal_spec(spec: InstanceSpec) -> InstanceSpec:
+    return spec.model_copy(update={"code_url": ""})
 
 
 def check_socket_path(probe: Path, run_dir: Path) -> None:
@@ -103,8 +165,10 @@ class PooledBackend(ABC, Generic[H]):
     _noun: str
     _log: logging.Logger
 
-    def __init__(self, *, pool_size: int, code_cache: CodeCache) -> None:
+    def __init__(self, *, pool_size: int, code_cache: CodeCache, journal_dir: Path) -> None:
         self.code_cache = code_cache
+        self.journal = InstanceJournal(journal_dir)
+        self._adopted: list[tuple[InstanceSpec, str]] = []
         self._pool_size = pool_size
         self._pool: deque[H] = deque()
         self._pool_spawning = 0
@@ -160,6 +224,16 @@ class PooledBackend(ABC, Generic[H]):
         """The host's process id, if this backend knows it."""
         return None
 
+    @abstractmethod
+    def _journal_handle(self, host: H) -> dict[str, Any]:
+        """How a restarted backend finds ``host`` again (written to the journal)."""
+
+    @abstractmethod
+    async def _adopt_leftovers(self) -> None:
+        """Adopt the healthy instances a previous backend on this node left, kill everything else.
+
+        Called by ``start`` before the pool is filled; uses ``journal`` and ``_adopt``."""
+
     def _specialize_body(self, spec: InstanceSpec) -> dict[str, object]:
         return spec.specialize_body()
 
@@ -170,6 +244,12 @@ class PooledBackend(ABC, Generic[H]):
         """Record a freshly specialised host as instance ``spec.instance_id``."""
         host.instance_id = spec.instance_id
         self._instances[spec.instance_id] = host
+        try:
+            self.journal.write(
+                JournalEntry(host=host.name, spec=journal_spec(spec), address=host.address, handle=self._journal_handle(host))
+            )
+        except OSError as exc:  # the instance runs; only its adoption after an agent restart is lost
+            self._log.warning("cannot journal instance %s: %s", spec.instance_id, exc)
         pid = self._pid(host)
         self._log.info(
             "instance %s (%s/%s:%s) is %s %s%s",
@@ -192,6 +272,31 @@ class PooledBackend(ABC, Generic[H]):
         """Evict unused code from the node cache periodically, until the backend closes."""
         self._tasks.spawn(self.code_cache.sweep_forever(), name="code-cache-sweep", long_lived=True)
 
+    async def _is_ready_instance(self, host: H) -> bool:
+        """True when ``host`` answers its health check as a specialised instance."""
+        try:
+            response = await host.client.get("/_/health", timeout=HEALTH_TIMEOUT_S)
+            return response.status_code == 200 and response.json().get("state") == "ready"
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+
+    def _adopt(self, host: H, entry: JournalEntry) -> None:
+        """Take over a healthy instance a previous backend left (see ``_adopt_leftovers``)."""
+        spec = entry.spec
+        host.instance_id = spec.instance_id
+        self._instances[spec.instance_id] = host
+        self.code_cache.acquire(spec.sha256)
+        self._code_holds[host] = spec.sha256
+        self._adopted.append((spec, host.address))
+        self._log.warning(
+            "adopted instance %s (%s/%s:%s), %s %s left by a previous agent",
+            spec.instance_id, spec.namespace, spec.function, spec.version, self._noun, host.name,
+        )  # fmt: skip
+
+    def adopted(self) -> list[tuple[InstanceSpec, str]]:
+        """The instances ``start`` adopted that still run: (spec, address)."""
+        return [(spec, address) for spec, address in self._adopted if spec.instance_id in self._instances]
+
     def _release_code(self, host: H) -> None:
         """``host`` no longer runs its instance's code: let the cache evict it once unused long enough."""
         sha256 = self._code_holds.pop(host, None)
@@ -213,6 +318,8 @@ class PooledBackend(ABC, Generic[H]):
         await self._tasks.cancel_all()
         for host in list(self._code_holds):
             self._release_code(host)
+        for host in hosts + leftovers:
+            self.journal.remove(host.name)
 
     async def launch(self, spec: InstanceSpec, *, timeout_s: float) -> str:
         self._check_open()
@@ -266,6 +373,7 @@ class PooledBackend(ABC, Generic[H]):
                 await self._destroy(host)
             finally:
                 self._release_code(host)
+                self.journal.remove(host.name)
 
     async def list_instances(self) -> list[InstanceStatus]:
         return list(

@@ -22,6 +22,14 @@ run in.  The cache is swept every ``code_cache_sweep_s``: a ``<sha256>/`` dir no
 launching instance of this backend uses, and unused for ``code_cache_ttl_s``, is evicted (see
 ``code_cache``); the next launch of that archive downloads it again.
 
+Restarts (see ``host_pool``): a host runs in its own session, so it outlives a node agent killed
+with SIGKILL.  On ``start`` the backend looks for every ``host.py`` process whose socket is in its
+socket folder (by command line, in ``/proc``): the ones its journal names as instances, that are
+still the same process (pid and start time) and answer their health check, are adopted (watched
+through a pidfd, since they are no longer its children); every other one is killed with its whole
+process group, and the files of what was not adopted are removed.  The agent's listening socket is
+not inheritable, so a host never keeps the agent's port open.
+
 Caveats: the per-host log file (``<host name>.log`` beside the socket: host diagnostics and anything
 the user's code prints outside an invocation) is deleted when the backend stops the host and kept when
 the host exits on its own, for the post-mortem.  Nothing rotates the kept ones.
@@ -38,10 +46,12 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 
 from faas.core.errors import Unavailable
+from faas.core.procs import pid_alive, proc_stat, processes_matching
 from faas.runtime.backend import InstanceExit, InstanceSpec
 from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
 from faas.runtime.host_pool import PooledBackend, check_socket_path, host_client
@@ -74,6 +84,42 @@ INHERITED_ENV = (
 )
 
 
+class HostProcess(Protocol):
+    """What the backend needs of a host's process: a child it started, or one it adopted."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class AdoptedProcess:
+    """A host process a previous agent started: not our child, so it is watched through a pidfd.
+
+    Its exit code cannot be read (only a parent can); ``returncode`` is -1 once it has exited."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._fd = os.pidfd_open(pid)  # ProcessLookupError if it is gone already
+        self._loop.add_reader(self._fd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self.returncode = -1
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        return -1
+
+
 @dataclass(eq=False)
 class _Host:
     """One host process: generic while ``instance_id`` is None, an instance afterwards."""
@@ -81,7 +127,7 @@ class _Host:
     name: str
     socket_path: Path
     log_path: Path
-    process: asyncio.subprocess.Process
+    process: HostProcess
     client: httpx.AsyncClient
     instance_id: str | None = None
     stopping: bool = False
@@ -123,6 +169,7 @@ class ProcessBackend(PooledBackend[_Host]):
         super().__init__(
             pool_size=pool_size,
             code_cache=CodeCache(Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s),
+            journal_dir=Path(run_dir) / "journal",
         )
         self._socket_dir = Path(run_dir) / "instances"
         self._cache_dir = Path(cache_dir)
@@ -140,8 +187,10 @@ class ProcessBackend(PooledBackend[_Host]):
         try:
             self._socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._cache_dir.mkdir(parents=True, exist_ok=True)
+            self.journal.prepare()
         except OSError as exc:
             raise Unavailable(f"cannot create the runtime directories: {exc}") from exc
+        await self._adopt_leftovers()
         count = await self._fill_pool()
         self._sweep_code_cache_forever()
         logger.info("process backend started with %d warm hosts in %s", count, self._socket_dir)
@@ -181,6 +230,77 @@ class ProcessBackend(PooledBackend[_Host]):
 
     def _pid(self, host: _Host) -> int | None:
         return host.process.pid
+
+    def _journal_handle(self, host: _Host) -> dict[str, Any]:
+        stat = proc_stat(host.process.pid)
+        return {"pid": host.process.pid, "start_ticks": stat[1] if stat else None}
+
+    # -- restarts -----------------------------------------------------------------------------------
+
+    def _leftover_hosts(self) -> list[tuple[int, str]]:
+        """(pid, host name) of every host process serving a socket in this backend's folder."""
+        prefix = f"{self._socket_dir}/"
+
+        def ours(argv: list[str]) -> bool:
+            return (
+                str(HOST_SCRIPT) in argv
+                and "--socket" in argv
+                and argv.index("--socket") + 1 < len(argv)
+                and argv[argv.index("--socket") + 1].startswith(prefix)
+            )
+
+        found = []
+        for pid, argv in processes_matching(ours):
+            if pid == os.getpid():
+                continue
+            socket_arg = argv[argv.index("--socket") + 1]
+            found.append((pid, Path(socket_arg).stem))
+        return found
+
+    async def _adopt_leftovers(self) -> None:
+        entries = self.journal.read_all()
+        kept: set[str] = set()
+        killed = 0
+        for pid, name in self._leftover_hosts():
+            entry = entries.get(name)
+            if entry is not None and await self._adopt_process(pid, name, entry):
+                kept.add(name)
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # a host leads its own session: its group goes too
+            killed += 1
+        for name in set(entries) - kept:
+            self.journal.remove(name)
+        # The files of every host that was not adopted: sockets, logs of pool members.
+        for path in list(self._socket_dir.iterdir()) if self._socket_dir.is_dir() else []:
+            if path.stem not in kept and path.suffix in (".sock", ".log"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if killed:
+            logger.warning("killed %d function hosts a previous agent left (not adoptable)", killed)
+
+    async def _adopt_process(self, pid: int, name: str, entry: Any) -> bool:
+        if entry.handle.get("pid") != pid or not pid_alive(pid, entry.handle.get("start_ticks")):
+            return False
+        socket_path = self._socket_dir / f"{name}.sock"
+        try:
+            process = AdoptedProcess(pid)
+        except OSError:
+            return False
+        host = _Host(
+            name=name,
+            socket_path=socket_path,
+            log_path=self._socket_dir / f"{name}.log",
+            process=process,
+            client=host_client(socket_path),
+        )
+        if not await self._is_ready_instance(host):
+            await host.client.aclose()
+            return False
+        self._hosts.add(host)
+        self._adopt(host, entry)
+        self._tasks.spawn(self._watch(host), name=f"watch-{name}")
+        return True
 
     # -- processes ----------------------------------------------------------------------------------
 
@@ -229,6 +349,7 @@ class ProcessBackend(PooledBackend[_Host]):
         self._hosts.discard(host)
         if host.stopping:
             return
+        self.journal.remove(host.name)
         _signal_group(host, signal.SIGKILL)  # whatever the user's code left behind in its session
         self._release_code(host)
         await host.client.aclose()
@@ -271,6 +392,7 @@ class ProcessBackend(PooledBackend[_Host]):
                 await host.process.wait()
         _signal_group(host, signal.SIGKILL)
         self._hosts.discard(host)
+        self.journal.remove(host.name)
         await host.client.aclose()
         for path in (host.socket_path, host.log_path):
             with contextlib.suppress(OSError):

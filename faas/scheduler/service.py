@@ -134,18 +134,46 @@ class Scheduler:
                 ticket.future.exception()
 
     async def _start_instance(self, spec: VersionSpec) -> InstanceRecord:
-        nodes = self.node_records()
-        if not nodes:
-            raise Unavailable("no node agent is registered")
+        """Place and start one instance; waits up to ``node_wait_s`` for a node agent that answers.
+
+        A node agent that refuses the connection (restarting) is skipped for this start and tried
+        again after the others; with none reachable the start waits, so a node agent restart delays
+        cold starts instead of failing them."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.node_wait_s
+        unreachable: dict[str, str] = {}
+        while True:
+            nodes = [n for n in self.node_records() if n.node_id not in unreachable]
+            chosen = self._place(nodes, spec) if nodes else None
+            if chosen is not None:
+                try:
+                    return await self._start_on(chosen, spec)
+                except _NodeUnreachable as exc:
+                    unreachable[chosen.node_id] = str(exc)
+                    continue
+            if loop.time() >= give_up_at:
+                if unreachable:
+                    raise Unavailable("no node agent answers: " + "; ".join(unreachable.values()))
+                if not self.node_records():
+                    raise Unavailable("no node agent is registered")
+                raise Unavailable(f"no node has {spec.memory_mb} MB of free memory")
+            # A restarting agent re-registers (or answers again) shortly: look again then.
+            unreachable.clear()
+            async with self.nodes.changed:
+                try:
+                    await asyncio.wait_for(self.nodes.changed.wait(), 0.25)
+                except TimeoutError:
+                    pass
+
+    def _place(self, nodes: list[NodeRecord], spec: VersionSpec) -> NodeRecord | None:
         reserved: dict[str, int] = defaultdict(int)
         for rec in self.instance_records():
             reserved[rec.node_id] += rec.memory_mb
         for candidate in nodes:
             candidate.memory_free_mb = min(candidate.memory_free_mb, candidate.memory_total_mb - reserved[candidate.node_id])
-        chosen = pick_node(nodes, spec.memory_mb)
-        if chosen is None:
-            raise Unavailable(f"no node has {spec.memory_mb} MB of free memory")
-        node = chosen
+        return pick_node(nodes, spec.memory_mb)
+
+    async def _start_on(self, node: NodeRecord, spec: VersionSpec) -> InstanceRecord:
         instance_id = f"{spec.function}-v{spec.version}-{secrets.token_hex(4)}"
         body = {
             "instance_id": instance_id,
@@ -163,8 +191,10 @@ class Scheduler:
         }
         try:
             resp = await self.http.post(f"{node.address}/v1/instances", json=body)
+        except httpx.ConnectError as exc:
+            raise _NodeUnreachable(f"node agent {node.node_id} at {node.address} refused the connection") from exc
         except httpx.HTTPError as exc:
-            raise Unavailable(f"node agent {node.node_id} at {node.address} unreachable: {exc!r}") from exc
+            raise Unavailable(f"node agent {node.node_id} at {node.address} failed: {exc!r}") from exc
         if resp.status_code != 200:
             raise error_from_body(_json(resp), resp.status_code)
         address = resp.json()["address"]
@@ -348,6 +378,10 @@ class Scheduler:
             for _ in range(max(0, deficit)):
                 ticket = self.book.open(key, capacity=0)
                 self.tasks.spawn(self._fulfil(key, spec, ticket), name=f"min:{record.name}:{version}")
+
+
+class _NodeUnreachable(Exception):
+    """The node agent did not take the connection: nothing was started there."""
 
 
 def _json(resp: httpx.Response) -> object:
