@@ -1,9 +1,11 @@
 """``faas up``, ``faas down`` and ``faas status``: the embedded platform from the command line.
 
-``up`` starts etcd, Valkey, SeaweedFS and the platform services under ``--home`` (progress on stderr,
-the gateway URL alone on stdout, so ``URL=$(faas up)`` works) and returns once all of them answer; a
-failed ``up`` leaves nothing running.  ``down`` stops what the state file in ``<home>/run`` records, from
-any process.  ``status`` asks every component itself (etcd, Valkey, S3, the gateway's ``/healthz``, the
+``up`` starts the supervisor (``faas.launcher.supervisor``), which starts etcd, Valkey, SeaweedFS and
+the platform services under ``--home`` and then keeps them running (a component that dies is started
+again); ``up`` follows its progress (on stderr; the gateway URL alone on stdout, so ``URL=$(faas up)``
+works) and returns once all of them answer.  A failed ``up`` leaves nothing running.  ``down`` asks
+the supervisor to stop everything (and stops from the state file in ``<home>/run`` whatever is left,
+for example when the supervisor was killed), from any process.  ``status`` asks every component itself (etcd, Valkey, S3, the gateway's ``/healthz``, the
 members and leaders registered in etcd) and exits 0 only when all of them are up.
 
 Settings come from ``FAAS_*`` variables; ``--home`` overrides the folder.  ``down`` and ``status`` use
@@ -16,6 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,20 +32,24 @@ from faas.core.settings import Settings
 from faas.launcher.embedded import (
     ELECTED_ROLES,
     STOP_GRACE_S,
-    EmbeddedCluster,
     ProcessRecord,
     default_services,
+    live_records,
+    log_tail,
     pid_alive,
     probe_etcd,
     probe_gateway,
     probe_s3,
     probe_valkey,
+    project_root,
     read_members,
     read_state,
+    settings_env,
     state_records,
     state_settings,
     stop_from_state,
 )
+from faas.launcher.supervisor import read_status, status_path, supervisor_alive
 
 from .commands import format_table
 
@@ -54,6 +63,10 @@ def add_parsers(subparsers: Any) -> None:
     _home_option(p)
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="how the node agent runs instances (default: $FAAS_RUNTIME or process)")  # fmt: skip
+    p.add_argument("--nodes", type=int, default=None,
+                   help="how many node agents to run, each with its own folder and backend (default 1)")  # fmt: skip
+    p.add_argument("--etcd-members", type=int, choices=(1, 3, 5), default=None,
+                   help="run etcd as a cluster of this many members (default 1)")  # fmt: skip
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("down", help="stop the embedded platform started by 'faas up'")
@@ -112,24 +125,88 @@ class _ProgressLine:
             self.open = False
 
 
+SUPERVISOR_READY_S = 180.0  # SeaweedFS alone may take a minute on a slow first start
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = _settings(args, runtime=getattr(args, "runtime", None))
+    settings = _settings(
+        args,
+        runtime=getattr(args, "runtime", None),
+        nodes=getattr(args, "nodes", None),
+        etcd_members=getattr(args, "etcd_members", None),
+    )
+    settings = settings.model_copy(update={"home": settings.home.expanduser().resolve()})
+    state = read_state(settings)
+    if state is not None and live_records(state):
+        pids = ", ".join(f"{r.name} {r.pid}" for r in live_records(state))
+        raise Unavailable(f"a platform under {settings.home} is already running (pid {pids}); run 'faas down' first")
+    if supervisor_alive(read_status(settings)):
+        raise Unavailable(f"a supervisor under {settings.home} is already starting a platform; run 'faas down' first")
+    status_path(settings).unlink(missing_ok=True)
     progress = _ProgressLine()
-    cluster = EmbeddedCluster(settings, progress=progress)
     started = time.monotonic()
+    proc = _spawn_supervisor(settings)
     try:
-        asyncio.run(cluster.start())
-    except BaseException:
+        outcome = _follow_supervisor(settings, proc, progress)
+    except KeyboardInterrupt:
         progress.failed()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
         raise
-    home = cluster.settings.home
+    if outcome is not None:
+        progress.failed()
+        raise Unavailable(outcome)
     print(
-        f"platform ready in {time.monotonic() - started:.1f} s; data and logs in {home}; "
-        f"stop it with 'faas down{_home_flag(args)}'",
+        f"platform ready in {time.monotonic() - started:.1f} s, kept running by the supervisor (pid {proc.pid}); "
+        f"data and logs in {settings.home}; stop it with 'faas down{_home_flag(args)}'",
         file=sys.stderr,
     )
-    print(cluster.settings.gateway_url)
+    print(settings.gateway_url)
     return 0
+
+
+def _spawn_supervisor(settings: Settings) -> subprocess.Popen[bytes]:
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(settings_env(settings))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project_root()), env.get("PYTHONPATH")) if p)
+    with open(settings.log_dir / "supervisor.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "faas.launcher.supervisor", "--home", str(settings.home)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # a Ctrl-C in this terminal later must not reach the platform
+            close_fds=True,
+        )
+
+
+def _follow_supervisor(settings: Settings, proc: subprocess.Popen[bytes], progress: _ProgressLine) -> str | None:
+    """Print the supervisor's steps until the platform is ready (None) or failed (the reason)."""
+    shown = 0
+    deadline = time.monotonic() + SUPERVISOR_READY_S
+    while True:
+        status = read_status(settings)
+        if status is not None and status.get("pid") == proc.pid:
+            steps = status.get("steps") or []
+            for label, seconds in steps[shown:]:
+                progress(label, seconds)
+            shown = len(steps)
+            if status.get("phase") == "ready":
+                return None
+            if status.get("phase") == "failed":
+                proc.wait(60)
+                return str(status.get("error") or "the platform did not start")
+        code = proc.poll()
+        if code is not None:
+            tail = log_tail(settings.log_dir / "supervisor.log", 0, 15)
+            return f"the supervisor exited with code {code} before the platform was ready; last lines of its log:\n{tail}"
+        if time.monotonic() > deadline:
+            proc.send_signal(signal.SIGTERM)
+            return f"the platform was not ready after {SUPERVISOR_READY_S:.0f} s (see {settings.log_dir})"
+        time.sleep(0.1)
 
 
 def _home_flag(args: argparse.Namespace) -> str:
@@ -139,10 +216,29 @@ def _home_flag(args: argparse.Namespace) -> str:
 # -- down -------------------------------------------------------------------------------------------
 
 
+SUPERVISOR_STOP_S = 90.0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    status = read_status(settings)
+    if supervisor_alive(status):
+        assert status is not None
+        pid = int(status["pid"])
+        print(f"stopping the supervisor (pid {pid}) and everything it runs", file=sys.stderr)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + SUPERVISOR_STOP_S
+        while supervisor_alive(status) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if supervisor_alive(status):
+            print(f"the supervisor did not stop within {SUPERVISOR_STOP_S:g} s; killing it", file=sys.stderr)
+            os.kill(pid, signal.SIGKILL)
+        else:
+            print(f"stopped the supervisor (pid {pid})")
     if read_state(settings) is None:
-        print(f"nothing to stop: no cluster is recorded in {settings.run_dir.resolve()}", file=sys.stderr)
+        if status is None:
+            print(f"nothing to stop: no cluster is recorded in {settings.run_dir.resolve()}", file=sys.stderr)
+        status_path(settings).unlink(missing_ok=True)
         return 0
     for outcome in stop_from_state(settings):
         what = f"{outcome.name} (pid {outcome.pid})"
@@ -152,6 +248,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             print(f"killed {what}: it did not exit within {STOP_GRACE_S:g} s of SIGTERM")
         else:
             print(f"{what} was not running")
+    status_path(settings).unlink(missing_ok=True)
     return 0
 
 
@@ -212,6 +309,9 @@ async def collect_status(settings: Settings, state: dict[str, Any] | None) -> di
         if not ok and rec is not None and not pid_alive(rec.pid, rec.start_ticks):
             ok = False
             problem = f"process {rec.pid} is not running (log: {rec.log}); {problem}".rstrip("; ")
+        if rec is not None and rec.state == "crash-loop":
+            problem = f"crash-looping ({rec.restarts} restarts, last exit code {rec.last_exit}; log: {rec.log})"
+            ok = False
         rows.append({
             "component": component,
             "id": ident,
@@ -219,10 +319,27 @@ async def collect_status(settings: Settings, state: dict[str, Any] | None) -> di
             "address": address,
             "leader": leader,
             "pid": rec.pid if rec is not None else None,
+            "restarts": rec.restarts if rec is not None else 0,
+            "state": rec.state if rec is not None else None,
+            "last_exit": rec.last_exit if rec is not None else None,
             "problem": "" if ok else problem,
         })  # fmt: skip
 
-    add("etcd", "-", etcd_ok[0], settings.etcd_url, etcd_ok[1])
+    supervisor = read_status(settings)
+    if supervisor is not None:
+        alive = supervisor_alive(supervisor)
+        rows.append({
+            "component": "supervisor", "id": "-", "status": "up" if alive else "down",
+            "address": "-", "leader": False, "pid": supervisor.get("pid"), "restarts": 0, "state": None,
+            "last_exit": None,
+            "problem": "" if alive else "the supervisor is not running: nothing restarts a component that dies",
+        })  # fmt: skip
+    etcd_records = [r for r in records.values() if r.name == "etcd" or r.name.startswith("etcd-")]
+    if len(etcd_records) > 1:
+        for rec in etcd_records:
+            add("etcd", rec.name, pid_alive(rec.pid, rec.start_ticks), settings.etcd_url, etcd_ok[1])
+    else:
+        add("etcd", "-", etcd_ok[0], settings.etcd_url, etcd_ok[1])
     add("valkey", "-", valkey_ok[0], settings.redis_url, valkey_ok[1])
     add("seaweedfs", settings.s3_bucket, s3_ok[0], settings.s3_endpoint, s3_ok[1])
 
@@ -287,10 +404,17 @@ def _expected_services(settings: Settings, state: dict[str, Any] | None) -> list
 
 def render_status(status: dict[str, Any]) -> str:
     rows = [
-        [r["component"], r["id"], r["status"], r["address"] or "-", "leader" if r["leader"] else ""]
+        [
+            r["component"],
+            r["id"],
+            r["status"],
+            r["address"] or "-",
+            "leader" if r["leader"] else "",
+            str(r.get("restarts", 0)) + (" (crash loop)" if r.get("state") == "crash-loop" else ""),
+        ]
         for r in status["components"]
     ]
-    out = [format_table(["COMPONENT", "ID", "STATUS", "ADDRESS", "LEADER"], rows)]
+    out = [format_table(["COMPONENT", "ID", "STATUS", "ADDRESS", "LEADER", "RESTARTS"], rows)]
     if status["nodes"]:
         node_rows = [
             [

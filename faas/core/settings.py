@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     # Where the embedded platform keeps data, logs, sockets and pid files.
     home: Path = Path(".faas")
 
-    # Backing services.  The embedded launcher starts them on these ports.
+    # Backing services.  The embedded launcher starts them on these ports.  ``etcd_url`` may list every
+    # member of a cluster, comma separated; clients use them all.
     etcd_url: str = "http://127.0.0.1:2379"
     etcd_peer_port: int = 2380
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -55,9 +56,16 @@ class Settings(BaseSettings):
     archive_gc_interval_s: float = 600.0
     archive_gc_grace_s: float = 3600.0
     cold_start_timeout_s: float = 30.0
+    # How long a cold start waits for a node agent that answers (one restarting, or none registered)
+    # before it fails with 503.
+    node_wait_s: float = 10.0
     presign_ttl_s: int = 300
 
-    # Node agent.
+    # The embedded platform (``faas up``): how many etcd members (1, 3 or 5) and node agents it runs.
+    etcd_members: int = 1
+    nodes: int = Field(default=1, ge=1, le=16)
+
+    # Node agent.  Each node keeps its sockets, journal and code cache under ``<home>/nodes/<id>/``.
     node_id: str = "node-1"
     # process | docker | auto (Docker when a daemon answers, else processes)
     runtime: Literal["process", "docker", "auto"] = "process"
@@ -81,10 +89,26 @@ class Settings(BaseSettings):
     # Logs kept per function in Redis.
     logs_per_function: int = 1000
 
+    @field_validator("etcd_members")
+    @classmethod
+    def _odd_members(cls, value: int) -> int:
+        if value not in (1, 3, 5):
+            raise ValueError("etcd_members must be 1, 3 or 5 (a quorum needs an odd count)")
+        return value
+
+    @property
+    def etcd_endpoints(self) -> list[tuple[str, int]]:
+        """Every (host, port) of ``etcd_url``, which may list several members, comma separated."""
+        out = []
+        for url in self.etcd_url.split(","):
+            parsed = urlparse(url.strip())
+            out.append((parsed.hostname or "127.0.0.1", parsed.port or 2379))
+        return out
+
     @property
     def etcd_host_port(self) -> tuple[str, int]:
-        parsed = urlparse(self.etcd_url)
-        return parsed.hostname or "127.0.0.1", parsed.port or 2379
+        """The first etcd endpoint."""
+        return self.etcd_endpoints[0]
 
     @property
     def redis_port(self) -> int:
@@ -106,6 +130,6 @@ class Settings(BaseSettings):
     def log_dir(self) -> Path:
         return self.home / "logs"
 
-    @property
-    def code_cache_dir(self) -> Path:
-        return self.home / "cache" / "code"
+    def node_dir(self, node_id: str) -> Path:
+        """Where the node agent ``node_id`` keeps its instances' sockets, journal and code cache."""
+        return self.home / "nodes" / node_id

@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ import httpx
 
 from faas.core import keys
 from faas.core.errors import Conflict, Unavailable
+from faas.core.procs import pid_alive, proc_stat, processes_matching
 from faas.core.settings import Settings
 
 Kind = Literal["backing", "service"]
@@ -83,8 +85,20 @@ class ServiceSpec:
     module: str
 
 
+def node_ids(settings: Settings) -> list[str]:
+    """The ids of the ``settings.nodes`` node agents: ``node-1``, ``node-2``, ... (from ``node_id``)."""
+    base = settings.node_id
+    if settings.nodes <= 1:
+        return [base]
+    numbered = re.match(r"^(.*?)(\d+)$", base)
+    if numbered:
+        prefix, first = numbered.group(1), int(numbered.group(2))
+        return [f"{prefix}{first + i}" for i in range(settings.nodes)]
+    return [base] + [f"{base}-{i}" for i in range(2, settings.nodes + 1)]
+
+
 def default_services(settings: Settings) -> tuple[ServiceSpec, ...]:
-    """The topology of ``faas up``: one gateway, two of each clustered role, one node agent."""
+    """The topology of ``faas up``: one gateway, two of each clustered role, ``nodes`` node agents."""
     return (
         ServiceSpec("gateway-1", "gateway", "gateway"),
         ServiceSpec("trigger-1", "trigger", "faas.trigger"),
@@ -93,8 +107,43 @@ def default_services(settings: Settings) -> tuple[ServiceSpec, ...]:
         ServiceSpec("dispatcher-2", "dispatcher", "faas.dispatcher"),
         ServiceSpec("scheduler-1", "scheduler", "faas.scheduler"),
         ServiceSpec("scheduler-2", "scheduler", "faas.scheduler"),
-        ServiceSpec(settings.node_id, "node", "faas.runtime"),
+        *(ServiceSpec(node_id, "node", "faas.runtime") for node_id in node_ids(settings)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdMember:
+    name: str  # the process name and etcd member name
+    client_port: int
+    peer_port: int
+    data_dir: Path
+
+
+def etcd_members(settings: Settings) -> list[EtcdMember]:
+    """The etcd members of the embedded cluster.
+
+    One member: ``etcd`` on the port of ``etcd_url`` and ``etcd_peer_port``, data in ``<home>/etcd``.
+    Several (``etcd_members``): ``etcd-1`` ... on the ports ``etcd_url`` lists, or, when it names
+    one, on that port + 2i (peer: ``etcd_peer_port`` + 2i), data in ``<home>/etcd-<i>``."""
+    count = max(settings.etcd_members, 1)
+    endpoints = settings.etcd_endpoints
+    if count == 1:
+        return [EtcdMember("etcd", endpoints[0][1], settings.etcd_peer_port, settings.home / "etcd")]
+    if len(endpoints) == count:
+        clients = [port for _, port in endpoints]
+    else:
+        clients = [endpoints[0][1] + 2 * i for i in range(count)]
+    return [
+        EtcdMember(f"etcd-{i + 1}", clients[i], settings.etcd_peer_port + 2 * i, settings.home / f"etcd-{i + 1}")
+        for i in range(count)
+    ]
+
+
+def embedded_settings(settings: Settings) -> Settings:
+    """``settings`` with ``etcd_url`` naming every embedded etcd member (what the services are given)."""
+    members = etcd_members(settings)
+    url = ",".join(f"http://127.0.0.1:{m.client_port}" for m in members)
+    return settings.model_copy(update={"etcd_url": url})
 
 
 def etcd_binary() -> Path:
@@ -132,23 +181,31 @@ def weed_binary() -> Path:
     return Path(found)
 
 
-def etcd_argv(settings: Settings) -> list[str]:
-    client = f"http://127.0.0.1:{settings.etcd_host_port[1]}"
-    peer = f"http://127.0.0.1:{settings.etcd_peer_port}"
-    return [
+def etcd_argv(settings: Settings, member: EtcdMember | None = None) -> list[str]:
+    members = etcd_members(settings)
+    member = member or members[0]
+    client = f"http://127.0.0.1:{member.client_port}"
+    peer = f"http://127.0.0.1:{member.peer_port}"
+    cluster = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
+    argv = [
         str(etcd_binary()),
-        "--name=default",
-        f"--data-dir={settings.home / 'etcd'}",
+        f"--name={'default' if len(members) == 1 else member.name}",
+        f"--data-dir={member.data_dir}",
         f"--listen-client-urls={client}",
         f"--advertise-client-urls={client}",
         f"--listen-peer-urls={peer}",
         f"--initial-advertise-peer-urls={peer}",
-        f"--initial-cluster=default={peer}",
+        f"--initial-cluster={'default=' + peer if len(members) == 1 else cluster}",
         "--initial-cluster-state=new",
         # Node and instance records are rewritten every few seconds; keep the history bounded.
         "--auto-compaction-mode=periodic",
         "--auto-compaction-retention=1h",
+        # Clients ping every 2 s to notice a member that stops answering (faas/core/etcd.py).
+        "--grpc-keepalive-min-time=1s",
     ]
+    if len(members) > 1:
+        argv.append(f"--initial-cluster-token=faas-{zlib.crc32(str(settings.home).encode()):08x}")
+    return argv
 
 
 def valkey_argv(settings: Settings) -> list[str]:
@@ -310,10 +367,12 @@ def settings_for_test(home: Path, **overrides: Any) -> Settings:
     taken: set[int] = set()
     weed_base = _free_port_block(4, taken)
     s3 = _free_port_block(1, taken)
+    members = int(overrides.get("etcd_members", 1))  # type: ignore[call-overload]
+    etcd_base = _free_port_block(2 * members, taken)  # client and peer ports, interleaved
     values: dict[str, Any] = {
         "home": Path(home).resolve(),
-        "etcd_url": f"http://127.0.0.1:{_free_port(taken)}",
-        "etcd_peer_port": _free_port(taken),
+        "etcd_url": ",".join(f"http://127.0.0.1:{etcd_base + 2 * i}" for i in range(members)),
+        "etcd_peer_port": etcd_base + 1,
         "redis_url": f"redis://127.0.0.1:{_free_port(taken)}/0",
         "s3_endpoint": f"http://127.0.0.1:{s3}",
         "weed_base_port": weed_base,
@@ -342,6 +401,11 @@ class ProcessRecord:
     role: str | None = None  # the service role; None for a backing server
     start_ticks: int | None = None  # /proc/<pid>/stat field 22: tells a recycled pid apart
     log_offset: int = 0  # where this run's output starts in the log file
+    # Kept by the supervisor: how often it was started again, and what it is doing now.
+    restarts: int = 0
+    state: str = "running"  # running | restarting | crash-loop
+    last_exit: int | None = None  # exit code (negative: killed by that signal) of the last exit
+    last_exit_at: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProcessRecord:
@@ -355,6 +419,10 @@ class ProcessRecord:
             role=data.get("role"),
             start_ticks=data.get("start_ticks"),
             log_offset=int(data.get("log_offset", 0)),
+            restarts=int(data.get("restarts", 0)),
+            state=str(data.get("state", "running")),
+            last_exit=data.get("last_exit"),
+            last_exit_at=data.get("last_exit_at"),
         )
 
 
@@ -411,35 +479,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) from /proc, or None where /proc is unavailable."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return ("X", -1) if Path("/proc/self/stat").exists() else None
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
-def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """True when ``pid`` runs (not a zombie) and, if ``start_ticks`` is given, is that same process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # someone else's process: a recycled pid, not one we started
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, ticks = stat
-    if state in ("Z", "X"):
-        return False
-    return start_ticks is None or ticks == start_ticks
 
 
 def log_tail(path: str | Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
@@ -509,7 +548,7 @@ def _remove_leftover_sockets(rec: ProcessRecord) -> None:
                 path.unlink()
 
 
-def _live_records(state: dict[str, Any]) -> list[ProcessRecord]:
+def live_records(state: dict[str, Any]) -> list[ProcessRecord]:
     return [r for r in state_records(state) if pid_alive(r.pid, r.start_ticks)]
 
 
@@ -535,7 +574,70 @@ def stop_from_state(settings: Settings, *, grace_s: float = STOP_GRACE_S) -> lis
         outcomes.append(_terminate(rec, None, grace_s))
         _remove_leftover_sockets(rec)
     _clear_state(settings, records)
+    kill_leftover_hosts(settings)
     return outcomes
+
+
+def kill_leftover_hosts(settings: Settings) -> int:
+    """Kill the function hosts (and their process groups) still serving sockets under ``home``.
+
+    A node agent stopped gracefully stops its hosts itself; one killed (after the stop grace period)
+    leaves them running in their own sessions.  Returns how many were killed."""
+    prefix = f"{settings.home.resolve()}/"
+
+    def ours(argv: list[str]) -> bool:
+        if "--socket" not in argv or argv.index("--socket") + 1 >= len(argv):
+            return False
+        return any(a.endswith("host.py") for a in argv) and argv[argv.index("--socket") + 1].startswith(prefix)
+
+    killed = 0
+    for pid, _ in processes_matching(ours):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+class RestartPolicy:
+    """When the supervisor starts an exited component again (pure logic).
+
+    The first exit is followed by a restart after ``first_s``; each further exit doubles the delay, up
+    to ``max_s``; a component that ran ``healthy_after_s`` before it exited starts again from
+    ``first_s``.  ``loop_exits`` exits within ``loop_window_s`` mark it crash-looping: it is then tried
+    every ``max_s`` (and reported), until it stays up ``healthy_after_s``."""
+
+    def __init__(
+        self,
+        *,
+        first_s: float = 0.1,
+        max_s: float = 30.0,
+        healthy_after_s: float = 30.0,
+        loop_exits: int = 5,
+        loop_window_s: float = 60.0,
+    ) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.healthy_after_s = healthy_after_s
+        self.loop_exits = loop_exits
+        self.loop_window_s = loop_window_s
+        self._next = first_s
+        self._exits: list[float] = []
+        self.crash_looping = False
+
+    def on_exit(self, now: float, *, ran_s: float) -> float:
+        """The delay before the next start, for an exit at ``now`` after running ``ran_s``."""
+        if ran_s >= self.healthy_after_s:
+            self._next = self.first_s
+            self._exits.clear()
+        self._exits = [t for t in self._exits if now - t < self.loop_window_s] + [now]
+        self.crash_looping = len(self._exits) >= self.loop_exits
+        delay = self.max_s if self.crash_looping else self._next
+        self._next = min(self._next * 2, self.max_s)
+        return delay
+
+
+def _log_supervisor(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervisor: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,16 +649,19 @@ def _loopback(url_host: str | None) -> str:
 
 
 async def probe_etcd(settings: Settings, *, timeout_s: float = 2.0) -> str:
-    url = settings.etcd_url.rstrip("/") + "/health"
-    try:
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout_s) as client:
-            resp = await client.get(url)
-        body = resp.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        raise Unavailable(f"etcd {url}: {exc or type(exc).__name__}") from exc
-    if resp.status_code != 200 or body.get("health") != "true":
-        raise Unavailable(f"etcd {url}: HTTP {resp.status_code} {body}")
-    return "healthy"
+    """Every etcd endpoint the settings name answers ``/health`` as healthy."""
+    async with httpx.AsyncClient(trust_env=False, timeout=timeout_s) as client:
+        for host, port in settings.etcd_endpoints:
+            url = f"http://{host}:{port}/health"
+            try:
+                resp = await client.get(url)
+                body = resp.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise Unavailable(f"etcd {url}: {exc or type(exc).__name__}") from exc
+            if resp.status_code != 200 or body.get("health") != "true":
+                raise Unavailable(f"etcd {url}: HTTP {resp.status_code} {body}")
+    count = len(settings.etcd_endpoints)
+    return "healthy" if count == 1 else f"{count} members healthy"
 
 
 async def probe_valkey(settings: Settings, *, timeout_s: float = 2.0) -> str:
@@ -686,7 +791,7 @@ async def probe_services(settings: Settings, expected: Sequence[ServiceSpec]) ->
 # The cluster
 
 
-def _project_root() -> Path:
+def project_root() -> Path:
     import faas
 
     return Path(next(iter(faas.__path__))).resolve().parent
@@ -726,11 +831,12 @@ class EmbeddedCluster:
         services: Sequence[ServiceSpec] | None = None,
         progress: ProgressHook | None = None,
     ) -> None:
-        self.settings = settings.model_copy(update={"home": settings.home.expanduser().resolve()})
+        self.settings = embedded_settings(settings.model_copy(update={"home": settings.home.expanduser().resolve()}))
         self.services = tuple(services) if services is not None else default_services(self.settings)
         self._progress = progress
         self._records: list[ProcessRecord] = []
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._envs: dict[str, dict[str, str] | None] = {}  # what each component was started with
         self.ready_s: dict[str, float] = {}  # seconds each step took to become ready
 
     # -- public API ------------------------------------------------------------------------------
@@ -759,15 +865,19 @@ class EmbeddedCluster:
         self._claim()
         mark = len(self._records)
         try:
-            for sub in ("etcd", "valkey", "seaweedfs"):
+            members = etcd_members(s)
+            for sub in ("valkey", "seaweedfs"):
                 (s.home / sub).mkdir(parents=True, exist_ok=True)
+            for member in members:
+                member.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._write_s3_config()
             # Before the gateway is up: weed starts regardless, and drops the notifications it cannot post.
             _write_text_atomic(s.home / "seaweedfs" / "notification.toml", weed_notification_toml(s))
-            await self._start_one(
-                "etcd",
-                etcd_argv(s),
-                [s.etcd_host_port[1], s.etcd_peer_port],
+            # Every member at once: a member of several waits for a quorum before it answers.
+            label = "etcd" if len(members) == 1 else f"etcd ({len(members)} members)"
+            await self._start_group(
+                label,
+                [(m.name, etcd_argv(s, m), [m.client_port, m.peer_port]) for m in members],
                 lambda: probe_etcd(s),
                 ETCD_READY_S,
                 env=_env_without(("ETCD_",)),  # etcd reads ETCD_* as flags
@@ -799,7 +909,7 @@ class EmbeddedCluster:
         env = dict(os.environ)
         env.update(settings_env(s))
         env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_project_root()), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project_root()), env.get("PYTHONPATH")) if p)
         started = time.monotonic()
         self._announce(label, None)
         try:
@@ -856,7 +966,7 @@ class EmbeddedCluster:
         state = read_state(self.settings)
         if state is None:
             return
-        live = _live_records(state)
+        live = live_records(state)
         if live:
             pids = ", ".join(f"{r.name} {r.pid}" for r in live)
             raise Conflict(
@@ -897,6 +1007,29 @@ class EmbeddedCluster:
     def _spawn(
         self, name: str, kind: Kind, argv: list[str], *, env: dict[str, str] | None = None, role: str | None = None
     ) -> str:
+        proc, log_path, offset = self._popen(name, argv, env)
+        stat = proc_stat(proc.pid)
+        rec = ProcessRecord(
+            name=name,
+            kind=kind,
+            argv=argv,
+            pid=proc.pid,
+            log=str(log_path),
+            started_at=time.time(),
+            role=role,
+            start_ticks=stat[1] if stat else None,
+            log_offset=offset,
+        )
+        self._records.append(rec)
+        self._procs[name] = proc
+        self._envs[name] = env
+        _pid_path(self.settings, name).write_text(f"{proc.pid}\n")
+        self._write_state()
+        return name
+
+    def _popen(
+        self, name: str, argv: list[str], env: dict[str, str] | None
+    ) -> tuple[subprocess.Popen[bytes], Path, int]:
         s = self.settings
         s.log_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -918,23 +1051,61 @@ class EmbeddedCluster:
                 )
             except OSError as exc:
                 raise Unavailable(f"cannot start {name} ({argv[0]}): {exc}") from exc
-        stat = _proc_stat(proc.pid)
-        rec = ProcessRecord(
-            name=name,
-            kind=kind,
-            argv=argv,
-            pid=proc.pid,
-            log=str(log_path),
-            started_at=time.time(),
-            role=role,
-            start_ticks=stat[1] if stat else None,
-            log_offset=offset,
-        )
-        self._records.append(rec)
-        self._procs[name] = proc
-        _pid_path(s, name).write_text(f"{proc.pid}\n")
+        return proc, log_path, offset
+
+    # -- supervision -----------------------------------------------------------------------------
+
+    async def supervise(self, stop: asyncio.Event, *, poll_s: float = 0.2) -> None:
+        """Start again every component that exits, with backoff, until ``stop`` is set.
+
+        See ``RestartPolicy`` for the delays and the crash-loop rule; the state file records each
+        component's restarts, state and last exit for ``faas status``."""
+        policies: dict[str, RestartPolicy] = {}
+        due: dict[str, float] = {}
+        while not stop.is_set():
+            now = time.monotonic()
+            for rec in list(self._records):
+                proc = self._procs.get(rec.name)
+                if proc is None:
+                    continue
+                if rec.name not in due:
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    policy = policies.setdefault(rec.name, RestartPolicy())
+                    delay = policy.on_exit(now, ran_s=time.time() - rec.started_at)
+                    due[rec.name] = now + delay
+                    rec.last_exit, rec.last_exit_at = code, time.time()
+                    rec.state = "crash-loop" if policy.crash_looping else "restarting"
+                    _log_supervisor(f"{rec.name} (pid {rec.pid}) exited with code {code}; starting it again in {delay:.1f} s"
+                                    + (" (crash loop)" if policy.crash_looping else ""))
+                    self._write_state()
+                elif now >= due[rec.name]:
+                    del due[rec.name]
+                    self._restart(rec)
+            try:
+                await asyncio.wait_for(stop.wait(), poll_s)
+            except TimeoutError:
+                pass
+
+    def _restart(self, rec: ProcessRecord) -> None:
+        _remove_leftover_sockets(rec)
+        try:
+            proc, _, offset = self._popen(rec.name, rec.argv, self._envs.get(rec.name))
+        except Unavailable as exc:
+            _log_supervisor(f"cannot start {rec.name} again: {exc.message}")
+            rec.last_exit_at = time.time()
+            return
+        stat = proc_stat(proc.pid)
+        rec.pid, rec.start_ticks, rec.log_offset = proc.pid, (stat[1] if stat else None), offset
+        rec.started_at = time.time()
+        rec.restarts += 1
+        if rec.state != "crash-loop":
+            rec.state = "running"
+        self._procs[rec.name] = proc
+        _pid_path(self.settings, rec.name).write_text(f"{proc.pid}\n")
         self._write_state()
-        return name
+        _log_supervisor(f"started {rec.name} again (pid {proc.pid}, restart {rec.restarts})")
 
     async def _start_one(
         self,
@@ -946,17 +1117,29 @@ class EmbeddedCluster:
         *,
         env: dict[str, str] | None = None,
     ) -> None:
-        busy = [p for p in ports if _port_in_use(p)]
+        await self._start_group(name, [(name, argv, ports)], probe, timeout_s, env=env)
+
+    async def _start_group(
+        self,
+        label: str,
+        members: list[tuple[str, list[str], list[int]]],
+        probe: Callable[[], Awaitable[str]],
+        timeout_s: float,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Start processes that become ready together (the members of an etcd cluster)."""
+        busy = [p for _, _, ports in members for p in ports if _port_in_use(p)]
         if busy:
             raise Unavailable(
-                f"cannot start {name}: port {', '.join(map(str, busy))} on 127.0.0.1 already in use "
+                f"cannot start {label}: port {', '.join(map(str, busy))} on 127.0.0.1 already in use "
                 "(another cluster? run 'faas down', or choose other ports with FAAS_* settings)"
             )
         started = time.monotonic()
-        self._announce(name, None)
-        self._spawn(name, "backing", argv, env=env)
-        await self._await_ready(name, [name], probe, timeout_s)
-        self._ready(name, time.monotonic() - started)
+        self._announce(label, None)
+        names = [self._spawn(name, "backing", argv, env=env) for name, argv, _ in members]
+        await self._await_ready(label, names, probe, timeout_s)
+        self._ready(label, time.monotonic() - started)
 
     async def _await_ready(
         self,
@@ -1012,6 +1195,8 @@ class EmbeddedCluster:
             with contextlib.suppress(FileNotFoundError):
                 _pid_path(self.settings, rec.name).unlink()
             self._write_state()
+        if mark == 0 and doomed:
+            kill_leftover_hosts(self.settings)
         return outcomes
 
 
