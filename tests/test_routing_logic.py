@@ -82,6 +82,35 @@ async def test_new_instance_serves_waiters_up_to_concurrency() -> None:
     assert [w.done() for w in waiters] == [True, True, False]
 
 
+async def test_abandoned_waiters_leave_the_queue_and_are_not_counted() -> None:
+    pool = FunctionPool()
+    loop = asyncio.get_running_loop()
+    gone, staying = loop.create_future(), loop.create_future()
+    pool.waiters.extend([gone, staying])
+    pool.abandon(gone)  # its deadline passed
+    assert gone.cancelled() and list(pool.waiters) == [staying]
+    pool.pending_starts = 1
+    assert not pool.wants_start(concurrency=1, max_instances=4)  # one live waiter, one start under way
+    pool.abandon(staying)
+    pool.pending_starts = 0
+    assert pool.idle  # nothing left that keeps the pool
+
+
+async def test_a_slot_handed_to_a_waiter_that_gave_up_goes_to_the_next() -> None:
+    pool = FunctionPool()
+    inst = _inst("a")
+    pool.add(inst)
+    assert pool.pick(lambda _: 0.0) is inst
+    loop = asyncio.get_running_loop()
+    late, next_one = loop.create_future(), loop.create_future()
+    pool.waiters.extend([late, next_one])
+    pool.release(inst)  # the slot goes to ``late`` in the same instant its deadline passes
+    assert late.result() is inst
+    pool.abandon(late)
+    assert next_one.done() and next_one.result() is inst
+    assert inst.inflight == 1 and not pool.waiters
+
+
 async def test_start_book_shares_a_start_up_to_capacity() -> None:
     book = StartBook()
     key = ("default", "f", 1)

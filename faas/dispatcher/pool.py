@@ -3,6 +3,9 @@
 Guarantees:
 - an instance never has more requests in flight through this dispatcher than its concurrency;
 - a released slot goes straight to the oldest waiter, so waiters are served in arrival order;
+- every future in ``waiters`` is pending: a waiter that gives up (deadline, cancellation) leaves the
+  queue through ``abandon``, which also gives back a slot handed to it in the same instant, so
+  ``len(waiters)`` is the number of callers really waiting;
 - ``wants_start`` asks for a new instance only while the waiters outnumber the capacity already
   being started, and never beyond ``max_instances`` (coalescing on the dispatcher's side);
 - routing picks the least-loaded instance with a free slot: the lowest in-flight/concurrency ratio,
@@ -61,8 +64,7 @@ class FunctionPool:
         return self.pending_starts * concurrency
 
     def wants_start(self, concurrency: int, max_instances: int) -> bool:
-        live_waiters = sum(1 for w in self.waiters if not w.done())
-        if live_waiters <= self.capacity_starting(concurrency):
+        if len(self.waiters) <= self.capacity_starting(concurrency):
             return False
         return len(self.instances) + self.pending_starts < max_instances
 
@@ -93,6 +95,19 @@ class FunctionPool:
                 continue
             inst.inflight += 1
             waiter.set_result(inst)
+
+    def abandon(self, waiter: asyncio.Future[WarmInstance]) -> None:
+        """A waiter gives up (its deadline passed, or its caller went away): take it out of the queue,
+        and give back the slot if one was handed to it before it could take it."""
+        if not waiter.done():
+            waiter.cancel()
+        if waiter.cancelled():
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:  # already popped by hand_out or fail_waiters
+                pass
+        elif waiter.exception() is None:
+            self.release(waiter.result())
 
     def fail_waiters(self, exc: BaseException) -> None:
         while self.waiters:

@@ -220,14 +220,18 @@ class Dispatcher:
             pool.pending_starts += 1
             self.tasks.spawn(self._request_instance(pool, key, spec, deadline), name=f"acquire:{spec.function}")
         remaining = deadline - time.time()
+        taken = False
         try:
-            inst = await asyncio.wait_for(waiter, max(remaining, 0.001))
+            async with asyncio.timeout(max(remaining, 0.001)):
+                inst = await waiter
+            taken = True
         except TimeoutError as exc:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                pool.release(waiter.result())
             raise DeadlineExceeded(
                 f"no instance of {spec.function!r} became available before the deadline"
             ) from exc
+        finally:
+            if not taken:  # timed out, cancelled, or failed: leave the queue, give back a slot handed over
+                pool.abandon(waiter)
         return inst, inst.invocations == 0
 
     async def _request_instance(self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float) -> None:
