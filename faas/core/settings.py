@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     archive_gc_interval_s: float = 600.0
     archive_gc_grace_s: float = 3600.0
     cold_start_timeout_s: float = 30.0
+    # A function at max_instances queues at most this many calls per slot (max_instances x
+    # concurrency) on a dispatcher, and fewer once its call duration is known and the queue would
+    # outlast the callers' deadlines; beyond, a sync call gets 429 with Retry-After at once.
+    max_waiters_per_slot: int = Field(default=10, ge=1)
     presign_ttl_s: int = 300
 
     # Node agent.
