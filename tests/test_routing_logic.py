@@ -82,6 +82,96 @@ async def test_new_instance_serves_waiters_up_to_concurrency() -> None:
     assert [w.done() for w in waiters] == [True, True, False]
 
 
+async def test_abandoned_waiters_leave_the_queue_and_are_not_counted() -> None:
+    pool = FunctionPool()
+    loop = asyncio.get_running_loop()
+    gone, staying = loop.create_future(), loop.create_future()
+    pool.waiters.extend([gone, staying])
+    pool.abandon(gone)  # its deadline passed
+    assert gone.cancelled() and list(pool.waiters) == [staying]
+    pool.pending_starts = 1
+    assert not pool.wants_start(concurrency=1, max_instances=4)  # one live waiter, one start under way
+    pool.abandon(staying)
+    pool.pending_starts = 0
+    assert pool.idle  # nothing left that keeps the pool
+
+
+async def test_a_slot_handed_to_a_waiter_that_gave_up_goes_to_the_next() -> None:
+    pool = FunctionPool()
+    inst = _inst("a")
+    pool.add(inst)
+    assert pool.pick(lambda _: 0.0) is inst
+    loop = asyncio.get_running_loop()
+    late, next_one = loop.create_future(), loop.create_future()
+    pool.waiters.extend([late, next_one])
+    pool.release(inst)  # the slot goes to ``late`` in the same instant its deadline passes
+    assert late.result() is inst
+    pool.abandon(late)
+    assert next_one.done() and next_one.result() is inst
+    assert inst.inflight == 1 and not pool.waiters
+
+
+def test_at_max_counts_running_instances_and_starts_under_way() -> None:
+    pool = FunctionPool()
+    assert not pool.at_max(2)
+    pool.pending_starts = 1
+    assert not pool.at_max(2)
+    pool.add(_inst("a"))
+    assert pool.at_max(2)
+    pool.remove("a")
+    assert not pool.at_max(2)
+
+
+def test_call_duration_estimate_starts_at_the_first_call_then_moves_towards_new_ones() -> None:
+    pool = FunctionPool()
+    assert pool.call_s == 0.0
+    pool.observe(2.0)
+    assert pool.call_s == 2.0
+    pool.observe(1.0)
+    assert 1.0 < pool.call_s < 2.0
+    for _ in range(40):
+        pool.observe(0.5)
+    assert pool.call_s == pytest.approx(0.5, abs=0.01)
+
+
+async def _queue(pool: FunctionPool, n: int) -> None:
+    loop = asyncio.get_running_loop()
+    pool.waiters.extend(loop.create_future() for _ in range(n))
+
+
+async def test_cold_pool_admits_up_to_the_hard_cap() -> None:
+    pool = FunctionPool()
+    await _queue(pool, 19)
+    assert pool.admit(capacity=2, max_waiters=20, remaining_s=37.0, timeout_s=5.0) == 0
+    await _queue(pool, 1)
+    retry_after = pool.admit(capacity=2, max_waiters=20, remaining_s=37.0, timeout_s=5.0)
+    # No call has completed: the timeout stands in for the call's duration, capped by the deadline.
+    assert retry_after == 37
+
+
+async def test_known_duration_admits_only_what_fits_in_the_deadline() -> None:
+    pool = FunctionPool()
+    pool.observe(2.0)
+    # 2 slots of 2 s: the caller behind 15 waits 8 rounds (16 s) then runs 2 s; 18 s fits in 20 s.
+    await _queue(pool, 15)
+    assert pool.admit(capacity=2, max_waiters=1000, remaining_s=20.0, timeout_s=5.0) == 0
+    await _queue(pool, 2)  # behind 17: 9 rounds (18 s) of waiting + 2 s of call > 19.5 s
+    retry_after = pool.admit(capacity=2, max_waiters=1000, remaining_s=19.5, timeout_s=5.0)
+    assert retry_after == 18  # the 17 waiting and the calls running now drain in 9 rounds of 2 s
+    assert pool.admit(capacity=2, max_waiters=1000, remaining_s=60.0, timeout_s=5.0) == 0
+    assert pool.admit(capacity=2, max_waiters=17, remaining_s=60.0, timeout_s=5.0) == 18  # the hard cap
+
+
+async def test_retry_after_is_at_least_a_second() -> None:
+    pool = FunctionPool()
+    pool.observe(0.01)
+    await _queue(pool, 4)
+    assert pool.admit(capacity=100, max_waiters=4, remaining_s=30.0, timeout_s=5.0) == 1
+    pool2 = FunctionPool()
+    pool2.observe(3.0)
+    assert pool2.admit(capacity=1, max_waiters=10, remaining_s=0.2, timeout_s=5.0) == 1  # deadline all but gone
+
+
 async def test_start_book_shares_a_start_up_to_capacity() -> None:
     book = StartBook()
     key = ("default", "f", 1)

@@ -24,6 +24,10 @@ class FaasError(Exception):
     def to_body(self) -> dict[str, Any]:
         return {"error": {"kind": self.kind, "type": self.error_type, "message": self.message}}
 
+    def response_headers(self) -> dict[str, str]:
+        """HTTP headers that go with the error's response."""
+        return {}
+
 
 class InvalidRequest(FaasError):
     http_status = 400
@@ -46,8 +50,17 @@ class PayloadTooLarge(FaasError):
 
 
 class TooManyRequests(FaasError):
+    """A limit is reached; ``retry_after_s`` (sent as ``Retry-After``), when known, says when to come back."""
+
     http_status = 429
     kind = "too_many_requests"
+
+    def __init__(self, message: str, *, error_type: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, error_type=error_type)
+        self.retry_after_s = retry_after_s
+
+    def response_headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"retry-after": str(self.retry_after_s)}
 
 
 class Unavailable(FaasError):

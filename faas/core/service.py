@@ -47,8 +47,8 @@ def configure_logging(role: str, member_id: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def error_response(exc: FaasError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers)
+def error_response(exc: FaasError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=exc.response_headers() or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # How long a cold start waits for a node agent that answers (one restarting, or none registered)
     # before it fails with 503.
     node_wait_s: float = 10.0
+    # A function at max_instances queues at most this many calls per slot (max_instances x
+    # concurrency) on a dispatcher, and fewer once its call duration is known and the queue would
+    # outlast the callers' deadlines; beyond, a sync call gets 429 with Retry-After at once.
+    max_waiters_per_slot: int = Field(default=10, ge=1)
     presign_ttl_s: int = 300
 
     # The embedded platform (``faas up``): how many etcd members (1, 3 or 5) and node agents it runs.

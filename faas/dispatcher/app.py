@@ -83,7 +83,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return {
             "pools": [
                 {"namespace": ns, "function": name, "version": version, "instances": len(pool.instances),
-                 "waiters": len(pool.waiters), "pending_starts": pool.pending_starts}
+                 "waiters": len(pool.waiters), "pending_starts": pool.pending_starts,
+                 "call_ms": round(pool.call_s * 1000, 3)}
                 for (ns, name, version), pool in list(dispatcher.pools.items())
             ]
         }  # fmt: skip

@@ -3,21 +3,40 @@
 Guarantees:
 - an instance never has more requests in flight through this dispatcher than its concurrency;
 - a released slot goes straight to the oldest waiter, so waiters are served in arrival order;
+- every future in ``waiters`` is pending: a waiter that gives up (deadline, cancellation) leaves the
+  queue through ``abandon``, which also gives back a slot handed to it in the same instant, so
+  ``len(waiters)`` is the number of callers really waiting;
 - ``wants_start`` asks for a new instance only while the waiters outnumber the capacity already
   being started, and never beyond ``max_instances`` (coalescing on the dispatcher's side);
 - routing picks the least-loaded instance with a free slot: the lowest in-flight/concurrency ratio,
-  ties broken by the load its node reports (JAE's weighted routing).
+  ties broken by the load its node reports (JAE's weighted routing);
+- admission (``admit``, asked only of a caller that found no free slot while the pool is at
+  ``max_instances``): the queue is bounded. Capacity is ``max_instances * concurrency`` slots; the pool
+  keeps ``call_s``, an EWMA of the time a completed call held its slot. A caller joins the queue only
+  while ``(waiters ahead + 1) / capacity * call_s`` (its expected wait) plus ``call_s`` (its own call)
+  fits in its remaining deadline, and never beyond ``max_waiters`` (a hard cap, so a cold pool, whose
+  ``call_s`` is not known yet, still has a bounded queue). A refused caller is told when to come back:
+  the expected time for the queue and the calls running now to drain, in whole seconds, at least 1.
+
+Caveats: the estimate is per pool, so it starts over after the pool was dropped (no instance left);
+before any call completed, Retry-After uses the function's timeout as the per-call time (an upper
+bound), capped at the caller's own remaining deadline. Capacity counts the slots of
+``max_instances``, including instances still starting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from faas.core.models import InstanceRecord
+
+# Weight of the newest call in the call-duration EWMA: about the last ten calls count.
+CALL_EWMA_WEIGHT = 0.2
 
 
 @dataclass(eq=False)
@@ -43,6 +62,7 @@ class FunctionPool:
     instances: dict[str, WarmInstance] = field(default_factory=dict)
     waiters: deque[asyncio.Future[WarmInstance]] = field(default_factory=deque)
     pending_starts: int = 0
+    call_s: float = 0.0  # EWMA of how long a completed call held its slot; 0.0 until one completed
 
     def pick(self, node_load: Callable[[str], float]) -> WarmInstance | None:
         best: WarmInstance | None = None
@@ -61,10 +81,32 @@ class FunctionPool:
         return self.pending_starts * concurrency
 
     def wants_start(self, concurrency: int, max_instances: int) -> bool:
-        live_waiters = sum(1 for w in self.waiters if not w.done())
-        if live_waiters <= self.capacity_starting(concurrency):
+        if len(self.waiters) <= self.capacity_starting(concurrency):
             return False
         return len(self.instances) + self.pending_starts < max_instances
+
+    def at_max(self, max_instances: int) -> bool:
+        """No further instance may be started: the running ones and the starts under way fill it."""
+        return len(self.instances) + self.pending_starts >= max_instances
+
+    def observe(self, duration_s: float) -> None:
+        """A call completed after holding its slot ``duration_s`` seconds."""
+        if self.call_s == 0.0:
+            self.call_s = max(duration_s, 1e-6)
+        else:
+            self.call_s += CALL_EWMA_WEIGHT * (duration_s - self.call_s)
+
+    def admit(self, *, capacity: int, max_waiters: int, remaining_s: float, timeout_s: float) -> int:
+        """Whether a caller that must wait may join the queue: 0 if it may, else its Retry-After (s).
+
+        ``capacity`` is the number of slots at ``max_instances``; ``timeout_s`` the function's timeout,
+        the per-call time assumed while no call has completed yet."""
+        ahead = len(self.waiters)
+        call_s = self.call_s
+        if ahead < max_waiters and (call_s == 0.0 or ((ahead + 1) / capacity + 1) * call_s <= remaining_s):
+            return 0
+        drain_s = (ahead + 1) / capacity * (call_s or timeout_s)
+        return max(1, math.ceil(min(drain_s, remaining_s)))
 
     def add(self, inst: WarmInstance) -> bool:
         """Add an instance (idempotent); returns False if it was known already."""
@@ -93,6 +135,19 @@ class FunctionPool:
                 continue
             inst.inflight += 1
             waiter.set_result(inst)
+
+    def abandon(self, waiter: asyncio.Future[WarmInstance]) -> None:
+        """A waiter gives up (its deadline passed, or its caller went away): take it out of the queue,
+        and give back the slot if one was handed to it before it could take it."""
+        if not waiter.done():
+            waiter.cancel()
+        if waiter.cancelled():
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:  # already popped by hand_out or fail_waiters
+                pass
+        elif waiter.exception() is None:
+            self.release(waiter.result())
 
     def fail_waiters(self, exc: BaseException) -> None:
         while self.waiters:

@@ -5,6 +5,12 @@ Guarantees:
   returned; an instance deleted in etcd stops receiving work at once;
 - an invocation never waits past its deadline (header ``X-Faas-Deadline-Ms``): waiting for a slot, for
   a start, and the call to the instance all share it;
+- overload gets a fast answer: while a version is short of ``max_instances``, a call with no free slot
+  waits for the start it asks for; once at ``max_instances``, it joins the version's bounded queue only
+  if the pool expects to serve it within its deadline (``FunctionPool.admit``, at most
+  ``max_waiters_per_slot`` per slot), else ``invoke`` raises ``TooManyRequests`` at once, with
+  ``retry_after_s`` (the HTTP face sends 429 ``too_many_requests`` with ``Retry-After``, without
+  ``X-Faas-Saturated``: the limit is the function's, another dispatcher would not do better);
 - a request the instance never received (connection refused, socket gone, instance busy) is retried on
   another instance within the deadline; a request the instance received is never retried (a sync
   invocation runs at most once per call);
@@ -193,18 +199,20 @@ class Dispatcher:
         while True:
             pool = self._pool(key)
             inst, cold = await self._acquire(pool, key, spec, deadline)
+            called = time.perf_counter()
             try:
                 outcome = await self._call(inst, spec, body, request_id=request_id, deadline=deadline)
             finally:
                 pool.release(inst)
             if outcome is None:  # never delivered: try another instance
                 continue
+            ended = time.perf_counter()
+            pool.observe(ended - called)
             status, payload, retire = outcome
             if retire:
                 self._drop(pool, inst, reason="instance retired itself")
             return self._finish(
-                spec, inst, status, payload, request_id=request_id, cold=cold,
-                total_ms=(time.perf_counter() - started) * 1000,
+                spec, inst, status, payload, request_id=request_id, cold=cold, total_ms=(ended - started) * 1000
             )
 
     async def _acquire(
@@ -213,6 +221,20 @@ class Dispatcher:
         inst = pool.pick(self.node_load)
         if inst is not None:
             return inst, inst.invocations == 0
+        if pool.at_max(spec.max_instances):
+            capacity = spec.max_instances * spec.concurrency
+            retry_after = pool.admit(
+                capacity=capacity,
+                max_waiters=capacity * self.settings.max_waiters_per_slot,
+                remaining_s=deadline - time.time(),
+                timeout_s=spec.timeout_s,
+            )
+            if retry_after:
+                raise TooManyRequests(
+                    f"function {spec.function!r} is at its max_instances ({spec.max_instances}) and "
+                    f"{len(pool.waiters)} calls already wait for a slot; retry in {retry_after} s",
+                    retry_after_s=retry_after,
+                )
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[WarmInstance] = loop.create_future()
         pool.waiters.append(waiter)
@@ -220,14 +242,18 @@ class Dispatcher:
             pool.pending_starts += 1
             self.tasks.spawn(self._request_instance(pool, key, spec, deadline), name=f"acquire:{spec.function}")
         remaining = deadline - time.time()
+        taken = False
         try:
-            inst = await asyncio.wait_for(waiter, max(remaining, 0.001))
+            async with asyncio.timeout(max(remaining, 0.001)):
+                inst = await waiter
+            taken = True
         except TimeoutError as exc:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                pool.release(waiter.result())
             raise DeadlineExceeded(
                 f"no instance of {spec.function!r} became available before the deadline"
             ) from exc
+        finally:
+            if not taken:  # timed out, cancelled, or failed: leave the queue, give back a slot handed over
+                pool.abandon(waiter)
         return inst, inst.invocations == 0
 
     async def _request_instance(self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float) -> None:

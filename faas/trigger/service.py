@@ -4,8 +4,9 @@ Guarantees:
 - only the elected primary forwards events; a standby answers 503 ``not_leader`` so the gateway
   re-resolves the primary;
 - a sync event goes to the dispatcher that rendezvous hashing assigns to its function (warm instances
-  stay on one dispatcher); if that dispatcher is unreachable or saturated (429), the next one in the
-  ranking gets it, within the event's deadline.
+  stay on one dispatcher); if that dispatcher is unreachable or saturated (429 with
+  ``X-Faas-Saturated: 1``), the next one in the ranking gets it, within the event's deadline; any
+  other 429 (a function over its own limit) goes back to the caller with its ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _PASSED_HEADERS = (
     "x-faas-cold",
     "x-faas-duration-ms",
     "x-faas-function-error",
+    "retry-after",
 )
 
 
