@@ -2,8 +2,12 @@
 
 Guarantees: a call goes to whoever holds the trigger election; when the primary answers 503
 ``not_leader`` or cannot be reached, the call waits (within its deadline) for the next primary and
-is sent there, so a trigger failover shows up as added latency, not as an error.  Caveat: a call the
-dead primary had already forwarded may run twice (at-least-once across a trigger crash).
+is sent there, so a trigger failover shows up as added latency, not as an error.  A call still
+waiting on a primary when another is elected (the old one froze, or died with the connection left
+hanging) is re-sent to the new one at once, with the same request id: the dispatcher that may still
+be running it joins the re-sent call to the running one (``Dispatcher.invoke``) instead of running
+the function twice.  Caveat: a call the dead primary forwarded and whose dispatcher already finished
+it runs again (at-least-once across a trigger crash).
 """
 
 from __future__ import annotations
@@ -22,9 +26,28 @@ class TriggerClient:
     def __init__(self, leader: LeaderWatch) -> None:
         self.leader = leader
         self.http = HopClient()
+        # Requests outstanding on each primary's address, cancelled when another primary is elected.
+        self._outstanding: dict[str, set[asyncio.Future[HopResponse]]] = {}
+        self._follower: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._follower = asyncio.get_running_loop().create_task(self._follow_leader(), name="trigger-client:follow")
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         await self.http.close()
+
+    async def _follow_leader(self) -> None:
+        """On every new primary, re-send the calls outstanding on any other one."""
+        while True:
+            current = self.leader.current()
+            leader = await self.leader.wait_for_other_leader(current.address if current else "")
+            for address, pending in list(self._outstanding.items()):
+                if address != leader.address:
+                    for request in list(pending):
+                        request.cancel()
 
     async def invoke(
         self,
@@ -63,13 +86,19 @@ class TriggerClient:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{what} did not finish before its deadline")
             leader = await self.leader.wait_for_leader(remaining, not_address=skip)
+            request = asyncio.ensure_future(
+                self.http.post(f"{leader.address}{path}", body=body, headers=headers, timeout_s=remaining + 1.0)
+            )
+            pending = self._outstanding.setdefault(leader.address, set())
+            pending.add(request)
             try:
-                resp = await self.http.post(
-                    f"{leader.address}{path}",
-                    body=body,
-                    headers=headers,
-                    timeout_s=remaining + 1.0,
-                )
+                resp = await asyncio.shield(request)
+            except asyncio.CancelledError:
+                if not request.cancelled():
+                    request.cancel()
+                    raise  # our caller was cancelled, not the request
+                skip = leader.address  # another primary was elected while this one held the call
+                continue
             except HopTimeout as exc:
                 raise DeadlineExceeded(f"{what} did not finish before its deadline") from exc
             except HopError:
@@ -79,6 +108,8 @@ class TriggerClient:
                 skip = leader.address
                 await asyncio.sleep(0.05)
                 continue
+            finally:
+                pending.discard(request)
             if resp.status == 503 and error_from_body(_json(resp), 503).kind == "not_leader":
                 # A standby, or a member elected a moment ago that does not know it yet: ask again
                 # shortly, without excluding it (the election key tells who leads).

@@ -9,8 +9,10 @@ Guarantees:
   reach etcd, or was frozen past its TTL, stops acting at once, before anyone else can be elected;
   when etcd confirms the lease again and the key is still this term's, it resumes without a gap;
 - ``serving`` is the weaker "this term is not known to be over": it stays true while the lease is
-  merely unconfirmed (etcd unreachable), for work that is safe for two members to do at once during
-  a takeover (the trigger forwarding invocations), so an etcd outage does not stop it;
+  merely unconfirmed because etcd is unreachable (the keepalive keeps trying), for work that is safe
+  for two members to do at once during a takeover (the trigger forwarding invocations), so an etcd
+  outage does not stop it; it is false in a process that was frozen (its keepalive did not run), so
+  a leader resumed after SIGSTOP serves nothing until etcd confirms its term;
 - a standby watches the key and campaigns the moment it is deleted; with ``probe_leader`` it also
   checks that the leader's address still accepts connections, and revokes the lease of a leader
   whose port refuses them twice in a row (its process is gone), so a killed leader is replaced in
@@ -78,10 +80,11 @@ class Election:
 
     @property
     def serving(self) -> bool:
-        return self._term
+        lease = self._lease
+        return self._term and lease is not None and (lease.valid() or lease.keepalive_running())
 
     def require_serving(self) -> None:
-        if not self._term:
+        if not self.serving:
             raise NotLeader(f"{self.member_id} is a standby {self.role}, not the leader")
 
     async def campaign_forever(self) -> NoReturn:
@@ -246,6 +249,21 @@ class LeaderWatch:
         if self._parsed is None or self._parsed[0] is not raw:
             self._parsed = (raw, LeaderRecord.model_validate_json(raw))
         return self._parsed[1]
+
+    async def wait_for_other_leader(self, address: str) -> LeaderRecord:
+        """Return once the key changes to a leader other than the one at ``address`` (however long).
+
+        Only a change seen from now on counts: a copy that lags behind what the caller read directly
+        from etcd must not look like a new election."""
+        seen = self.mirror.items.get(self._key)
+        while True:
+            raw = self.mirror.items.get(self._key)
+            if raw is not None and raw is not seen:
+                leader = self.current()
+                if leader is not None and leader.address != address:
+                    return leader
+                seen = raw
+            await self.wait_change(1.0)
 
     async def wait_change(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for the key to change."""

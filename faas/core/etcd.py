@@ -225,11 +225,20 @@ class Lease:
         self.lease_id = 0
         self.lost = asyncio.Event()
         self._valid_until = 0.0
+        self.last_attempt = 0.0  # when the keepalive last ran (monotonic): a frozen process shows a gap
         self._changed = asyncio.Event()
         self._tasks = TaskSet(f"lease:{owner}")
 
     def valid(self) -> bool:
         return not self.lost.is_set() and asyncio.get_running_loop().time() < self._valid_until
+
+    def keepalive_running(self) -> bool:
+        """The keepalive task ran within two intervals: this process was not frozen meanwhile."""
+        return asyncio.get_running_loop().time() - self.last_attempt < 2 * self.interval_s
+
+    @property
+    def interval_s(self) -> float:
+        return max(self.ttl_s / 3.0, 0.3)
 
     async def grant(self) -> int:
         """Grant a fresh lease and keep it alive; raises ``Unavailable`` (nothing is kept then)."""
@@ -251,6 +260,7 @@ class Lease:
 
     def _keep(self, lease_id: int, valid_until: float) -> None:
         self.lease_id = lease_id
+        self.last_attempt = asyncio.get_running_loop().time()
         self.lost.clear()
         self._set_valid_until(valid_until)
         self._tasks.spawn(self._keepalive(lease_id), name="keepalive", long_lived=True)
@@ -280,15 +290,16 @@ class Lease:
 
     async def _keepalive(self, lease_id: int) -> None:
         loop = asyncio.get_running_loop()
-        interval = max(self.ttl_s / 3.0, 0.3)
+        interval = self.interval_s
         retry_s = 0.1
         failing_since: float | None = None
         while True:
-            sent = loop.time()
+            sent = self.last_attempt = loop.time()
             try:
                 # Bounded by the interval: an answer that comes later is useless for validity anyway.
                 ttl = await self.etcd.refresh_lease(lease_id, timeout_s=interval)
             except Unavailable as exc:
+                self.last_attempt = loop.time()
                 if failing_since is None:
                     failing_since = sent
                     log.warning("%s: lease %x not refreshed (%s); retrying", self.owner, lease_id, exc)

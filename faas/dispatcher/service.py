@@ -113,6 +113,7 @@ class Dispatcher:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.cold_start_timeout_s, connect=3.0))
         self.logs = LogSink(redis, settings.logs_per_function)
         self.tasks = TaskSet("dispatcher")
+        self._calls: dict[str, asyncio.Future[InvocationResult]] = {}  # in flight, by request id
         self._node_load: dict[str, float] = {}
 
     async def start(self) -> None:
@@ -191,6 +192,24 @@ class Dispatcher:
     # -- invocation --------------------------------------------------------------------------
 
     async def invoke(
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+    ) -> InvocationResult:
+        """Run one invocation; a second call with the request id of one in flight here joins it.
+
+        The gateway re-sends a call whose trigger died or froze to the next primary, which forwards
+        it to the same dispatcher (rendezvous hashing): joining the call still running here answers
+        it without running the function a second time.  The call itself runs in a task of its own,
+        so the first caller going away (its trigger died) does not cancel it."""
+        running = self._calls.get(request_id)
+        if running is None:
+            running = asyncio.ensure_future(self._invoke(ns, name, version, body, request_id=request_id, deadline=deadline))
+            self._calls[request_id] = running
+            running.add_done_callback(lambda _: self._calls.pop(request_id, None))
+        else:
+            log.info("request %s is already running here; joining it", request_id)
+        return await asyncio.shield(running)
+
+    async def _invoke(
         self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
     ) -> InvocationResult:
         spec = await self.catalog.version(ns, name, version)
@@ -282,9 +301,15 @@ class Dispatcher:
                 raise DeadlineExceeded(f"the scheduler did not start an instance of {name!r} before the deadline")
             leader = await self.scheduler.wait_for_leader(min(remaining, 10.0), not_address=tried_address)
             try:
-                resp = await self.http.post(
-                    f"{leader.address}/v1/acquire/{ns}/{name}/{version}", timeout=max(remaining, 0.01)
+                resp = await self._unless_leader_changes(
+                    self.http.post(f"{leader.address}/v1/acquire/{ns}/{name}/{version}", timeout=max(remaining, 0.01)),
+                    leader.address,
                 )
+            except _LeaderChanged:
+                # The leader we asked froze or died and another was elected: ask the new one.  A frozen
+                # one that wakes up later cannot record its start (fenced) and stops that instance.
+                log.warning("scheduler leader changed while starting %s; asking the new one", name)
+                continue
             except httpx.TimeoutException as exc:
                 raise DeadlineExceeded(f"starting an instance of {name!r} took longer than the deadline") from exc
             except httpx.HTTPError:
@@ -298,6 +323,20 @@ class Dispatcher:
                 await asyncio.sleep(0.1)  # a standby or a just-elected leader: ask again shortly
                 continue
             raise exc2
+
+    async def _unless_leader_changes(self, request: Any, address: str) -> httpx.Response:
+        """Await ``request`` to the scheduler leader at ``address``; ``_LeaderChanged`` if another is elected first."""
+        sent = asyncio.ensure_future(request)
+        changed = asyncio.ensure_future(self.scheduler.wait_for_other_leader(address))
+        try:
+            await asyncio.wait({sent, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            if not sent.done():
+                sent.cancel()
+        if sent.cancelled() or not sent.done():
+            raise _LeaderChanged()
+        return sent.result()
 
     async def _call(
         self, inst: WarmInstance, spec: VersionSpec, body: bytes, *, request_id: str, deadline: float
@@ -415,6 +454,10 @@ class Dispatcher:
             },
         )
         return InvocationResult(status, body, headers)
+
+
+class _LeaderChanged(Exception):
+    """Another scheduler leader was elected while a request to the previous one was outstanding."""
 
 
 def _json(resp: httpx.Response) -> object:
