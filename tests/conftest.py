@@ -22,7 +22,15 @@ import pytest
 
 from faas.core.errors import Unavailable
 from faas.core.settings import Settings
-from faas.launcher.embedded import EmbeddedCluster, settings_env, settings_for_test
+from faas.launcher.embedded import (
+    EmbeddedCluster,
+    ProcessRecord,
+    embedded_settings,
+    read_state,
+    settings_env,
+    settings_for_test,
+    state_records,
+)
 from tests.code_server import CodeServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -81,6 +89,73 @@ async def running_platform(
         yield Platform(cluster.settings, cluster)
     finally:
         await cluster.stop()
+
+
+@dataclass
+class SupervisedPlatform:
+    """A platform started by ``faas up`` (the supervisor), as a user starts it."""
+
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return self.settings.gateway_url
+
+    @property
+    def home(self) -> str:
+        return str(self.settings.home)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(settings_env(self.settings))
+        env["FAAS_URL"] = self.url
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "faas.cli.main", *args],
+            env=self.env(),
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def records(self) -> dict[str, ProcessRecord]:
+        """The components the supervisor runs now, by name (pids change when it restarts one)."""
+        state = read_state(self.settings)
+        return {r.name: r for r in state_records(state)} if state else {}
+
+    def status(self) -> dict[str, object]:
+        import json
+
+        out = self.cli("status", "--home", self.home, "-o", "json", timeout=60)
+        return json.loads(out.stdout) if out.stdout.strip() else {"ok": False, "problems": [out.stderr]}
+
+
+@asynccontextmanager
+async def supervised_platform(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *up_args: str, **overrides: object
+) -> AsyncIterator[SupervisedPlatform]:
+    """``faas up`` on free ports under a temp home (short leases, fast reaping); ``faas down`` after."""
+    import asyncio
+
+    home = tmp_path_factory.mktemp(name)
+    settings = settings_for_test(
+        home, **{"keepalive_s": 30.0, "reap_interval_s": 0.5, "lease_ttl_s": 3, "pool_size": 2, **overrides}
+    )
+    platform = SupervisedPlatform(embedded_settings(settings))
+    up = await asyncio.to_thread(platform.cli, "up", "--home", platform.home, *up_args)
+    if up.returncode != 0:
+        await asyncio.to_thread(platform.cli, "down", "--home", platform.home)
+        if "not found" in up.stderr and "install" in up.stderr:
+            missing_service(up.stderr.strip())
+        pytest.fail(f"faas up failed ({up.returncode}): {up.stderr[-3000:]}")
+    try:
+        yield platform
+    finally:
+        await asyncio.to_thread(platform.cli, "down", "--home", platform.home)
 
 
 async def require_docker() -> None:

@@ -81,7 +81,8 @@ async def test_a_burst_beyond_max_instances_gets_429_at_once_never_504(platform:
             assert resp.json()["error"]["kind"] == "too_many_requests"
             assert "x-faas-saturated" not in resp.headers
             assert 1 <= int(resp.headers["retry-after"]) <= deadline_s
-            assert took < 10.0, f"a refusal took {took:.1f} s"
+            # Well before the deadline (the machine may be loaded: 200 calls cross three hops first).
+            assert took < deadline_s / 2, f"a refusal took {took:.1f} s of a {deadline_s:.0f} s deadline"
         slowest = max(took for _, _, took in answers)
         assert slowest < deadline_s - 5.0, f"the slowest call took {slowest:.1f} s of a {deadline_s:.0f} s deadline"
         print(

@@ -306,7 +306,9 @@ async def collect_status(settings: Settings, state: dict[str, Any] | None) -> di
     ) -> None:
         """``ok`` None: unknown (etcd, which knows, cannot be read)."""
         rec = records.get(ident) or records.get(component)
-        if not ok and rec is not None and not pid_alive(rec.pid, rec.start_ticks):
+        if rec is not None and not pid_alive(rec.pid, rec.start_ticks):
+            # Checked even when etcd still lists the member: its record outlives a killed process
+            # until its lease lapses.
             ok = False
             problem = f"process {rec.pid} is not running (log: {rec.log}); {problem}".rstrip("; ")
         if rec is not None and rec.state == "crash-loop":

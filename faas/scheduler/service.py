@@ -64,6 +64,7 @@ class Scheduler:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.cold_start_timeout_s, connect=3.0))
         self.tasks = TaskSet("scheduler")
         self._orphan_suspects: set[str] = set()
+        self._starting_mb: dict[str, int] = defaultdict(int)  # memory of starts under way, per node
 
     async def start(self) -> None:
         self.instances.start()
@@ -169,6 +170,8 @@ class Scheduler:
         reserved: dict[str, int] = defaultdict(int)
         for rec in self.instance_records():
             reserved[rec.node_id] += rec.memory_mb
+        for node_id, memory_mb in self._starting_mb.items():
+            reserved[node_id] += memory_mb  # concurrent starts must not all pick the same node
         for candidate in nodes:
             candidate.memory_free_mb = min(candidate.memory_free_mb, candidate.memory_total_mb - reserved[candidate.node_id])
         return pick_node(nodes, spec.memory_mb)
@@ -189,6 +192,15 @@ class Scheduler:
             "concurrency": spec.concurrency,
             "environment": spec.environment,
         }
+        self._starting_mb[node.node_id] += spec.memory_mb
+        try:
+            return await self._launch_and_record(node, spec, instance_id, body)
+        finally:
+            self._starting_mb[node.node_id] -= spec.memory_mb
+
+    async def _launch_and_record(
+        self, node: NodeRecord, spec: VersionSpec, instance_id: str, body: dict[str, object]
+    ) -> InstanceRecord:
         try:
             resp = await self.http.post(f"{node.address}/v1/instances", json=body)
         except httpx.ConnectError as exc:
