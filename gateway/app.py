@@ -155,6 +155,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         ref = await code_store.put_archive(data)
         spec = await registry.create_version(ns, name, parsed, ref)
         record = await registry.get_function(ns, name)
+        await app.state.catalog.wait_until_seen(ns, name, uid=spec.function_uid, version=spec.version)
         return view(record, spec)
 
     async def check_destinations(ns: str, name: str, config: VersionConfig) -> None:
@@ -202,6 +203,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         registry: FunctionRegistry = app.state.registry
         subscriptions = await app.state.subscriptions.list_subscriptions(ns, check_name(name))
         await registry.delete_function(ns, name)
+        await app.state.catalog.wait_until_seen(ns, name, uid=None)
         await app.state.forget_sources(subscriptions)
         try:
             await app.state.redis.delete(redis_keys.function_logs(ns, name))
