@@ -84,7 +84,7 @@ async def test_new_instance_serves_waiters_up_to_concurrency() -> None:
 
 async def test_start_book_shares_a_start_up_to_capacity() -> None:
     book = StartBook()
-    key = ("default", "f", 1)
+    key = ("default", "f", 1, "0123456789abcdef")
     ticket = book.open(key, capacity=2)
     assert book.join(key) is ticket
     assert book.join(key) is ticket
