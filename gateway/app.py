@@ -3,6 +3,9 @@
 Guarantees:
 - a deploy is atomic: the archive is checked, stored in S3 by content hash, then the version is
   created in one etcd transaction; if either store fails the caller gets 503 and no version exists;
+- a deploy or a delete is answered once this gateway's watched catalog shows it (or after 2 s), so
+  the caller's next invocation through this gateway reaches what it just deployed, never a deleted
+  function (each invocation carries the function's uid to the dispatcher, ``X-Faas-Function-Uid``);
 - an invocation payload over ``max_sync_payload_bytes`` is refused with 413 before it is read whole;
 - every error is ``{"error": {"kind", "type", "message"}}`` with a precise status.
 """
@@ -156,6 +159,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         ref = await code_store.put_archive(data)
         spec = await registry.create_version(ns, name, parsed, ref)
         record = await registry.get_function(ns, name)
+        await app.state.catalog.wait_until_seen(ns, name, uid=spec.function_uid, version=spec.version)
         return view(record, spec)
 
     async def check_destinations(ns: str, name: str, config: VersionConfig) -> None:
@@ -203,6 +207,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         registry: FunctionRegistry = app.state.registry
         subscriptions = await app.state.subscriptions.list_subscriptions(ns, check_name(name))
         await registry.delete_function(ns, name)
+        await app.state.catalog.wait_until_seen(ns, name, uid=None)
         await app.state.forget_sources(subscriptions)
         try:
             await app.state.redis.delete(redis_keys.function_logs(ns, name))
@@ -246,7 +251,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         spec = await catalog.resolve(ns, name, qualifier)
         deadline = time.time() + settings.cold_start_timeout_s + spec.timeout_s + 2.0
         trigger: TriggerClient = app.state.trigger
-        resp = await trigger.invoke(ns, name, spec.version, body, request_id=request_id, deadline=deadline)
+        resp = await trigger.invoke(
+            ns, name, spec.version, body, request_id=request_id, deadline=deadline, function_uid=spec.function_uid
+        )
         return resp, spec
 
     async def invoke_call(
@@ -274,6 +281,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
                 body,
                 request_id=request_id,
                 deadline=time.time() + 15.0,
+                function_uid=spec.function_uid,
                 route="invoke-async",
                 extra_headers={
                     **{h: request.headers[h] for h in FORWARDED_ASYNC_HEADERS if h in request.headers},

@@ -185,7 +185,8 @@ def install_event_routes(
             # Anything else (etcd unreachable) fails the whole request with 503: the sender retries.
             items.append({
                 "namespace": sub.namespace, "function": sub.function, "version": spec.version,
-                "payload": json.dumps(event), "source": {"kind": sub.kind, "subscription": sub.name},
+                "function_uid": spec.function_uid, "payload": json.dumps(event),
+                "source": {"kind": sub.kind, "subscription": sub.name},
             })  # fmt: skip
         if not items:
             return []

@@ -19,7 +19,7 @@ import time
 from faas.core.election import LeaderWatch
 from faas.core.errors import DeadlineExceeded, error_from_body
 from faas.core.http import HopClient, HopError, HopResponse, HopTimeout
-from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
+from faas.core.service import DEADLINE_HEADER, FUNCTION_UID_HEADER, REQUEST_ID_HEADER, deadline_header
 
 
 class TriggerClient:
@@ -58,13 +58,16 @@ class TriggerClient:
         *,
         request_id: str,
         deadline: float,
+        function_uid: str,
         route: str = "invoke",
         extra_headers: dict[str, str] | None = None,
     ) -> HopResponse:
-        """Send a call to the primary: ``route`` "invoke" (sync) or "invoke-async" (enqueue, 202)."""
+        """Send a call to the primary: ``route`` "invoke" (sync) or "invoke-async" (enqueue, 202), for
+        ``version`` of the function with ``function_uid``."""
         headers = {
             REQUEST_ID_HEADER: request_id,
             DEADLINE_HEADER: deadline_header(deadline),
+            FUNCTION_UID_HEADER: function_uid,
             **(extra_headers or {}),
         }
         return await self._post(

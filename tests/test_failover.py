@@ -97,7 +97,7 @@ async def test_standby_answers_503_not_leader(platform: Platform, role: str) -> 
     leader = await _live_leader(platform, role)
     standbys = [m for m in members.values() if m.member_id != leader.member_id]
     assert standbys, f"no standby {role}"
-    path = "/v1/invoke/default/x/1" if role == "trigger" else "/v1/acquire/default/x/1"
+    path = "/v1/invoke/default/x/1" if role == "trigger" else "/v1/acquire/default/x/1?uid=0"
     async with httpx.AsyncClient() as client:
         resp = await client.post(standbys[0].address + path, content=b"{}")
     assert resp.status_code == 503

@@ -174,7 +174,7 @@ async def test_retry_after_is_at_least_a_second() -> None:
 
 async def test_start_book_shares_a_start_up_to_capacity() -> None:
     book = StartBook()
-    key = ("default", "f", 1)
+    key = ("default", "f", 1, "0123456789abcdef")
     ticket = book.open(key, capacity=2)
     assert book.join(key) is ticket
     assert book.join(key) is ticket

@@ -3,11 +3,18 @@
 Every record is a pydantic model serialised as JSON.  A function version is immutable once written;
 the function record holds the mutable part (aliases, counters).  Name rules live here so the gateway,
 the CLI and the manifest reader reject the same inputs with the same message.
+
+Identity: a function's record gets a random ``uid`` when it is created, kept by all its versions; a
+function deleted and created again under the same name gets a new one.  Every version
+(``function_uid``), instance record and queued event carries it, and ``VersionKey`` (what pools,
+start books and instance counts are keyed by) includes it, so nothing of a deleted function serves
+its successor.  Records stored before uids existed load with ``""``, their function's uid for life.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from typing import Any, Literal
 
@@ -35,6 +42,14 @@ def name_problem(name: str, what: str = "function name") -> str | None:
 
 def now() -> float:
     return time.time()
+
+
+VersionKey = tuple[str, str, int, str]
+"""(namespace, function, version, function uid): one version of one incarnation of a function."""
+
+
+def new_function_uid() -> str:
+    return secrets.token_hex(8)
 
 
 class CodeRef(BaseModel):
@@ -143,11 +158,17 @@ class VersionSpec(VersionConfig):
     version: int
     code: CodeRef
     created_at: float = Field(default_factory=now)
+    function_uid: str = ""  # the uid of the function record this version belongs to
+
+    @property
+    def key(self) -> VersionKey:
+        return (self.namespace, self.function, self.version, self.function_uid)
 
 
 class FunctionRecord(BaseModel):
     namespace: str
     name: str
+    uid: str = ""  # set at creation, never changed; "" for a function created before uids existed
     latest_version: int = 0
     aliases: dict[str, int] = Field(default_factory=dict)
     created_at: float = Field(default_factory=now)
@@ -159,6 +180,7 @@ class FunctionView(BaseModel):
 
     namespace: str
     name: str
+    uid: str = ""
     latest_version: int
     aliases: dict[str, int]
     created_at: float
@@ -179,6 +201,11 @@ class InstanceRecord(BaseModel):
     concurrency: int
     memory_mb: int = 0
     started_at: float = Field(default_factory=now)
+    function_uid: str = ""
+
+    @property
+    def key(self) -> VersionKey:
+        return (self.namespace, self.function, self.version, self.function_uid)
 
 
 class MemberRecord(BaseModel):

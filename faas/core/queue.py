@@ -10,7 +10,9 @@ Guarantees:
   idle for ``visibility_s`` (``reclaim``);
 - retries wait in a sorted set until due; ``move_due`` puts them back on the stream atomically (Lua).
 
-Envelopes are versioned (``v``); a consumer refuses versions it does not know.
+Envelopes are versioned (``v``); a consumer refuses versions it does not know.  An envelope names
+the function's uid (``function_uid``) when it was queued for a known incarnation of the function;
+events queued before uids existed have None and run on whichever function has the name.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class AsyncEnvelope(BaseModel):
     # Where the event came from when a subscription produced it (e.g. the stream message ids of a
     # queue batch, acknowledged at the source together with the outcome).  None for direct calls.
     source: dict[str, Any] | None = None
+    # The uid of the function the event was queued for: a function deleted and created again under
+    # the same name is another function, and does not run it.  None in events queued before uids.
+    function_uid: str | None = None
 
 
 PipeStep = Callable[[Any], None]
@@ -343,6 +348,7 @@ class InvocationQueue:
                 "namespace": env.namespace if env else None,
                 "function": env.function if env else None,
                 "version": env.version if env else None,
+                "function_uid": env.function_uid if env else None,
                 "attempts": env.attempt if env else None,
                 "enqueued_at": env.enqueued_at if env else None,
                 "error": json.loads(fields.get(b"error", b"null")),

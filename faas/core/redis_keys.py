@@ -20,14 +20,19 @@ def invocation(invocation_id: str) -> str:
     return f"{PREFIX}inv:{invocation_id}"
 
 
-def idempotency_scope(ns: str, name: str, key: str) -> str:
-    """The ``once`` scope of a client's idempotency key."""
-    return f"idem:{ns}:{name}:{key}"
+def _incarnation(name: str, uid: str) -> str:
+    """A function name qualified by its uid ('@' cannot occur in names); as before uids when "" ."""
+    return f"{name}@{uid}" if uid else name
 
 
-def timer_tick_scope(ns: str, name: str, subscription: str, tick: int) -> str:
-    """The ``once`` scope of one tick of a timer subscription."""
-    return f"timer:{ns}:{name}:{subscription}:{tick}"
+def idempotency_scope(ns: str, name: str, key: str, uid: str = "") -> str:
+    """The ``once`` scope of a client's idempotency key, for the function with ``uid``."""
+    return f"idem:{ns}:{_incarnation(name, uid)}:{key}"
+
+
+def timer_tick_scope(ns: str, name: str, subscription: str, tick: int, uid: str = "") -> str:
+    """The ``once`` scope of one tick of a timer subscription of the function with ``uid``."""
+    return f"timer:{ns}:{_incarnation(name, uid)}:{subscription}:{tick}"
 
 
 def once(scope: str) -> str:

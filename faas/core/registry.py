@@ -5,12 +5,21 @@ Guarantees:
   same function get consecutive numbers (compare-and-swap on the function record, retried);
 - versions are immutable; deleting a function deletes its record, every version and its event
   subscriptions in one transaction;
+- creating a function (the first version, when no record exists) gives it a new random ``uid``,
+  which every later version carries as ``function_uid``: a function deleted and created again is a
+  different function even though its version numbers start at 1 again;
 - ``Catalog`` serves lookups from a watched in-memory copy and falls back to etcd on a miss, so a
-  version created a moment ago is never reported missing.
+  version created a moment ago is never reported missing; asked for a version of a given function
+  uid, it re-reads etcd when its copy holds another uid (the copy lags a delete and re-create), and
+  answers ``NotFound`` when that function no longer exists;
+- ``Catalog.wait_until_seen`` lets the process that wrote a function read its own write through the
+  copy (the gateway waits for it before answering a deploy or a delete).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import TypeVar
 
@@ -19,8 +28,9 @@ from pydantic import BaseModel
 from faas.core import keys
 from faas.core.errors import Conflict, InvalidRequest, NotFound
 from faas.core.etcd import Etcd, PrefixMirror
-from faas.core.models import CodeRef, FunctionRecord, VersionConfig, VersionSpec
+from faas.core.models import CodeRef, FunctionRecord, VersionConfig, VersionSpec, new_function_uid
 
+log = logging.getLogger("faas.registry")
 _MAX_CAS_ATTEMPTS = 20
 M = TypeVar("M", bound=BaseModel)
 
@@ -60,14 +70,15 @@ class FunctionRegistry:
             kv = await self.etcd.get(fkey)
             now = time.time()
             if kv is None:
-                record = FunctionRecord(namespace=ns, name=name, created_at=now)
+                record = FunctionRecord(namespace=ns, name=name, uid=new_function_uid(), created_at=now)
                 guard = self.etcd.create_revision(fkey) == 0
             else:
                 record = FunctionRecord.model_validate_json(kv.value)
                 guard = self.etcd.mod_revision(fkey) == kv.mod_revision
             number = record.latest_version + 1
             spec = VersionSpec(
-                **config.model_dump(), namespace=ns, function=name, version=number, code=code, created_at=now
+                **config.model_dump(), namespace=ns, function=name, version=number, code=code, created_at=now,
+                function_uid=record.uid,
             )
             record.latest_version = number
             record.aliases["latest"] = number
@@ -153,12 +164,22 @@ class Catalog:
     async def function(self, ns: str, name: str) -> FunctionRecord:
         return self.cached_function(ns, name) or await self.registry.get_function(ns, name)
 
-    async def version(self, ns: str, name: str, number: int) -> VersionSpec:
+    async def version(self, ns: str, name: str, number: int, *, uid: str | None = None) -> VersionSpec:
+        """A version; with ``uid``, only a version of the function with that uid (else ``NotFound``)."""
         key = keys.version(ns, name, number)
         raw = self._versions.items.get(key)
         if raw is not None:
-            return self._parse(key, raw, VersionSpec)
-        return await self.registry.get_version(ns, name, number)
+            spec = self._parse(key, raw, VersionSpec)
+            if uid is None or spec.function_uid == uid:
+                return spec
+        # A miss, or a copy that lags a delete and re-create (in either direction): etcd decides.
+        spec = await self.registry.get_version(ns, name, number)
+        if uid is not None and spec.function_uid != uid:
+            raise NotFound(
+                f"function {name!r} (uid {uid or '-'}) no longer exists: it was deleted, and the function "
+                f"now named {name!r} is another one"
+            )
+        return spec
 
     async def resolve(self, ns: str, name: str, qualifier: str | None = None) -> VersionSpec:
         record = await self.function(ns, name)
@@ -167,4 +188,29 @@ class Catalog:
         except NotFound:
             record = await self.registry.get_function(ns, name)  # the cache may lag a fresh deploy
             number = resolve_qualifier(record, qualifier)
-        return await self.version(ns, name, number)
+        spec = await self.version(ns, name, number)
+        if spec.function_uid != record.uid:
+            # The two watched copies lag a delete and re-create differently: read both from etcd.
+            return await self.registry.resolve(ns, name, qualifier)
+        return spec
+
+    async def wait_until_seen(
+        self, ns: str, name: str, *, uid: str | None, version: int = 0, timeout_s: float = 2.0
+    ) -> bool:
+        """Wait until this copy shows the function as this process just wrote it: with ``uid`` at
+        ``version`` or later, or gone (``uid`` None).  False if the watch did not deliver it in time."""
+
+        def seen() -> bool:
+            record = self.cached_function(ns, name)
+            if uid is None:
+                return record is None
+            return record is not None and record.uid == uid and record.latest_version >= version
+
+        changed = self._functions.changed
+        try:
+            async with changed:
+                await asyncio.wait_for(changed.wait_for(seen), timeout_s)
+        except TimeoutError:
+            log.warning("the watched copy of %s/%s did not show this write within %.0f s", ns, name, timeout_s)
+            return False
+        return True

@@ -34,6 +34,9 @@ log = logging.getLogger("faas.service")
 
 DEADLINE_HEADER = "x-faas-deadline-ms"
 REQUEST_ID_HEADER = "x-faas-request-id"
+# The uid of the function the gateway resolved (``FunctionRecord.uid``), on the hops of an invocation:
+# a dispatcher serves it only with instances of that function.
+FUNCTION_UID_HEADER = "x-faas-function-uid"
 
 
 def configure_logging(role: str, member_id: str) -> None:

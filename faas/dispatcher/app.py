@@ -17,6 +17,7 @@ from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
     DEADLINE_HEADER,
+    FUNCTION_UID_HEADER,
     REQUEST_ID_HEADER,
     Membership,
     deadline_from_header,
@@ -82,10 +83,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         dispatcher: Dispatcher = app.state.dispatcher
         return {
             "pools": [
-                {"namespace": ns, "function": name, "version": version, "instances": len(pool.instances),
-                 "waiters": len(pool.waiters), "pending_starts": pool.pending_starts,
-                 "call_ms": round(pool.call_s * 1000, 3)}
-                for (ns, name, version), pool in list(dispatcher.pools.items())
+                {"namespace": ns, "function": name, "version": version, "function_uid": uid,
+                 "instances": len(pool.instances), "waiters": len(pool.waiters),
+                 "pending_starts": pool.pending_starts, "call_ms": round(pool.call_s * 1000, 3)}
+                for (ns, name, version, uid), pool in list(dispatcher.pools.items())
             ]
         }  # fmt: skip
 
@@ -97,8 +98,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         deadline = deadline_from_header(request.headers.get(DEADLINE_HEADER), settings.cold_start_timeout_s + 60)
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         result = await dispatcher.invoke(
-            params["ns"], params["name"], params["version"], await request.body(), request_id=request_id, deadline=deadline
-        )
+            params["ns"], params["name"], params["version"], await request.body(), request_id=request_id,
+            deadline=deadline, uid=request.headers.get(FUNCTION_UID_HEADER),
+        )  # fmt: skip
         return Response(result.body, status_code=result.status, headers=result.headers, media_type="application/json")
 
     app.add_route("/v1/invoke/{ns}/{name}/{version:int}", invoke, methods=["POST"], include_in_schema=False)

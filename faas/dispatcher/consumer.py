@@ -16,6 +16,8 @@ Guarantees:
   after ``MAX_DESTINATION_HOPS``;
 - an unexpected error while handling an event dead-letters it (``internal_error``) rather than leave
   it to be reclaimed and fail again forever;
+- an event queued for a function that was deleted since (its ``function_uid`` is not the uid of the
+  function now under that name) is dead-lettered as ``not_found``, never run by the new function;
 - at most ``_MAX_IN_FLIGHT`` events run at once per dispatcher.
 
 Caveat: "gone from the membership" means its lease lapsed, not that it died: a dispatcher cut off
@@ -156,8 +158,10 @@ class AsyncConsumer:
 
     async def _run(self, msg_id: str, env: AsyncEnvelope) -> None:
         try:
-            spec = await self.dispatcher.catalog.version(env.namespace, env.function, env.version)
-        except NotFound as exc:
+            spec = await self.dispatcher.catalog.version(
+                env.namespace, env.function, env.version, uid=env.function_uid
+            )
+        except NotFound as exc:  # deleted, or deleted and created again (another function uid)
             gone = exc.to_body()["error"]
             await asyncio.shield(
                 self.queue.dead_letter(msg_id, env, gone, also=settle_source(env, source_ids(env)))
@@ -180,6 +184,7 @@ class AsyncConsumer:
                 env.payload.encode(),
                 request_id=env.id,
                 deadline=deadline,
+                uid=env.function_uid,
             )
         except FaasError as exc:
             error = exc.to_body()["error"]
@@ -277,7 +282,8 @@ class AsyncConsumer:
             return None
         follow_up = AsyncEnvelope(
             id=uuid.uuid4().hex, namespace=env.namespace, function=target.function, version=target.version,
-            payload=record, source={"kind": "destination", "from": env.id, "condition": condition, "hops": hops},
+            function_uid=target.function_uid, payload=record,
+            source={"kind": "destination", "from": env.id, "condition": condition, "hops": hops},
         )  # fmt: skip
         return lambda pipe: self.queue.add_enqueue(pipe, follow_up)
 

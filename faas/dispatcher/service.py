@@ -3,6 +3,10 @@
 Guarantees:
 - the table of warm instances is a watched copy of ``/faas/instances/`` plus what the scheduler just
   returned; an instance deleted in etcd stops receiving work at once;
+- pools are keyed by version *and function uid*: an instance of a deleted function never serves the
+  function created again under its name.  A call names the uid it was resolved to
+  (``X-Faas-Function-Uid``); when this dispatcher's catalog holds another uid for that version it
+  re-reads etcd, and a call for a function that no longer exists gets 404 ``not_found``;
 - an invocation never waits past its deadline (header ``X-Faas-Deadline-Ms``): waiting for a slot, for
   a start, and the call to the instance all share it;
 - overload gets a fast answer: while a version is short of ``max_instances``, a call with no free slot
@@ -43,16 +47,15 @@ from faas.core.errors import (
 )
 from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.http import ConnectionBroken, HopTimeout, NotDelivered, for_address
-from faas.core.models import InstanceRecord, NodeRecord, VersionSpec
+from faas.core.models import InstanceRecord, NodeRecord, VersionKey, VersionSpec
 from faas.core.registry import Catalog
-from faas.core.service import deadline_header
+from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 from faas.dispatcher.pool import FunctionPool, WarmInstance
 
 log = logging.getLogger("faas.dispatcher")
 
-VersionKey = tuple[str, str, int]
 # Grace on top of the function timeout for the host to answer a timed-out call itself.
 TIMEOUT_GRACE_S = 1.5
 _LOG_LINGER_S = 0.05
@@ -107,6 +110,8 @@ class Dispatcher:
         self.etcd = etcd
         self.catalog = catalog
         self.pools: dict[VersionKey, FunctionPool] = {}
+        # The pool each instance record's key went to: a deletion in etcd carries no value to read it from.
+        self._placed: dict[bytes, VersionKey] = {}
         self.instances = PrefixMirror(etcd, keys.instances_prefix(), on_change=self._on_instance_change)
         self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
         self.scheduler = LeaderWatch(etcd, "scheduler")
@@ -145,16 +150,19 @@ class Dispatcher:
         return pool
 
     def _on_instance_change(self, kind: str, key: bytes, value: bytes | None) -> None:
-        parts = key.decode().split("/")  # /faas/instances/{ns}/{name}/{version}/{id}
-        ns, name, version, instance_id = parts[3], parts[4], int(parts[5]), parts[6]
-        pool = self._pool((ns, name, version))
-        if value is None:
-            inst = pool.remove(instance_id)
-            if inst is not None:
-                self.tasks.spawn(self._close_when_drained(inst), name=f"close:{instance_id}")
-            self._forget_if_idle((ns, name, version))
-        else:
-            self._add_instance(pool, InstanceRecord.model_validate_json(value))
+        if value is not None:
+            record = InstanceRecord.model_validate_json(value)
+            self._placed[key] = record.key
+            self._add_instance(self._pool(record.key), record)
+            return
+        version_key = self._placed.pop(key, None)
+        if version_key is None:
+            return
+        pool = self.pools.get(version_key)
+        inst = pool.remove(key.decode().rsplit("/", 1)[-1]) if pool is not None else None
+        if inst is not None:
+            self.tasks.spawn(self._close_when_drained(inst), name=f"close:{inst.instance_id}")
+        self._forget_if_idle(version_key)
 
     def _forget_if_idle(self, key: VersionKey) -> None:
         """Drop the pool of a version with no instance, no waiter and no start under way.
@@ -192,9 +200,11 @@ class Dispatcher:
     # -- invocation --------------------------------------------------------------------------
 
     async def invoke(
-        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
+        uid: str | None = None,
     ) -> InvocationResult:
-        """Run one invocation; a second call with the request id of one in flight here joins it.
+        """Run one invocation of ``version`` of the function with ``uid`` (None: whichever function
+        has the name now); a second call with the request id of one in flight here joins it.
 
         The gateway re-sends a call whose trigger died or froze to the next primary, which forwards
         it to the same dispatcher (rendezvous hashing): joining the call still running here answers
@@ -202,7 +212,9 @@ class Dispatcher:
         so the first caller going away (its trigger died) does not cancel it."""
         running = self._calls.get(request_id)
         if running is None:
-            running = asyncio.ensure_future(self._invoke(ns, name, version, body, request_id=request_id, deadline=deadline))
+            running = asyncio.ensure_future(
+                self._invoke(ns, name, version, body, request_id=request_id, deadline=deadline, uid=uid)
+            )
             self._calls[request_id] = running
             running.add_done_callback(lambda _: self._calls.pop(request_id, None))
         else:
@@ -210,10 +222,11 @@ class Dispatcher:
         return await asyncio.shield(running)
 
     async def _invoke(
-        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
+        uid: str | None,
     ) -> InvocationResult:
-        spec = await self.catalog.version(ns, name, version)
-        key: VersionKey = (ns, name, version)
+        spec = await self.catalog.version(ns, name, version, uid=uid)
+        key = spec.key
         started = time.perf_counter()
         while True:
             pool = self._pool(key)
@@ -293,7 +306,7 @@ class Dispatcher:
             self.tasks.spawn(self._request_instance(pool, key, spec, deadline), name=f"acquire:{spec.function}")
 
     async def _ask_scheduler(self, key: VersionKey, deadline: float) -> InstanceRecord:
-        ns, name, version = key
+        ns, name, version, uid = key
         tried_address: str | None = None
         while True:
             remaining = deadline - time.time()
@@ -302,7 +315,11 @@ class Dispatcher:
             leader = await self.scheduler.wait_for_leader(min(remaining, 10.0), not_address=tried_address)
             try:
                 resp = await self._unless_leader_changes(
-                    self.http.post(f"{leader.address}/v1/acquire/{ns}/{name}/{version}", timeout=max(remaining, 0.01)),
+                    self.http.post(
+                        f"{leader.address}/v1/acquire/{ns}/{name}/{version}",
+                        params={"uid": uid},
+                        timeout=max(remaining, 0.01),
+                    ),
                     leader.address,
                 )
             except _LeaderChanged:
@@ -343,13 +360,13 @@ class Dispatcher:
     ) -> tuple[int, dict[str, Any], bool] | None:
         """Send one invocation; None means it was not delivered (safe to retry elsewhere)."""
         timeout = min(spec.timeout_s + TIMEOUT_GRACE_S, max(deadline - time.time(), 0.001))
-        pool = self._pool((spec.namespace, spec.function, spec.version))
+        pool = self._pool(spec.key)
         inst.invocations += 1
         try:
             resp = await inst.client.post(
                 inst.base_url + "/_/invoke",
                 body=body,
-                headers={"x-faas-request-id": request_id, "x-faas-deadline-ms": deadline_header(deadline)},
+                headers={REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)},
                 timeout_s=timeout,
             )
         except NotDelivered as exc:

@@ -186,6 +186,7 @@ class NodeAgent:
             address=self.addresses[spec.instance_id],
             concurrency=spec.concurrency,
             memory_mb=spec.memory_mb,
+            function_uid=spec.function_uid,
         )
 
     async def _reconcile_records(self) -> None:

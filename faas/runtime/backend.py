@@ -33,6 +33,7 @@ class InstanceSpec(BaseModel):
     timeout_s: float
     concurrency: int
     environment: dict[str, str] = Field(default_factory=dict)
+    function_uid: str = ""  # the function's identity (a function deleted and created again differs)
 
     def specialize_body(self) -> dict[str, object]:
         return {

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 
 from faas.core.codestore import CodeStore
 from faas.core.election import Election
@@ -55,9 +56,11 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return {"ok": True, "leader": sched.election.is_leader}
 
     @app.post("/v1/acquire/{ns}/{name}/{version}")
-    async def acquire(ns: str, name: str, version: int) -> InstanceRecord:
+    async def acquire(
+        ns: str, name: str, version: int, uid: Annotated[str, Query(description="the function's uid")]
+    ) -> InstanceRecord:
         sched: Scheduler = app.state.scheduler
-        return await sched.acquire(ns, name, version)
+        return await sched.acquire(ns, name, version, uid)
 
     @app.post("/v1/instances/{instance_id}/retire", status_code=204)
     async def retire(instance_id: str) -> None:

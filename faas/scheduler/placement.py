@@ -1,6 +1,7 @@
 """Placement and start coalescing: pure logic, no I/O.
 
-``StartBook`` tracks instance starts in flight per function version.  A start of an instance with
+``StartBook`` tracks instance starts in flight per function version (``VersionKey``, which includes
+the function's uid: a start for a deleted function is never shared with its successor).  A start of an instance with
 concurrency C can serve C waiting requests, so up to C concurrent acquire calls share one start
 (coalescing); a further call starts another instance, unless running + starting has reached the
 version's ``max_instances``.
@@ -11,9 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from faas.core.models import InstanceRecord, NodeRecord
-
-VersionKey = tuple[str, str, int]
+from faas.core.models import InstanceRecord, NodeRecord, VersionKey
 
 
 @dataclass

@@ -4,13 +4,19 @@ Guarantees:
 - only the elected leader starts, records or reaps instances; a standby answers 503 ``not_leader``;
   every instance record is written in a transaction fenced by the leader's election revision, so a
   deposed leader cannot record anything (the instance it just started is stopped again);
+- an acquire names the function's uid as well as its version; the instance is started from that
+  function's version, or the call fails with 404 when the function was deleted (the catalog is
+  re-read from etcd before saying so);
 - concurrent acquire calls for one version share a start in flight up to the instance's concurrency
-  (``StartBook``); running + starting never exceeds ``max_instances`` (429 beyond it);
+  (``StartBook``); running + starting never exceeds ``max_instances`` (429 beyond it); both count
+  only instances of the same function uid;
 - a start has a deadline (``cold_start_timeout_s``); a failed start surfaces the host's error;
 - the reaper (leader only, every ``reap_interval_s``) drops records of dead instances, stops instances
   idle longer than ``keepalive_s`` (keeping ``min_instances`` of each function's latest version),
-  stops instances of deleted functions and orphans no record points at, and starts instances until each
-  latest version has ``min_instances``;
+  stops instances of deleted functions (an instance whose ``function_uid`` is not the uid the
+  function's record has in etcd now: a function deleted and created again loses the old instances)
+  and orphans no record points at, and starts instances until each latest version has
+  ``min_instances``;
 - the leader deletes code archives no version refers to, once older than ``archive_gc_grace_s``
   (checked every ``archive_gc_interval_s``).
 """
@@ -40,11 +46,18 @@ from faas.core.errors import (
     error_from_body,
 )
 from faas.core.etcd import Etcd, PrefixMirror
-from faas.core.models import InstanceRecord, InstanceStatus, NodeRecord, VersionSpec
+from faas.core.models import (
+    FunctionRecord,
+    InstanceRecord,
+    InstanceStatus,
+    NodeRecord,
+    VersionKey,
+    VersionSpec,
+)
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
-from faas.scheduler.placement import StartBook, StartTicket, VersionKey, pick_node
+from faas.scheduler.placement import StartBook, StartTicket, pick_node
 
 log = logging.getLogger("faas.scheduler")
 
@@ -91,17 +104,22 @@ class Scheduler:
         return [NodeRecord.model_validate_json(v) for v in list(self.nodes.items.values())]
 
     def running(self, key: VersionKey) -> int:
-        ns, name, version = key
+        ns, name, version, uid = key
         prefix = keys.instance(ns, name, version, "")
-        return sum(1 for k in list(self.instances.items) if k.startswith(prefix))
+        return sum(
+            1
+            for k, v in list(self.instances.items.items())
+            if k.startswith(prefix) and InstanceRecord.model_validate_json(v).function_uid == uid
+        )
 
     # -- acquire -----------------------------------------------------------------------------
 
-    async def acquire(self, ns: str, name: str, version: int) -> InstanceRecord:
-        """Start (or share a start of) an instance of one version and return it once it serves."""
+    async def acquire(self, ns: str, name: str, version: int, uid: str) -> InstanceRecord:
+        """Start (or share a start of) an instance of one version of the function with ``uid`` and
+        return it once it serves."""
         self.election.require_leader()
-        spec = await self.catalog.version(ns, name, version)
-        key: VersionKey = (ns, name, version)
+        spec = await self.catalog.version(ns, name, version, uid=uid)
+        key = spec.key
         ticket = self.book.join(key)
         if ticket is None:
             if self.running(key) + self.book.count(key) >= spec.max_instances:
@@ -191,6 +209,7 @@ class Scheduler:
             "timeout_s": spec.timeout_s,
             "concurrency": spec.concurrency,
             "environment": spec.environment,
+            "function_uid": spec.function_uid,
         }
         self._starting_mb[node.node_id] += spec.memory_mb
         try:
@@ -219,6 +238,7 @@ class Scheduler:
             address=address,
             concurrency=spec.concurrency,
             memory_mb=spec.memory_mb,
+            function_uid=spec.function_uid,
         )
         try:
             ok, _ = await self.etcd.txn(
@@ -344,10 +364,10 @@ class Scheduler:
 
         by_version: dict[VersionKey, list[InstanceRecord]] = defaultdict(list)
         for rec in records:
-            by_version[(rec.namespace, rec.function, rec.version)].append(rec)
-        now_latest = {(f.namespace, f.name): f.aliases.get("latest", f.latest_version) for f in self.catalog.functions()}
+            by_version[rec.key].append(rec)
+        functions = {(f.namespace, f.name): f for f in self.catalog.functions()}
         for key, recs in by_version.items():
-            ns, name, version = key
+            ns, name, version, uid = key
             alive: list[tuple[InstanceRecord, InstanceStatus | None]] = []
             for rec in recs:
                 found = statuses.get(rec.instance_id)
@@ -357,14 +377,20 @@ class Scheduler:
                     await self._reap(rec, reason="instance died")
                     continue
                 alive.append((rec, found))
-            if (ns, name) not in now_latest:
+            if not alive:
+                continue
+            function = functions.get((ns, name))
+            if function is None or function.uid != uid:
+                # The watched copy may lag a deploy a moment ago: only etcd says a function is gone.
+                function = await self._function_now(ns, name)
+            if function is None or function.uid != uid:
                 for rec, _ in alive:
                     await self._reap(rec, reason="function deleted")
                 continue
             keep = 0
-            if now_latest[(ns, name)] == version:
+            if function.aliases.get("latest", function.latest_version) == version:
                 try:
-                    keep = (await self.catalog.version(ns, name, version)).min_instances
+                    keep = (await self.catalog.version(ns, name, version, uid=uid)).min_instances
                 except NotFound:
                     keep = 0
             idle = [
@@ -378,14 +404,20 @@ class Scheduler:
                 await self._reap(rec, reason=f"idle for more than {self.settings.keepalive_s:.0f} s")
         await self._ensure_min_instances()
 
+    async def _function_now(self, ns: str, name: str) -> FunctionRecord | None:
+        try:
+            return await self.catalog.registry.get_function(ns, name)
+        except NotFound:
+            return None
+
     async def _ensure_min_instances(self) -> None:
         for record in self.catalog.functions():
             version = record.aliases.get("latest", record.latest_version)
             try:
-                spec = await self.catalog.version(record.namespace, record.name, version)
+                spec = await self.catalog.version(record.namespace, record.name, version, uid=record.uid)
             except NotFound:
                 continue
-            key: VersionKey = (record.namespace, record.name, version)
+            key = spec.key
             deficit = spec.min_instances - self.running(key) - self.book.count(key)
             for _ in range(max(0, deficit)):
                 ticket = self.book.open(key, capacity=0)

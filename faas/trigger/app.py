@@ -21,6 +21,7 @@ from faas.core.queue import AsyncEnvelope, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
     DEADLINE_HEADER,
+    FUNCTION_UID_HEADER,
     REQUEST_ID_HEADER,
     Membership,
     deadline_from_header,
@@ -49,6 +50,7 @@ class EnqueueItem(BaseModel):
     payload: str  # the event, as JSON text
     id: str | None = None
     source: dict[str, Any] | None = None
+    function_uid: str | None = None
 
 
 class EnqueueBatch(BaseModel):
@@ -127,6 +129,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await request.body(),
             request_id=request_id,
             deadline=deadline,
+            uid=request.headers.get(FUNCTION_UID_HEADER),
         )
         return Response(
             resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json"
@@ -147,11 +150,14 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             payload=(await request.body()).decode(),
             headers={h: request.headers[h] for h in _ENVELOPE_HEADERS if h in request.headers},
             trace=trace_context(request.headers.get("traceparent")),
+            function_uid=request.headers.get(FUNCTION_UID_HEADER),
         )
         queue: InvocationQueue = app.state.queue
         idempotency_key = request.headers.get("x-faas-idempotency-key")
         if idempotency_key:
-            scope = redis_keys.idempotency_scope(env.namespace, env.function, idempotency_key)
+            scope = redis_keys.idempotency_scope(
+                env.namespace, env.function, idempotency_key, env.function_uid or ""
+            )
             existing = await queue.enqueue_once(env, scope, settings.idempotency_window_s)
             if existing is not None:
                 return JSONResponse({"id": existing, "status": "duplicate"}, status_code=202)
@@ -170,7 +176,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         trigger.election.require_serving()
         envs = [
             AsyncEnvelope(id=item.id or uuid.uuid4().hex, namespace=item.namespace, function=item.function,
-                          version=item.version, payload=item.payload, source=item.source)
+                          version=item.version, payload=item.payload, source=item.source,
+                          function_uid=item.function_uid)
             for item in batch.events
         ]  # fmt: skip
         if envs:

@@ -6,7 +6,9 @@ Guarantees:
 - a sync event goes to the dispatcher that rendezvous hashing assigns to its function (warm instances
   stay on one dispatcher); if that dispatcher is unreachable or saturated (429 with
   ``X-Faas-Saturated: 1``), the next one in the ranking gets it, within the event's deadline; any
-  other 429 (a function over its own limit) goes back to the caller with its ``Retry-After``.
+  other 429 (a function over its own limit) goes back to the caller with its ``Retry-After``; the
+  function uid the gateway resolved goes with it (``X-Faas-Function-Uid``), so the dispatcher
+  serves that function or answers 404.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.http import HopClient, HopError, HopResponse, HopTimeout
 from faas.core.models import MemberRecord
 from faas.core.rendezvous import rank
-from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
+from faas.core.service import DEADLINE_HEADER, FUNCTION_UID_HEADER, REQUEST_ID_HEADER, deadline_header
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 
@@ -70,13 +72,16 @@ class Trigger:
         return out
 
     async def invoke_sync(
-        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float
+        self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
+        uid: str | None = None,
     ) -> HopResponse:
         self.election.require_serving()
         members = self.dispatcher_addresses()
         if not members:
             raise Unavailable("no dispatcher is registered")
         headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)}
+        if uid is not None:
+            headers[FUNCTION_UID_HEADER] = uid
         last_error = "no dispatcher answered"
         for member_id in rank(members, f"{ns}/{name}"):
             remaining = deadline - time.time()

@@ -1,7 +1,8 @@
 """Event sources the primary trigger runs: queue-subscription pollers and timers.
 
 Only the elected primary runs them; a standby starts them when it takes over, and a primary that
-loses its lease stops them.  Each event they produce is queued as an async invocation.
+loses its lease stops them.  Each event they produce is queued as an async invocation of the
+version (and function uid) the subscription's qualifier resolves to when it is queued.
 
 Guarantees:
 - queue subscriptions: the user's stream is read with one consumer group per subscription; a
@@ -35,6 +36,7 @@ from faas.core import keys, redis_keys
 from faas.core.election import Election
 from faas.core.errors import FaasError, NotLeader
 from faas.core.etcd import Etcd
+from faas.core.models import VersionSpec
 from faas.core.queue import AsyncEnvelope, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.schedule import parse_schedule
@@ -166,17 +168,16 @@ class QueuePoller:
         await self._ensure_group()
         await self._redeliver_orphans()
         while True:
-            version = await self._target_version()
+            target = await self._target()
             batch = await self._read_batch()
             if batch:
-                await self._hand_over(batch, version)
+                await self._hand_over(batch, target)
 
     async def _ensure_group(self) -> None:
         await ensure_queue_group(self.redis, self.sub)
 
-    async def _target_version(self) -> int:
-        spec = await self.catalog.resolve(self.sub.namespace, self.sub.function, self.sub.qualifier)
-        return spec.version
+    async def _target(self) -> VersionSpec:
+        return await self.catalog.resolve(self.sub.namespace, self.sub.function, self.sub.qualifier)
 
     async def _redeliver_orphans(self) -> None:
         """Hand over messages a previous primary read but never queued (pending, not in flight)."""
@@ -210,7 +211,7 @@ class QueuePoller:
             orphans = [e for e in candidates if _text(e[0]) in pending_now]
             if orphans:
                 log.info("queue subscription %s: re-delivering %d unhanded messages", self.sub.ref, len(orphans))
-                await self._hand_over(orphans, await self._target_version())
+                await self._hand_over(orphans, await self._target())
 
     async def _read_batch(self) -> list[Any]:
         """Up to ``batch_size`` new messages, waiting at most ``batch_window_s`` for the batch to fill."""
@@ -236,7 +237,7 @@ class QueuePoller:
             batch.extend(_entries(more))
         return batch
 
-    async def _hand_over(self, entries: list[Any], version: int) -> None:
+    async def _hand_over(self, entries: list[Any], target: VersionSpec) -> None:
         """Queue the messages as one invocation per at most ``MAX_BATCH_BYTES`` of records."""
         self.election.require_leader()
         records = [
@@ -254,18 +255,18 @@ class QueuePoller:
         for record in records:
             record_size = len(json.dumps(record))
             if batch and size + record_size > MAX_BATCH_BYTES:
-                await self._queue_batch(batch, version)
+                await self._queue_batch(batch, target)
                 batch, size = [], 0
             batch.append(record)
             size += record_size
         if batch:
-            await self._queue_batch(batch, version)
+            await self._queue_batch(batch, target)
 
-    async def _queue_batch(self, records: list[dict[str, Any]], version: int) -> None:
+    async def _queue_batch(self, records: list[dict[str, Any]], target: VersionSpec) -> None:
         ids = [r["messageId"] for r in records]
         env = AsyncEnvelope(
-            id=uuid.uuid4().hex, namespace=self.sub.namespace, function=self.sub.function, version=version,
-            payload=json.dumps({"Records": records}),
+            id=uuid.uuid4().hex, namespace=self.sub.namespace, function=self.sub.function,
+            version=target.version, function_uid=target.function_uid, payload=json.dumps({"Records": records}),
             source={"kind": "queue", "subscription": self.sub.name, "stream": self.source.stream,
                     "group": self.group, "ids": ids},
         )  # fmt: skip
@@ -311,7 +312,8 @@ class TimerRunner:
         spec = await self.catalog.resolve(self.sub.namespace, self.sub.function, self.sub.qualifier)
         env = AsyncEnvelope(
             id=uuid.uuid4().hex, namespace=self.sub.namespace, function=self.sub.function, version=spec.version,
-            payload="", source={"kind": "timer", "subscription": self.sub.name, "tick": tick},
+            function_uid=spec.function_uid, payload="",
+            source={"kind": "timer", "subscription": self.sub.name, "tick": tick},
         )  # fmt: skip
         event = {
             "version": "0",
@@ -325,7 +327,9 @@ class TimerRunner:
             "detail": self.sub.timer.payload if self.sub.timer.payload is not None else {},
         }
         env = env.model_copy(update={"payload": json.dumps(event)})
-        scope = redis_keys.timer_tick_scope(self.sub.namespace, self.sub.function, self.sub.name, tick)
+        scope = redis_keys.timer_tick_scope(
+            self.sub.namespace, self.sub.function, self.sub.name, tick, spec.function_uid
+        )
         holder = await self.queue.enqueue_once(env, scope, TICK_DEDUP_S)
         if holder is not None:
             log.info("timer %s: tick %d was already fired (invocation %s)", self.sub.ref, tick, holder)
