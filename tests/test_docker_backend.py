@@ -588,3 +588,46 @@ async def test_check_reports_an_unreachable_daemon(run_dir: Path) -> None:
     )  # fmt: skip
     with pytest.raises(Unavailable, match="Docker daemon"):
         await backend.check()
+
+
+async def _abandon(backend: DockerBackend) -> None:
+    """What a SIGKILL of the node agent does to its backend: it stops, cleaning nothing up."""
+    backend._closed = True
+    await backend._tasks.cancel_all()
+    if backend._docker is not None:
+        await backend._docker.close()
+        backend._docker = None
+
+
+async def test_a_restarted_backend_adopts_its_instances_and_removes_the_rest(
+    backends: Backends, docker: aiodocker.Docker, code_server: CodeServer
+) -> None:
+    node_id = new_node_id()
+    old, _ = await backends.make(pool_size=1, node_id=node_id)
+    spec = code_server.spec(ECHO)
+    address = await old.launch(spec, timeout_s=20)
+    assert (await invoke(address, {"n": 1})).status_code == 200
+    instance_container = container_name(node_id, address)
+
+    async def refilled() -> bool:
+        return len(await node_containers(docker, node_id)) == 2
+
+    await eventually(refilled)
+    pool_ids = {c.id for c in await node_containers(docker, node_id)} - {
+        (await docker.containers.get(instance_container)).id
+    }
+    assert pool_ids
+    await _abandon(old)  # the agent died: its containers run on
+    backends.made.remove((old, node_id))  # nothing of it is left to clean but what the new one owns
+
+    new, _ = await backends.make(pool_size=1, node_id=node_id)
+    assert [(s.instance_id, a) for s, a in new.adopted()] == [(spec.instance_id, address)]
+    assert (await invoke(address, {"n": 2})).status_code == 200  # the same container answers
+    running = {c.id for c in await node_containers(docker, node_id)}
+    assert not running & pool_ids, "the old pool member must be removed, not adopted"
+    assert (await docker.containers.get(instance_container)).id in running
+    # Adopted means owned: stopping it removes it, and a later death is noticed.
+    await new.stop(spec.instance_id)
+    assert instance_container not in {
+        c["Names"][0].lstrip("/") for c in await node_containers(docker, node_id, running_only=False)
+    }

@@ -335,3 +335,38 @@ async def test_close_stops_pool_and_instances(
 
     assert not any(alive(pid) for pid in pids)
     assert sockets_in(run_dir) == []
+
+
+async def test_a_restarted_backend_adopts_its_instances_and_kills_the_rest(
+    make_backend: Callable[..., Awaitable[ProcessBackend]], run_dir: Path, code_server: CodeServer
+) -> None:
+    old = await make_backend(pool_size=2)
+    spec = code_server.spec(APP)
+    address = await old.launch(spec, timeout_s=10)
+    [status] = await old.list_instances()
+    pool_pids = set((await health_pids(run_dir)).values()) - {status.pid}
+    assert pool_pids
+    # What a SIGKILL of the node agent leaves: hosts running on in sessions of their own.
+    old._closed = True
+    await old._tasks.cancel_all()
+
+    new = await make_backend(pool_size=1)
+    assert [(s.instance_id, a) for s, a in new.adopted()] == [(spec.instance_id, address)]
+    assert all(not alive(pid) for pid in pool_pids), "the old pool members must be killed, not adopted"
+    async with uds_client(address.removeprefix("unix://")) as client:
+        resp = await client.post("/_/invoke", json={"n": 2}, headers={"X-Faas-Request-Id": "r"})
+    assert resp.status_code == 200, resp.text
+    assert [s.instance_id for s in await new.list_instances()] == [spec.instance_id]
+
+    # An adopted host is watched like a child: its death fires the exit callback.
+    exits: list[InstanceExit] = []
+
+    async def on_exit(exit: InstanceExit) -> None:
+        exits.append(exit)
+
+    new.set_exit_callback(on_exit)
+    assert status.pid is not None
+    os.kill(status.pid, signal.SIGKILL)
+    await eventually(lambda: asyncio.sleep(0, bool(exits)))
+    assert exits[0].instance_id == spec.instance_id
+    assert await new.list_instances() == []
