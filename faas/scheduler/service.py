@@ -10,7 +10,9 @@ Guarantees:
 - concurrent acquire calls for one version share a start in flight up to the instance's concurrency
   (``StartBook``); running + starting never exceeds ``max_instances`` (429 beyond it); both count
   only instances of the same function uid;
-- a start has a deadline (``cold_start_timeout_s``); a failed start surfaces the host's error;
+- a start has a deadline (``cold_start_timeout_s``); a failed start surfaces the host's error; a
+  node agent that refuses the connection (restarting) is skipped, and with none answering the start
+  waits up to ``node_wait_s`` for one; concurrent starts count each other's memory when they place;
 - the reaper (leader only, every ``reap_interval_s``) drops records of dead instances, stops instances
   idle longer than ``keepalive_s`` (keeping ``min_instances`` of each function's latest version),
   stops instances of deleted functions (an instance whose ``function_uid`` is not the uid the

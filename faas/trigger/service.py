@@ -2,7 +2,8 @@
 
 Guarantees:
 - only the elected primary forwards events; a standby answers 503 ``not_leader`` so the gateway
-  re-resolves the primary;
+  re-resolves the primary.  The primary keeps forwarding while etcd is unreachable (its term is not
+  known to be over: ``Election.serving``), and stops at once after it was frozen past its lease;
 - a sync event goes to the dispatcher that rendezvous hashing assigns to its function (warm instances
   stay on one dispatcher); if that dispatcher is unreachable or saturated (429 with
   ``X-Faas-Saturated: 1``), the next one in the ranking gets it, within the event's deadline; any
