@@ -208,18 +208,28 @@ class Dispatcher:
 
         The gateway re-sends a call whose trigger died or froze to the next primary, which forwards
         it to the same dispatcher (rendezvous hashing): joining the call still running here answers
-        it without running the function a second time.  The call itself runs in a task of its own,
-        so the first caller going away (its trigger died) does not cancel it."""
-        running = self._calls.get(request_id)
-        if running is None:
-            running = asyncio.ensure_future(
-                self._invoke(ns, name, version, body, request_id=request_id, deadline=deadline, uid=uid)
-            )
-            self._calls[request_id] = running
-            running.add_done_callback(lambda _: self._calls.pop(request_id, None))
-        else:
+        it without running the function a second time.  (The server does not cancel a handler whose
+        client went away, so the first call runs to its end even when its trigger died.)"""
+        joined = self._calls.get(request_id)
+        if joined is not None:
             log.info("request %s is already running here; joining it", request_id)
-        return await asyncio.shield(running)
+            return await asyncio.shield(joined)
+        outcome: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
+        self._calls[request_id] = outcome
+        try:
+            result = await self._invoke(ns, name, version, body, request_id=request_id, deadline=deadline, uid=uid)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                outcome.cancel()
+            else:
+                outcome.set_exception(exc)
+                outcome.exception()  # retrieved: nobody may have joined
+            raise
+        else:
+            outcome.set_result(result)
+            return result
+        finally:
+            del self._calls[request_id]
 
     async def _invoke(
         self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
