@@ -108,9 +108,9 @@ class Election:
         self._lease = lease
         try:
             lease_id = await lease.grant()
-            record = LeaderRecord(role=self.role, member_id=self.member_id, address=self.address)
             refusals = 0
             while True:
+                record = LeaderRecord(role=self.role, member_id=self.member_id, address=self.address)
                 ok, responses = await self.etcd.txn(
                     [self.etcd.create_revision(self.key) == 0],
                     [self.etcd.op_put(self.key, record.model_dump_json().encode(), lease=lease_id)],

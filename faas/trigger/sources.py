@@ -74,6 +74,11 @@ class EventSources:
     async def run_forever(self) -> NoReturn:
         while True:
             await self.election.became_leader.wait()
+            if not self.election.is_leader:
+                # Elected, but the lease is not confirmed right now (a process resumed after a freeze,
+                # before its election task noticed): wait for that task, never spin on the event.
+                await asyncio.sleep(_RECONCILE_S)
+                continue
             log.info("primary: starting event sources")
             try:
                 while self.election.is_leader:
