@@ -140,7 +140,7 @@ class ChaosPlatform:
             )
         if resp.status_code != 201:
             raise PlatformError(f"deploy of {name} answered {resp.status_code}: {resp.text[:500]}")
-        return int(resp.json().get("version", 0))
+        return int(resp.json()["latest_version"])
 
     async def warm(self, name: str, *, calls: int, timeout_s: float = 90.0) -> None:
         """``calls`` sync calls at once until all answer 200 (the cold starts happen here), then one
