@@ -7,14 +7,17 @@ acknowledged with 202 until each is final (``succeeded`` or ``dead-lettered``) o
 has passed, and counts:
 
 - async: acknowledged (202 with an id) / completed (``succeeded``) / lost (acknowledged but not final
-  when the drain ended, or unknown to the platform) / duplicated (the record's ``runs`` > 1: the
-  handler started more than once, see ``InvocationQueue.mark_running``) / dead-lettered, and among
+  when the drain ended, or unknown to the platform) / duplicated (the record's ``runs``, which
+  ``InvocationQueue.mark_running`` counts at every start, exceeds its ``attempts``: the same attempt
+  started again, e.g. taken over from a dead dispatcher or queued twice; a retry after a failed attempt
+  is a start too, and is counted as retried, not duplicated) / dead-lettered, and among
   those the ones dead-lettered by a platform fault (the record's ``fault`` is ``platform``, or its
   error kind is one of ``PLATFORM_ERROR_KINDS``); also the calls answered with an error (rejected: the
   client knows they were not queued) and those that got no answer (unanswered: the client cannot know);
 - sync: sent / failed (anything but 200) / the error window (the first and the last failed send,
   in seconds after the fault) / recovery: from the fault to the send time of the first call sent after
-  it that succeeded.
+  it that succeeded / served again: from the fault to the first success answered to a call sent after
+  it (a failover the gateway hides by holding calls costs latency, not errors: it shows here).
 
 ``check_recovery`` is "recovered with no human action": within a bound, ``faas status --home H -o
 json`` reports ok and then a fresh sync call succeeds.  It only looks; it never starts anything.
@@ -75,6 +78,9 @@ class Summary:
     first_failure_after_fault: float | None = None
     last_failure_after_fault: float | None = None
     recovery_s: float | None = None  # fault -> first successful sync call sent after it; None: none did
+    # fault -> the first success answered to a call sent after the fault: a failover the gateway hides
+    # by holding calls shows here (and in slowest_ok_s), not in recovery_s
+    served_again_s: float | None = None
     slowest_ok_s: float | None = None  # the longest successful sync call
     # async
     async_sent: int = 0
@@ -83,7 +89,9 @@ class Summary:
     async_unanswered: int = 0  # no answer (timeout, connection error): maybe queued, maybe not
     async_completed: int = 0
     async_lost: int = 0
-    async_duplicated: int = 0
+    async_unknown: int = 0  # of the lost: the platform has no record of the id at all
+    async_duplicated: int = 0  # started more often than attempted: the same attempt ran again
+    async_retried: int = 0  # needed more than one attempt (a failed attempt was retried)
     async_dead_lettered: int = 0
     async_dead_lettered_platform: int = 0
     async_wrong_result: int = 0  # succeeded with a result other than the payload
@@ -132,7 +140,7 @@ def _failure_label(rec: CallRecord) -> str:
 def count_sync(summary: Summary, records: list[CallRecord]) -> None:
     failures: Counter[str] = Counter()
     failed_sends: list[float] = []
-    ok_after: list[float] = []
+    ok_after: list[tuple[float, float]] = []  # (sent, finished)
     for rec in records:
         summary.sync_sent += 1
         if rec.status == 200:
@@ -142,7 +150,7 @@ def count_sync(summary: Summary, records: list[CallRecord]) -> None:
             took = rec.finished_at - rec.sent_at
             summary.slowest_ok_s = max(summary.slowest_ok_s or 0.0, took)
             if rec.sent_at >= summary.fault_at:
-                ok_after.append(rec.sent_at)
+                ok_after.append((rec.sent_at, rec.finished_at))
         else:
             failures[_failure_label(rec)] += 1
             failed_sends.append(rec.sent_at)
@@ -152,7 +160,8 @@ def count_sync(summary: Summary, records: list[CallRecord]) -> None:
         summary.first_failure_after_fault = min(failed_sends) - summary.fault_at
         summary.last_failure_after_fault = max(failed_sends) - summary.fault_at
     if ok_after:
-        summary.recovery_s = min(ok_after) - summary.fault_at
+        summary.recovery_s = min(sent for sent, _ in ok_after) - summary.fault_at
+        summary.served_again_s = min(finished for _, finished in ok_after) - summary.fault_at
 
 
 async def _poll_once(client: httpx.AsyncClient, invocation_id: str) -> tuple[str, dict[str, Any] | None]:
@@ -233,16 +242,28 @@ async def count_async(
     started = time.monotonic()
     final = await drain(url, list(acknowledged), timeout_s=drain_timeout_s)
     summary.drain_s = time.monotonic() - started
+    tally_async(summary, acknowledged, final)
+
+
+def tally_async(
+    summary: Summary, acknowledged: dict[str, CallRecord], final: dict[str, dict[str, Any] | None]
+) -> None:
+    """Count the acknowledged calls by the last invocation record read for each (None: never read)."""
     dead_errors: Counter[str] = Counter()
     for invocation_id, rec in acknowledged.items():
         record = final.get(invocation_id)
         status = record.get("status") if record else None
-        if record is not None and _runs(record) > 1:
+        if record is not None and _number(record, "attempts") > 1:
+            summary.async_retried += 1
+        # ``runs`` counts every start (mark_running), and each retry after a failed attempt is a start
+        # too: only starts beyond the attempts are the same attempt run again (a re-delivery).
+        if record is not None and _number(record, "runs") > max(_number(record, "attempts"), 1):
             summary.async_duplicated += 1
             if len(summary.duplicated_ids) < SAMPLE_IDS:
                 summary.duplicated_ids.append(invocation_id)
         if record is None or status not in FINAL_STATUSES:
             summary.async_lost += 1
+            summary.async_unknown += record is None
             if len(summary.lost_ids) < SAMPLE_IDS:
                 summary.lost_ids.append(f"{invocation_id} ({status or 'unknown'})")
         elif status == "succeeded":
@@ -258,9 +279,9 @@ async def count_async(
     summary.dead_letter_errors = dict(dead_errors.most_common())
 
 
-def _runs(record: dict[str, Any]) -> int:
+def _number(record: dict[str, Any], name: str) -> int:
     try:
-        return int(record.get("runs") or 0)
+        return int(record.get(name) or 0)
     except (TypeError, ValueError):
         return 0
 

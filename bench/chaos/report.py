@@ -53,6 +53,8 @@ class FaultRow:
     repetitions: int
     recovery_p50_s: float
     recovery_p99_s: float
+    served_again_p50_s: float
+    served_again_p99_s: float
     sync_failed: int
     sync_sent: int
     error_window_p50_s: float
@@ -70,6 +72,9 @@ class FaultRow:
     @classmethod
     def of(cls, fault: str, reps: Sequence[Repetition]) -> FaultRow:
         recovery = [r.summary.recovery_s if r.summary.recovery_s is not None else math.inf for r in reps]
+        served = [
+            r.summary.served_again_s if r.summary.served_again_s is not None else math.inf for r in reps
+        ]
         windows = [r.summary.error_window_s for r in reps]
 
         def total(attr: str) -> int:
@@ -80,6 +85,8 @@ class FaultRow:
             repetitions=len(reps),
             recovery_p50_s=percentile(recovery, 50),
             recovery_p99_s=percentile(recovery, 99),
+            served_again_p50_s=percentile(served, 50),
+            served_again_p99_s=percentile(served, 99),
             sync_failed=total("sync_failed"),
             sync_sent=total("sync_sent"),
             error_window_p50_s=percentile(windows, 50),
@@ -102,7 +109,7 @@ class FaultRow:
 
 
 HEADER = [
-    "fault", "reps", "recovery p50 / p99, s", "sync failed / sent", "error window p50 / p99, s",
+    "fault", "reps", "recovery p50 / p99, s", "served again p50 / p99, s", "sync failed / sent", "error window p50 / p99, s",
     "async acked", "completed", "lost", "duplicated", "dead-lettered by platform", "slowest sync 200, s",
     "recovered, no human action",
 ]  # fmt: skip
@@ -123,6 +130,7 @@ def markdown(rows: Sequence[FaultRow]) -> str:
             r.fault,
             str(r.repetitions),
             f"{_s(r.recovery_p50_s)} / {_s(r.recovery_p99_s)}",
+            f"{_s(r.served_again_p50_s)} / {_s(r.served_again_p99_s)}",
             f"{r.sync_failed} / {r.sync_sent}",
             f"{_s(r.error_window_p50_s)} / {_s(r.error_window_p99_s)}",
             str(r.async_acknowledged),
@@ -154,12 +162,15 @@ def notes(reps: Sequence[Repetition]) -> list[str]:
             else "none"
         )
         recovery = f"{s.recovery_s:.2f} s" if s.recovery_s is not None else "never"
+        if s.served_again_s is not None:
+            recovery += f" (answered {s.served_again_s:.2f} s after the fault)"
         line = (
             f"- {r.fault} #{r.index + 1}: {inj.action} {inj.victim} (pid {inj.pid}, {inj.why}){stop}; "
             f"recovery {recovery}; sync failed {s.sync_failed}/{s.sync_sent}"
             + (f" {s.sync_failures}" if s.sync_failures else "")
             + f", window {window}; async {s.async_acknowledged} acked, {s.async_completed} completed, "
-            f"{s.async_lost} lost, {s.async_duplicated} duplicated, {s.async_dead_lettered} dead-lettered"
+            f"{s.async_lost} lost, {s.async_duplicated} duplicated, {s.async_retried} retried, "
+            f"{s.async_dead_lettered} dead-lettered"
             + (f" {s.dead_letter_errors}" if s.dead_letter_errors else "")
             + f", not acked: {s.async_errors or 'none'}; "
             f"recovered: {'yes' if r.recovery.recovered else 'NO'} ({r.recovery.detail}, "
