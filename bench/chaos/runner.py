@@ -15,7 +15,8 @@ then for each repetition:
 
 It restarts nothing itself.  ``faas down`` stops each platform at the end, also on an error, a timeout
 (``--max-seconds``, and a bound per repetition) or Ctrl-C/SIGTERM; a stopped process is continued
-first.  If a repetition ends with the platform not recovered, the platform's remaining repetitions
+first.  The platform's folder (logs, load records) is removed unless ``--keep-home``, or something was
+lost, did not recover or went wrong there.  If a repetition ends with the platform not recovered, the platform's remaining repetitions
 are skipped (what they would measure is no longer the fault's effect) and the run goes on with the
 next platform.
 
@@ -196,6 +197,8 @@ async def run(plan: Plan, outcome: Outcome) -> None:
             for members, faults in groups(plan.faults):
                 home = Path(tempfile.mkdtemp(prefix="faas-chaos-", dir="/tmp"))  # short: unix socket paths
                 platform = ChaosPlatform(home, etcd_members=members)
+                first = len(outcome.repetitions)
+                problems = len(outcome.problems)
                 try:
                     await run_platform(platform, faults, plan, outcome)
                 except (PlatformError, LoadError, FaasError, httpx.HTTPError) as exc:
@@ -204,7 +207,12 @@ async def run(plan: Plan, outcome: Outcome) -> None:
                 finally:
                     log("stopping the platform (faas down)")
                     log(await platform.down())
-                    if plan.keep_home or outcome.problems:
+                    mine = outcome.repetitions[first:]
+                    if (
+                        plan.keep_home
+                        or len(outcome.problems) > problems
+                        or any(r.summary.async_lost or not r.recovery.recovered for r in mine)
+                    ):
                         log(f"platform home (logs, load records) kept in {home}")
                     else:
                         shutil.rmtree(home, ignore_errors=True)
