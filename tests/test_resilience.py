@@ -88,7 +88,7 @@ async def test_a_killed_node_agent_comes_back_adopts_its_instances_and_orphans_n
 
     os.kill(agent.pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    while pid_alive(agent.pid, agent.start_ticks):  # SIGKILL is delivered asynchronously
+    while pid_alive(agent.pid, agent.start_ticks):  # noqa: ASYNC110 - SIGKILL is delivered asynchronously
         await asyncio.sleep(0.01)
     # No function host inherited the agent's listening socket: its port refuses at once, not hangs.
     with pytest.raises(ConnectionRefusedError):
