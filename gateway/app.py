@@ -337,7 +337,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
         ``queued`` (waiting for a dispatcher), ``running``, ``failed`` (the last attempt failed; the next
         one is due at ``retry_at``), and the final ``succeeded`` or ``dead-lettered`` (out of retries
-        or age; listed under ``/v1/dead-letters`` for redrive)."""
+        or age; listed under ``/v1/dead-letters`` for redrive).  ``attempts`` counts the function's
+        attempts, ``platform_retries`` the retries after platform faults (which do not use up
+        ``max_retries``); the last ``error`` says whose fault it was (``fault``)."""
         found = await app.state.queue.status(invocation_id)
         if found is None:
             raise NotFound(f"invocation {invocation_id!r} not found (unknown, or older than its retention)")

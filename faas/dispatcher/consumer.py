@@ -4,9 +4,17 @@ Guarantees:
 - an event is acknowledged only together with its recorded outcome (``InvocationQueue``), and that
   bookkeeping is shielded from cancellation, so a dispatcher stopping mid-way leaves the event pending
   for another dispatcher rather than lost;
-- a failed attempt is retried after ``async_retry_base_s * 2**(attempt-1)`` seconds with +-50% jitter,
-  up to the version's ``max_retries``; an event older than its ``max_event_age_s``, or out of retries,
-  goes to the dead-letter stream with its last error;
+- a failed attempt is the function's fault or the platform's (``faults.fault_of``; recorded as
+  ``"fault"`` on the error).  After a function fault (its handler raised, timed out, ran out of
+  memory, its import failed, it crashed its host) the event is retried after
+  ``async_retry_base_s * 2**(attempt-1)`` seconds with +-50% jitter, up to the version's
+  ``max_retries``.  After a platform fault (no node agent, no instance could start for a platform
+  reason, the scheduler or an instance unreachable, no instance before the deadline, throttled at
+  ``max_instances``) it is retried without using up ``max_retries`` (``platform_retries`` + 1), after
+  a backoff doubling from ``async_retry_base_s`` up to ``async_platform_retry_cap_s``, never sooner
+  than a throttle's ``retry_after_s``.  No retry is scheduled to come due after the event's
+  ``max_event_age_s``; an event out of retries or age goes to the dead-letter stream with its last
+  error (and its fault); an event whose function or version is gone is dead-lettered at once;
 - events of a dispatcher whose membership lease lapsed (killed, crashed) are taken over at once (two
   scans ``_ORPHAN_SCAN_S`` apart see it gone); a dispatcher restarted under the same id first
   finishes the events its previous process held; anything else (a live dispatcher stuck on an
@@ -28,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -36,11 +43,12 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from faas.core import redis_keys
-from faas.core.errors import FaasError, NotFound
+from faas.core.errors import FaasError, NotFound, TooManyRequests
 from faas.core.models import Destination, VersionSpec
 from faas.core.queue import AsyncEnvelope, InvocationQueue, PipeStep
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
+from faas.dispatcher.faults import Retry, fault_of, next_step, platform_backoff
 from faas.dispatcher.service import Dispatcher
 
 log = logging.getLogger("faas.consumer")
@@ -146,7 +154,8 @@ class AsyncConsumer:
             # A bug must not leave the event to cycle through reclaims forever: set it aside with the error.
             log.exception("event %s: unexpected failure; dead-lettering it", msg_id)
             if env is not None:
-                internal = {"kind": "internal_error", "type": type(exc).__name__, "message": str(exc)[:500]}
+                internal = {"kind": "internal_error", "type": type(exc).__name__, "message": str(exc)[:500],
+                            "fault": "platform"}  # fmt: skip
                 try:
                     await asyncio.shield(self.queue.dead_letter(msg_id, env, internal))
                 except FaasError as again:
@@ -158,20 +167,32 @@ class AsyncConsumer:
         try:
             spec = await self.dispatcher.catalog.version(env.namespace, env.function, env.version)
         except NotFound as exc:
-            gone = exc.to_body()["error"]
-            await asyncio.shield(
-                self.queue.dead_letter(msg_id, env, gone, also=settle_source(env, source_ids(env)))
+            await self._gone(msg_id, env, exc)
+            return
+        except FaasError as exc:
+            # etcd unreachable: the platform's fault.  The event's age is checked when it comes back
+            # and its version can be read.
+            unknown = {**exc.to_body()["error"], "fault": "platform"}
+            delay = platform_backoff(
+                env.platform_retries + 1,
+                base_s=self.settings.async_retry_base_s,
+                cap_s=self.settings.async_platform_retry_cap_s,
             )
+            await asyncio.shield(self.queue.retry_later(msg_id, env, unknown, delay, platform=True))
             return
         age = time.time() - env.enqueued_at
         if age > spec.max_event_age_s:
-            too_old = {"kind": "event_too_old", "type": "MaxEventAgeExceeded",
+            # It aged out waiting in the queue (a backlog, no dispatcher): retries are never scheduled
+            # past the age limit, so this is not a failure of the function's.
+            too_old = {"kind": "event_too_old", "type": "MaxEventAgeExceeded", "fault": "platform",
                        "message": f"event is {age:.0f} s old; the function's max_event_age_s is {spec.max_event_age_s:g}"}  # fmt: skip
             await self._give_up(msg_id, env, spec, too_old, "EventAgeExceeded", source_ids(env))
             return
         await self.queue.mark_running(env)
         deadline = time.time() + self.settings.cold_start_timeout_s + spec.timeout_s + 2.0
         error: dict[str, Any]
+        status: int | None = None
+        retry_after_s: float | None = None
         try:
             result = await self.dispatcher.invoke(
                 env.namespace,
@@ -181,21 +202,51 @@ class AsyncConsumer:
                 request_id=env.id,
                 deadline=deadline,
             )
+        except NotFound as exc:  # deleted while the event waited for an instance
+            await self._gone(msg_id, env, exc)
+            return
         except FaasError as exc:
             error = exc.to_body()["error"]
+            if isinstance(exc, TooManyRequests):
+                retry_after_s = exc.retry_after_s
         else:
             if result.status == 200:
                 await self._succeeded(msg_id, env, spec, result.body.decode())
                 return
-            error = error_of(result.status, result.body)
-        if env.attempt <= spec.max_retries and age < spec.max_event_age_s:
-            await asyncio.shield(self.queue.retry_later(msg_id, env, error, self._backoff(env)))
-        else:
-            condition = "RetriesExhausted" if env.attempt > spec.max_retries else "EventAgeExceeded"
-            await self._give_up(msg_id, env, spec, error, condition, source_ids(env))
+            status, error = result.status, error_of(result.status, result.body)
+        await self._failed(msg_id, env, spec, error, status=status, retry_after_s=retry_after_s)
 
-    def _backoff(self, env: AsyncEnvelope) -> float:
-        return float(self.settings.async_retry_base_s * 2 ** (env.attempt - 1) * random.uniform(0.5, 1.5))
+    async def _failed(
+        self, msg_id: str, env: AsyncEnvelope, spec: VersionSpec, error: dict[str, Any], *,
+        status: int | None, retry_after_s: float | None,
+    ) -> None:  # fmt: skip
+        """Retry the event (a function retry or a platform retry), or give it up."""
+        fault = fault_of(error, status)
+        error = {**error, "fault": fault}
+        step = next_step(
+            fault,
+            attempt=env.attempt,
+            platform_retries=env.platform_retries,
+            max_retries=spec.max_retries,
+            age_s=time.time() - env.enqueued_at,
+            max_event_age_s=spec.max_event_age_s,
+            base_s=self.settings.async_retry_base_s,
+            platform_cap_s=self.settings.async_platform_retry_cap_s,
+            retry_after_s=retry_after_s,
+        )
+        if isinstance(step, Retry):
+            if step.platform:
+                log.info("event %s: platform fault (%s: %s); retry %d in %.1f s", env.id, error.get("kind"),
+                         str(error.get("message"))[:200], env.platform_retries + 1, step.delay_s)  # fmt: skip
+            await asyncio.shield(self.queue.retry_later(msg_id, env, error, step.delay_s, platform=step.platform))
+        else:
+            await self._give_up(msg_id, env, spec, error, step.condition, source_ids(env))
+
+    async def _gone(self, msg_id: str, env: AsyncEnvelope, exc: NotFound) -> None:
+        """The function or version is gone: dead-letter the event at once (no destination to tell)."""
+        gone = exc.to_body()["error"]
+        gone = {**gone, "fault": fault_of(gone)}
+        await asyncio.shield(self.queue.dead_letter(msg_id, env, gone, also=settle_source(env, source_ids(env))))
 
     async def _succeeded(self, msg_id: str, env: AsyncEnvelope, spec: VersionSpec, result_json: str) -> None:
         ids = source_ids(env)
@@ -210,22 +261,32 @@ class AsyncConsumer:
         # the failed ones are tried again (or dead-lettered once out of retries).
         done = [i for i in ids if i not in set(failed)]
         retry = only_items(env, failed)
-        error = {"kind": "partial_batch_failure", "type": "BatchItemFailures",
+        error = {"kind": "partial_batch_failure", "type": "BatchItemFailures", "fault": "function",
                  "message": f"{len(failed)} of {len(ids)} records failed", "failed": failed}  # fmt: skip
-        if env.attempt <= spec.max_retries and time.time() - env.enqueued_at < spec.max_event_age_s:
+        step = next_step(
+            "function",
+            attempt=env.attempt,
+            platform_retries=env.platform_retries,
+            max_retries=spec.max_retries,
+            age_s=time.time() - env.enqueued_at,
+            max_event_age_s=spec.max_event_age_s,
+            base_s=self.settings.async_retry_base_s,
+            platform_cap_s=self.settings.async_platform_retry_cap_s,
+        )
+        if isinstance(step, Retry):
             await asyncio.shield(
                 self.queue.retry_later(
                     msg_id,
                     env,
                     error,
-                    self._backoff(env),
+                    step.delay_s,
                     retry=retry,
                     also=settle_source(env, done),
                     result_json=result_json,
                 )
             )
         else:
-            await self._give_up(msg_id, retry, spec, error, "RetriesExhausted", ids, original=env)
+            await self._give_up(msg_id, retry, spec, error, step.condition, ids, original=env)
 
     async def _give_up(
         self,
