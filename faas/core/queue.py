@@ -13,7 +13,15 @@ Guarantees:
   ``max_retries``) or a platform retry (``platform_retries`` + 1, ``attempt`` unchanged): the
   invocation record's ``attempts`` counts function attempts, ``platform_retries`` the others, and
   its ``error`` (the last one) carries ``fault`` (``function`` or ``platform``), as the dead letter's
-  does.
+  does;
+- every command that fails because the connection did (Redis restarted, unreachable, too slow)
+  raises ``Unavailable`` and adds one to ``connection_losses``; a consumer that sees the count move
+  re-reads its own pending events, since a reply lost with the connection may have handed it events
+  it never received (``read_own_pending``).
+
+Caveat: a transaction whose reply is lost with the connection may or may not have been applied; the
+caller cannot tell, and treats the event as still pending (an outcome recorded twice at worst, never
+an event lost).
 
 Envelopes are versioned (``v``); a consumer refuses versions it does not know.  Fields added since
 version 1 have defaults, so envelopes written before them stay readable.
@@ -30,7 +38,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from faas.core import redis_keys
 from faas.core.errors import NotFound, Unavailable
@@ -88,6 +98,7 @@ class InvocationQueue:
     def __init__(self, redis: aioredis.Redis, *, status_ttl_s: int) -> None:
         self.redis = redis
         self.status_ttl_s = status_ttl_s
+        self.connection_losses = 0
         self._move_due = redis.register_script(_MOVE_DUE)
         self._enqueue_once = redis.register_script(_ENQUEUE_ONCE)
 
@@ -95,7 +106,13 @@ class InvocationQueue:
         try:
             return await coro
         except RedisError as exc:
+            self._note(exc)
             raise Unavailable(f"queue (Redis) failed to {what}: {exc}") from exc
+
+    def _note(self, exc: RedisError) -> None:
+        # A timeout counts too: the command may have been applied, its reply not read.
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            self.connection_losses += 1
 
     async def ensure_group(self) -> None:
         try:
@@ -106,6 +123,7 @@ class InvocationQueue:
             if "BUSYGROUP" not in str(exc):
                 raise Unavailable(f"queue (Redis) failed to create its consumer group: {exc}") from exc
         except RedisError as exc:
+            self._note(exc)
             raise Unavailable(f"queue (Redis) unreachable: {exc}") from exc
 
     def _status(self, pipe: Any, env: AsyncEnvelope, **fields: Any) -> None:
@@ -200,7 +218,8 @@ class InvocationQueue:
         return self._parse([e for e in resp[1] if e and e[1] is not None])
 
     async def read_own_pending(self, consumer: str, *, count: int) -> list[tuple[str, AsyncEnvelope | None]]:
-        """Events this consumer name took in a previous life (a restarted dispatcher finishes them)."""
+        """Events pending for this consumer name (XREADGROUP from 0): those it took in a previous life (a
+        restarted dispatcher finishes them), and those a reply lost with the connection handed to it."""
         resp = await self._run(
             "read pending events",
             self.redis.xreadgroup(redis_keys.ASYNC_GROUP, consumer, {redis_keys.ASYNC_STREAM: "0"}, count=count),

@@ -24,11 +24,21 @@ Guarantees:
   after ``MAX_DESTINATION_HOPS``;
 - an unexpected error while handling an event dead-letters it (``internal_error``) rather than leave
   it to be reclaimed and fail again forever;
+- Redis restarts: when a queue command fails because the connection did (``connection_losses``
+  moves), the consumer makes sure its group exists and re-reads its own pending events at once,
+  skipping the ones it holds (in its backlog or running).  That recovers the events a lost
+  XREADGROUP reply handed to it, and the events whose start or outcome could not be recorded (the
+  transaction raised ``Unavailable``: the event stayed pending and is run again), without waiting
+  for ``async_visibility_s``.  Every source of events skips the ones this consumer holds, so none
+  runs twice at once here;
 - at most ``_MAX_IN_FLIGHT`` events run at once per dispatcher.
 
-Caveat: "gone from the membership" means its lease lapsed, not that it died: a dispatcher cut off
+Caveats: "gone from the membership" means its lease lapsed, not that it died: a dispatcher cut off
 from etcd for longer than its lease while still running has its in-flight events run a second time
-elsewhere (at-least-once).
+elsewhere (at-least-once).  An event whose outcome transaction lost its reply to a Redis crash runs
+again if the transaction was not applied (at-least-once; its record's ``runs`` counts both).  A
+Redis error that is not a lost connection (an error reply) still leaves the event to be reclaimed
+after ``async_visibility_s``.
 """
 
 from __future__ import annotations
@@ -74,6 +84,9 @@ class AsyncConsumer:
         self.consumer_id = consumer_id
         self.slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self.tasks = TaskSet(f"consumer:{consumer_id}")
+        # Message ids taken and not finished (in the backlog or running): a re-read skips them.
+        self._held: set[str] = set()
+        self._losses_seen = 0  # queue.connection_losses when this consumer last re-read its pending
 
     async def close(self) -> None:
         await self.tasks.cancel_all()
@@ -86,12 +99,15 @@ class AsyncConsumer:
             except FaasError as exc:
                 log.warning("cannot prepare the queue: %s", exc)
                 await asyncio.sleep(1.0)
-        backlog = await self._own_pending()
+        self._losses_seen = self.queue.connection_losses
+        backlog = self._take(await self._own_pending())
         # The housekeeping reads run on their own clocks, not on every pass: under load a pass
         # takes a few events, and three extra round trips per pass cost more than the events.
         next_orphan_scan = next_due_move = next_reclaim = 0.0
         while True:
             try:
+                if self.queue.connection_losses != self._losses_seen:
+                    backlog += self._take(await self._resync())
                 now = time.monotonic()
                 if now >= next_due_move:
                     next_due_move = now + _DUE_MOVE_S
@@ -99,20 +115,27 @@ class AsyncConsumer:
                 batch, backlog = backlog[:16], backlog[16:]
                 if not batch and now >= next_orphan_scan:
                     next_orphan_scan = now + _ORPHAN_SCAN_S
-                    batch = await self._orphans()
+                    batch = self._take(await self._orphans())
                 if not batch and now >= next_reclaim:
-                    batch = await self.queue.reclaim(
+                    found = await self.queue.reclaim(
                         self.consumer_id, min_idle_s=self.settings.async_visibility_s, count=16
                     )
-                    next_reclaim = now + (0.0 if len(batch) == 16 else _RECLAIM_S)  # more may be idle
+                    next_reclaim = now + (0.0 if len(found) == 16 else _RECLAIM_S)  # more may be idle
+                    batch = self._take(found)
                 if not batch:
-                    batch = await self.queue.read(self.consumer_id, count=16, block_ms=_READ_BLOCK_MS)
+                    batch = self._take(await self.queue.read(self.consumer_id, count=16, block_ms=_READ_BLOCK_MS))
                 for msg_id, env in batch:
                     await self.slots.acquire()
                     self.tasks.spawn(self._handle(msg_id, env), name=f"event:{msg_id}")
             except FaasError as exc:
                 log.warning("queue consumer: %s", exc)
                 await asyncio.sleep(1.0)
+
+    def _take(self, found: list[tuple[str, AsyncEnvelope | None]]) -> list[tuple[str, AsyncEnvelope | None]]:
+        """The events of ``found`` this consumer does not hold yet, now held (until ``_handle`` ends)."""
+        fresh = [(msg_id, env) for msg_id, env in found if msg_id not in self._held]
+        self._held.update(msg_id for msg_id, _ in fresh)
+        return fresh
 
     async def _own_pending(self) -> list[tuple[str, AsyncEnvelope | None]]:
         """Events a previous process with this member id took and never finished."""
@@ -124,6 +147,24 @@ class AsyncConsumer:
         if found:
             log.info("resuming %d events this dispatcher held before it restarted", len(found))
         return found
+
+    async def _resync(self) -> list[tuple[str, AsyncEnvelope | None]]:
+        """After a lost connection to Redis: this consumer's pending events that it does not hold.
+
+        A reply lost with the connection (XREADGROUP, XAUTOCLAIM, XCLAIM) may have made events pending
+        for this consumer that it never received, and an event whose start or outcome could not be
+        recorded stays pending; both are found here at once, not after ``async_visibility_s``.  The
+        group is created again first in case Redis came back without its data."""
+        losses = self.queue.connection_losses
+        await self.queue.ensure_group()
+        found = await self.queue.read_own_pending(self.consumer_id, count=10_000)
+        self._losses_seen = losses  # a loss during the reads above is seen on the next pass
+        fresh = [(msg_id, env) for msg_id, env in found if msg_id not in self._held]
+        if fresh:
+            log.warning(
+                "the connection to Redis was lost: running %d pending events this dispatcher did not hold", len(fresh)
+            )
+        return fresh
 
     async def _orphans(self) -> list[tuple[str, AsyncEnvelope | None]]:
         """Events held by dispatchers that left the membership (lease expired: killed, crashed).
@@ -148,7 +189,10 @@ class AsyncConsumer:
                 await asyncio.shield(self.queue.drop_unreadable(msg_id))
                 return
             await self._run(msg_id, env)
-        except FaasError as exc:  # Redis down while recording: the event stays pending, reclaimed later
+        except FaasError as exc:
+            # Redis down while recording: the event stays pending.  A lost connection made the queue
+            # count it, so the loop re-reads it once Redis answers (see _resync); else it is
+            # reclaimed after async_visibility_s.
             log.warning("event %s: %s", msg_id, exc)
         except Exception as exc:
             # A bug must not leave the event to cycle through reclaims forever: set it aside with the error.
@@ -161,6 +205,7 @@ class AsyncConsumer:
                 except FaasError as again:
                     log.warning("event %s: %s", msg_id, again)
         finally:
+            self._held.discard(msg_id)
             self.slots.release()
 
     async def _run(self, msg_id: str, env: AsyncEnvelope) -> None:
