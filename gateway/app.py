@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
 from pydantic import ValidationError
 
@@ -38,7 +37,7 @@ from faas.core.models import (
 )
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog, FunctionRegistry
-from faas.core.service import Membership, etcd_from_settings, install_error_handlers
+from faas.core.service import Membership, etcd_from_settings, install_error_handlers, redis_from_settings
 from faas.core.settings import Settings
 from faas.core.subscriptions import SubscriptionIndex, SubscriptionStore
 from faas.core.tasks import TaskSet
@@ -63,7 +62,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         leader = LeaderWatch(etcd, "trigger")
         leader.start()
         code_store = CodeStore(settings)
-        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        redis = redis_from_settings(settings)
         membership = Membership(
             etcd,
             MemberRecord(role="gateway", member_id=member_id, address=address, pid=os.getpid()),
@@ -346,7 +345,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
         ``queued`` (waiting for a dispatcher), ``running``, ``failed`` (the last attempt failed; the next
         one is due at ``retry_at``), and the final ``succeeded`` or ``dead-lettered`` (out of retries
-        or age; listed under ``/v1/dead-letters`` for redrive)."""
+        or age; listed under ``/v1/dead-letters`` for redrive).  ``attempts`` counts the function's
+        attempts, ``platform_retries`` the retries after platform faults (which do not use up
+        ``max_retries``); the last ``error`` says whose fault it was (``fault``)."""
         found = await app.state.queue.status(invocation_id)
         if found is None:
             raise NotFound(f"invocation {invocation_id!r} not found (unknown, or older than its retention)")

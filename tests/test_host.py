@@ -474,6 +474,14 @@ START_FAILURES = [
         id="import-raises",
     ),
     pytest.param(
+        # Named like the platform's own start timeouts; still the user's code (the fault says so).
+        make_zip({"app.py": "raise TimeoutError('database did not answer')\n"}),
+        "app.handler",
+        "TimeoutError",
+        "importing handler module 'app' raised TimeoutError: database did not answer",
+        id="import-raises-timeout",
+    ),
+    pytest.param(
         make_zip({"app.py": "import requests\n"}),
         "app.handler",
         "ModuleNotFoundError",
@@ -517,6 +525,7 @@ async def test_failed_specialisation_answers_start_error_and_exits(
     assert error["kind"] == "instance_start_error"
     assert error["type"] == error_type
     assert message in error["message"]
+    assert error["fault"] == "function"  # the user's code or archive: async retries count it
     assert await host.exited() == 3
     assert not (host.cache_dir.parent / "evil.py").exists()
 
@@ -531,6 +540,7 @@ async def test_sha256_mismatch_is_refused(
     response = await host.client.post("/_/specialize", json=specialize_body(url, wrong, len(archive)))
     assert response.status_code == 502
     assert response.json()["error"]["message"] == f"code archive sha256 mismatch: expected {wrong}, got {sha}"
+    assert "fault" not in response.json()["error"]  # the stored archive's, not the user's
     assert await host.exited() == 3
     assert not (host.cache_dir / wrong).exists()
     assert [p.name for p in host.cache_dir.iterdir()] == []  # no staging dir left behind
@@ -542,6 +552,7 @@ async def test_unreachable_code_url_is_a_start_error(spawn_host: Callable[[], Aw
     response = await host.client.post("/_/specialize", json=body)
     assert response.status_code == 502
     assert response.json()["error"]["message"].startswith("cannot download the code archive")
+    assert "fault" not in response.json()["error"]  # the platform's: S3 or the network
     assert await host.exited() == 3
 
 

@@ -373,11 +373,11 @@ def cmd_dlq_ls(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [d["dead_letter_id"], f"{d['function']} v{d['version']}", str(d["invocation_id"]), str(d["attempts"]),
-         f"{(d['error'] or {}).get('type', '?')}: {(d['error'] or {}).get('message', '')}"[:80]]
+         d.get("fault") or "-", f"{(d['error'] or {}).get('type', '?')}: {(d['error'] or {}).get('message', '')}"[:80]]
         for d in letters
     ]  # fmt: skip
     print(
-        format_table(["DEAD LETTER", "FUNCTION", "INVOCATION", "ATTEMPTS", "LAST ERROR"], rows)
+        format_table(["DEAD LETTER", "FUNCTION", "INVOCATION", "ATTEMPTS", "FAULT", "LAST ERROR"], rows)
         if rows
         else "no dead letters"
     )

@@ -3,11 +3,19 @@
 Adapters translate etcd, Redis, S3 and HTTP failures into these classes (``raise X(...) from exc``);
 services turn them into JSON ``{"error": {"kind", "type", "message"}}`` with ``http_status``.  A user
 therefore always sees a kind and a message, never a traceback.
+
+An error may also say whose it is, when the code that raised it knows and its kind does not tell:
+``"fault": "function"`` (the user's code, e.g. the handler module's import raised) or ``"platform"``.
+The field round-trips like the others; async retries are decided on it
+(``faas/dispatcher/faults.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+Fault = Literal["function", "platform"]
+FAULTS: tuple[Fault, ...] = ("function", "platform")
 
 
 class FaasError(Exception):
@@ -16,13 +24,17 @@ class FaasError(Exception):
     http_status = 500
     kind = "platform_error"
 
-    def __init__(self, message: str, *, error_type: str | None = None) -> None:
+    def __init__(self, message: str, *, error_type: str | None = None, fault: Fault | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.error_type = error_type or type(self).__name__
+        self.fault = fault
 
     def to_body(self) -> dict[str, Any]:
-        return {"error": {"kind": self.kind, "type": self.error_type, "message": self.message}}
+        error: dict[str, Any] = {"kind": self.kind, "type": self.error_type, "message": self.message}
+        if self.fault is not None:
+            error["fault"] = self.fault
+        return {"error": error}
 
     def response_headers(self) -> dict[str, str]:
         """HTTP headers that go with the error's response."""
@@ -55,8 +67,10 @@ class TooManyRequests(FaasError):
     http_status = 429
     kind = "too_many_requests"
 
-    def __init__(self, message: str, *, error_type: str | None = None, retry_after_s: int | None = None) -> None:
-        super().__init__(message, error_type=error_type)
+    def __init__(
+        self, message: str, *, error_type: str | None = None, fault: Fault | None = None, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message, error_type=error_type, fault=fault)
         self.retry_after_s = retry_after_s
 
     def response_headers(self) -> dict[str, str]:
@@ -123,5 +137,5 @@ def error_from_body(body: Any, status: int) -> FaasError:
     if not isinstance(err, dict):
         return FaasError(f"unexpected response (HTTP {status}): {str(body)[:200]}")
     cls = ERROR_CLASSES.get(str(err.get("kind")), FaasError)
-    exc = cls(str(err.get("message", "")), error_type=err.get("type"))
-    return exc
+    fault = err.get("fault")
+    return cls(str(err.get("message", "")), error_type=err.get("type"), fault=fault if fault in FAULTS else None)

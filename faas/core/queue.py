@@ -8,10 +8,24 @@ Guarantees:
   pending event is never dropped;
 - an event a consumer took but did not finish stays pending and is handed to another consumer once
   idle for ``visibility_s`` (``reclaim``);
-- retries wait in a sorted set until due; ``move_due`` puts them back on the stream atomically (Lua).
+- retries wait in a sorted set until due; ``move_due`` puts them back on the stream atomically (Lua);
+- a retry is either a function retry (``attempt`` + 1: the function's own failure, counted against
+  ``max_retries``) or a platform retry (``platform_retries`` + 1, ``attempt`` unchanged): the
+  invocation record's ``attempts`` counts function attempts, ``platform_retries`` the others, and
+  its ``error`` (the last one) carries ``fault`` (``function`` or ``platform``), as the dead letter's
+  does;
+- every command that fails because the connection did (Redis restarted, unreachable, too slow)
+  raises ``Unavailable`` and adds one to ``connection_losses``; a consumer that sees the count move
+  re-reads its own pending events, since a reply lost with the connection may have handed it events
+  it never received (``read_own_pending``).
 
-Envelopes are versioned (``v``); a consumer refuses versions it does not know.  An envelope names
-the function's uid (``function_uid``) when it was queued for a known incarnation of the function;
+Caveat: a transaction whose reply is lost with the connection may or may not have been applied; the
+caller cannot tell, and treats the event as still pending (an outcome recorded twice at worst, never
+an event lost).
+
+Envelopes are versioned (``v``); a consumer refuses versions it does not know.  Fields added since
+version 1 have defaults, so envelopes written before them stay readable.  An envelope names the
+function's uid (``function_uid``) when it was queued for a known incarnation of the function;
 events queued before uids existed have None and run on whichever function has the name.
 """
 
@@ -26,7 +40,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from faas.core import redis_keys
 from faas.core.errors import NotFound, Unavailable
@@ -67,7 +83,8 @@ class AsyncEnvelope(BaseModel):
     version: int
     payload: str  # the event, as JSON text
     headers: dict[str, str] = Field(default_factory=dict)
-    attempt: int = 1
+    attempt: int = 1  # the function attempt this is (retries after a function fault add one)
+    platform_retries: int = 0  # retries after platform faults so far (they leave ``attempt`` alone)
     enqueued_at: float = Field(default_factory=time.time)
     trace: str | None = None
     # Where the event came from when a subscription produced it (e.g. the stream message ids of a
@@ -86,6 +103,7 @@ class InvocationQueue:
     def __init__(self, redis: aioredis.Redis, *, status_ttl_s: int) -> None:
         self.redis = redis
         self.status_ttl_s = status_ttl_s
+        self.connection_losses = 0
         self._move_due = redis.register_script(_MOVE_DUE)
         self._enqueue_once = redis.register_script(_ENQUEUE_ONCE)
 
@@ -93,7 +111,13 @@ class InvocationQueue:
         try:
             return await coro
         except RedisError as exc:
+            self._note(exc)
             raise Unavailable(f"queue (Redis) failed to {what}: {exc}") from exc
+
+    def _note(self, exc: RedisError) -> None:
+        # A timeout counts too: the command may have been applied, its reply not read.
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            self.connection_losses += 1
 
     async def ensure_group(self) -> None:
         try:
@@ -104,6 +128,7 @@ class InvocationQueue:
             if "BUSYGROUP" not in str(exc):
                 raise Unavailable(f"queue (Redis) failed to create its consumer group: {exc}") from exc
         except RedisError as exc:
+            self._note(exc)
             raise Unavailable(f"queue (Redis) unreachable: {exc}") from exc
 
     def _status(self, pipe: Any, env: AsyncEnvelope, **fields: Any) -> None:
@@ -114,7 +139,7 @@ class InvocationQueue:
     @staticmethod
     def _queued_fields(env: AsyncEnvelope) -> dict[str, Any]:
         fields = {
-            "status": "queued", "attempts": 0, "namespace": env.namespace, "function": env.function,
+            "status": "queued", "attempts": 0, "platform_retries": 0, "namespace": env.namespace, "function": env.function,
             "version": env.version, "enqueued_at": env.enqueued_at,
         }  # fmt: skip
         if env.trace:
@@ -198,7 +223,8 @@ class InvocationQueue:
         return self._parse([e for e in resp[1] if e and e[1] is not None])
 
     async def read_own_pending(self, consumer: str, *, count: int) -> list[tuple[str, AsyncEnvelope | None]]:
-        """Events this consumer name took in a previous life (a restarted dispatcher finishes them)."""
+        """Events pending for this consumer name (XREADGROUP from 0): those it took in a previous life (a
+        restarted dispatcher finishes them), and those a reply lost with the connection handed to it."""
         resp = await self._run(
             "read pending events",
             self.redis.xreadgroup(redis_keys.ASYNC_GROUP, consumer, {redis_keys.ASYNC_STREAM: "0"}, count=count),
@@ -241,7 +267,10 @@ class InvocationQueue:
     async def mark_running(self, env: AsyncEnvelope) -> None:
         async def _do() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
-                self._status(pipe, env, status="running", attempts=env.attempt, started_at=time.time())
+                self._status(
+                    pipe, env, status="running", attempts=env.attempt, platform_retries=env.platform_retries,
+                    started_at=time.time(),
+                )  # fmt: skip
                 # Every start counts, including a second run of an event reclaimed from a dead dispatcher.
                 pipe.hincrby(redis_keys.invocation(env.id), "runs", 1)
                 await pipe.execute()
@@ -256,7 +285,8 @@ class InvocationQueue:
                 for step in steps:
                     if step is not None:
                         step(pipe)
-                self._status(pipe, env, attempts=env.attempt, finished_at=time.time(), **fields)
+                self._status(pipe, env, **{"attempts": env.attempt, "platform_retries": env.platform_retries,
+                                           "finished_at": time.time(), **fields})  # fmt: skip
                 pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
                 pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
                 # A command of the caller's steps can fail on its own (a destination key of the wrong
@@ -280,20 +310,26 @@ class InvocationQueue:
         error: dict[str, Any],
         delay_s: float,
         *,
+        platform: bool = False,
         retry: AsyncEnvelope | None = None,
         also: PipeStep | None = None,
         result_json: str | None = None,
     ) -> None:
-        """Schedule the next attempt (of ``retry`` when given, e.g. only a batch's failed items)."""
-        again = (retry or env).model_copy(update={"attempt": env.attempt + 1})
+        """Schedule the next attempt (of ``retry`` when given, e.g. only a batch's failed items).
+
+        ``platform``: the attempt failed because of the platform; the next one is the same function
+        attempt (``attempt`` unchanged, ``platform_retries`` + 1)."""
+        bump = {"platform_retries": env.platform_retries + 1} if platform else {"attempt": env.attempt + 1}
+        again = (retry or env).model_copy(update=bump)
 
         def schedule(pipe: Any) -> None:
             pipe.zadd(redis_keys.ASYNC_DELAYED, {again.model_dump_json(): time.time() + delay_s})
 
-        extra = {"result": result_json} if result_json is not None else {}
+        extra: dict[str, Any] = {"result": result_json} if result_json is not None else {}
         await self._finish(
-            msg_id, env, [schedule, also], status="failed", error=error, retry_at=time.time() + delay_s, **extra
-        )
+            msg_id, env, [schedule, also], status="failed", error=error, retry_at=time.time() + delay_s,
+            platform_retries=again.platform_retries, **extra,
+        )  # fmt: skip
 
     async def dead_letter(
         self, msg_id: str, env: AsyncEnvelope, error: dict[str, Any], *, also: PipeStep | None = None
@@ -307,7 +343,8 @@ class InvocationQueue:
         async def _do() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(
-                    redis_keys.DEAD_LETTERS, {"raw_id": msg_id, "error": json.dumps({"kind": "unreadable"})}
+                    redis_keys.DEAD_LETTERS,
+                    {"raw_id": msg_id, "error": json.dumps({"kind": "unreadable", "fault": "platform"})},
                 )
                 pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
                 pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
@@ -342,6 +379,7 @@ class InvocationQueue:
             env = AsyncEnvelope.model_validate_json(raw) if raw else None
             if function and (env is None or env.function != function):
                 continue
+            error = json.loads(fields.get(b"error", b"null"))
             out.append({
                 "dead_letter_id": entry_id.decode(),
                 "invocation_id": env.id if env else None,
@@ -350,8 +388,10 @@ class InvocationQueue:
                 "version": env.version if env else None,
                 "function_uid": env.function_uid if env else None,
                 "attempts": env.attempt if env else None,
+                "platform_retries": env.platform_retries if env else None,
                 "enqueued_at": env.enqueued_at if env else None,
-                "error": json.loads(fields.get(b"error", b"null")),
+                "fault": error.get("fault") if isinstance(error, dict) else None,
+                "error": error,
                 "payload": env.payload if env else None,
             })  # fmt: skip
             if len(out) >= limit:
@@ -369,12 +409,14 @@ class InvocationQueue:
         if not entries or not entries[0][1].get(b"e"):
             raise NotFound(f"dead letter {dead_letter_id!r} not found")
         env = AsyncEnvelope.model_validate_json(entries[0][1][b"e"])
-        again = env.model_copy(update={"attempt": 1, "enqueued_at": time.time()})
+        again = env.model_copy(update={"attempt": 1, "platform_retries": 0, "enqueued_at": time.time()})
 
         async def _do() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(redis_keys.ASYNC_STREAM, {"e": again.model_dump_json()})
-                self._status(pipe, again, status="queued", attempts=0, redriven_at=time.time())
+                self._status(
+                    pipe, again, status="queued", attempts=0, platform_retries=0, redriven_at=time.time()
+                )
                 pipe.xdel(redis_keys.DEAD_LETTERS, dead_letter_id)
                 await pipe.execute()
 

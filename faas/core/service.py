@@ -17,8 +17,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -96,6 +97,25 @@ def etcd_from_settings(settings: Settings, *, timeout_s: float | None = None) ->
     if timeout_s is None:
         return Etcd(host, port, endpoints=endpoints)
     return Etcd(host, port, endpoints=endpoints, timeout_s=timeout_s)
+
+
+def redis_from_settings(settings: Settings) -> aioredis.Redis:
+    """The Redis client of a service.
+
+    It reconnects by itself, command by command.  After a Redis restart the pool replaces each
+    connection the server closed before handing it out, so only commands in flight at the crash
+    fail (``Unavailable`` at the adapters), not the first command sent on every pooled connection."""
+    options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 3}
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # an older redis-py: no maintenance notifications, the pool checks connections
+        pass
+    else:
+        # With maintenance notifications on ("auto" by default) redis-py's pool skips its check that
+        # a connection was not closed by the server; a restarted Valkey then failed one call per
+        # pooled connection (seen with redis-py 8.1).  The platform's Valkey sends none.
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return aioredis.from_url(settings.redis_url, **options)
 
 
 class Backoff:

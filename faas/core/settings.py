@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     # exceed the longest an attempt may take: cold start (30 s) + the longest timeout (900 s) + 2 s.
     async_visibility_s: float = 960.0
     async_retry_base_s: float = 1.0
+    # Retries after platform faults (no node agent, no instance, throttled...) do not use up a
+    # function's max_retries: they back off from async_retry_base_s, doubling up to this cap, until
+    # the event's max_event_age_s.
+    async_platform_retry_cap_s: float = Field(default=60.0, gt=0)
     invocation_ttl_s: int = 24 * 3600
     idempotency_window_s: int = 3600
 

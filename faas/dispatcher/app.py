@@ -7,7 +7,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 
 from faas.core import keys
@@ -23,6 +22,7 @@ from faas.core.service import (
     deadline_from_header,
     etcd_from_settings,
     install_error_handlers,
+    redis_from_settings,
 )
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
@@ -35,7 +35,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
-        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        redis = redis_from_settings(settings)
         dispatcher = Dispatcher(settings=settings, etcd=etcd, catalog=Catalog(etcd), redis=redis)
         membership = Membership(
             etcd, MemberRecord(role="dispatcher", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s

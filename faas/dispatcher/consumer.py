@@ -4,9 +4,17 @@ Guarantees:
 - an event is acknowledged only together with its recorded outcome (``InvocationQueue``), and that
   bookkeeping is shielded from cancellation, so a dispatcher stopping mid-way leaves the event pending
   for another dispatcher rather than lost;
-- a failed attempt is retried after ``async_retry_base_s * 2**(attempt-1)`` seconds with +-50% jitter,
-  up to the version's ``max_retries``; an event older than its ``max_event_age_s``, or out of retries,
-  goes to the dead-letter stream with its last error;
+- a failed attempt is the function's fault or the platform's (``faults.fault_of``; recorded as
+  ``"fault"`` on the error).  After a function fault (its handler raised, timed out, ran out of
+  memory, its import failed, it crashed its host) the event is retried after
+  ``async_retry_base_s * 2**(attempt-1)`` seconds with +-50% jitter, up to the version's
+  ``max_retries``.  After a platform fault (no node agent, no instance could start for a platform
+  reason, the scheduler or an instance unreachable, no instance before the deadline, throttled at
+  ``max_instances``) it is retried without using up ``max_retries`` (``platform_retries`` + 1), after
+  a backoff doubling from ``async_retry_base_s`` up to ``async_platform_retry_cap_s``, never sooner
+  than a throttle's ``retry_after_s``.  No retry is scheduled to come due after the event's
+  ``max_event_age_s``; an event out of retries or age goes to the dead-letter stream with its last
+  error (and its fault); an event whose function or version is gone is dead-lettered at once;
 - events of a dispatcher whose membership lease lapsed (killed, crashed) are taken over at once (two
   scans ``_ORPHAN_SCAN_S`` apart see it gone); a dispatcher restarted under the same id first
   finishes the events its previous process held; anything else (a live dispatcher stuck on an
@@ -18,11 +26,21 @@ Guarantees:
   it to be reclaimed and fail again forever;
 - an event queued for a function that was deleted since (its ``function_uid`` is not the uid of the
   function now under that name) is dead-lettered as ``not_found``, never run by the new function;
+- Redis restarts: when a queue command fails because the connection did (``connection_losses``
+  moves), the consumer makes sure its group exists and re-reads its own pending events at once,
+  skipping the ones it holds (in its backlog or running).  That recovers the events a lost
+  XREADGROUP reply handed to it, and the events whose start or outcome could not be recorded (the
+  transaction raised ``Unavailable``: the event stayed pending and is run again), without waiting
+  for ``async_visibility_s``.  Every source of events skips the ones this consumer holds, so none
+  runs twice at once here;
 - at most ``_MAX_IN_FLIGHT`` events run at once per dispatcher.
 
-Caveat: "gone from the membership" means its lease lapsed, not that it died: a dispatcher cut off
+Caveats: "gone from the membership" means its lease lapsed, not that it died: a dispatcher cut off
 from etcd for longer than its lease while still running has its in-flight events run a second time
-elsewhere (at-least-once).
+elsewhere (at-least-once).  An event whose outcome transaction lost its reply to a Redis crash runs
+again if the transaction was not applied (at-least-once; its record's ``runs`` counts both).  A
+Redis error that is not a lost connection (an error reply) still leaves the event to be reclaimed
+after ``async_visibility_s``.
 """
 
 from __future__ import annotations
@@ -30,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -38,11 +55,12 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from faas.core import redis_keys
-from faas.core.errors import FaasError, NotFound
+from faas.core.errors import FaasError, NotFound, TooManyRequests
 from faas.core.models import Destination, VersionSpec
 from faas.core.queue import AsyncEnvelope, InvocationQueue, PipeStep
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
+from faas.dispatcher.faults import Retry, fault_of, next_step, platform_backoff
 from faas.dispatcher.service import Dispatcher
 
 log = logging.getLogger("faas.consumer")
@@ -68,6 +86,9 @@ class AsyncConsumer:
         self.consumer_id = consumer_id
         self.slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self.tasks = TaskSet(f"consumer:{consumer_id}")
+        # Message ids taken and not finished (in the backlog or running): a re-read skips them.
+        self._held: set[str] = set()
+        self._losses_seen = 0  # queue.connection_losses when this consumer last re-read its pending
 
     async def close(self) -> None:
         await self.tasks.cancel_all()
@@ -80,12 +101,15 @@ class AsyncConsumer:
             except FaasError as exc:
                 log.warning("cannot prepare the queue: %s", exc)
                 await asyncio.sleep(1.0)
-        backlog = await self._own_pending()
+        self._losses_seen = self.queue.connection_losses
+        backlog = self._take(await self._own_pending())
         # The housekeeping reads run on their own clocks, not on every pass: under load a pass
         # takes a few events, and three extra round trips per pass cost more than the events.
         next_orphan_scan = next_due_move = next_reclaim = 0.0
         while True:
             try:
+                if self.queue.connection_losses != self._losses_seen:
+                    backlog += self._take(await self._resync())
                 now = time.monotonic()
                 if now >= next_due_move:
                     next_due_move = now + _DUE_MOVE_S
@@ -93,20 +117,27 @@ class AsyncConsumer:
                 batch, backlog = backlog[:16], backlog[16:]
                 if not batch and now >= next_orphan_scan:
                     next_orphan_scan = now + _ORPHAN_SCAN_S
-                    batch = await self._orphans()
+                    batch = self._take(await self._orphans())
                 if not batch and now >= next_reclaim:
-                    batch = await self.queue.reclaim(
+                    found = await self.queue.reclaim(
                         self.consumer_id, min_idle_s=self.settings.async_visibility_s, count=16
                     )
-                    next_reclaim = now + (0.0 if len(batch) == 16 else _RECLAIM_S)  # more may be idle
+                    next_reclaim = now + (0.0 if len(found) == 16 else _RECLAIM_S)  # more may be idle
+                    batch = self._take(found)
                 if not batch:
-                    batch = await self.queue.read(self.consumer_id, count=16, block_ms=_READ_BLOCK_MS)
+                    batch = self._take(await self.queue.read(self.consumer_id, count=16, block_ms=_READ_BLOCK_MS))
                 for msg_id, env in batch:
                     await self.slots.acquire()
                     self.tasks.spawn(self._handle(msg_id, env), name=f"event:{msg_id}")
             except FaasError as exc:
                 log.warning("queue consumer: %s", exc)
                 await asyncio.sleep(1.0)
+
+    def _take(self, found: list[tuple[str, AsyncEnvelope | None]]) -> list[tuple[str, AsyncEnvelope | None]]:
+        """The events of ``found`` this consumer does not hold yet, now held (until ``_handle`` ends)."""
+        fresh = [(msg_id, env) for msg_id, env in found if msg_id not in self._held]
+        self._held.update(msg_id for msg_id, _ in fresh)
+        return fresh
 
     async def _own_pending(self) -> list[tuple[str, AsyncEnvelope | None]]:
         """Events a previous process with this member id took and never finished."""
@@ -118,6 +149,24 @@ class AsyncConsumer:
         if found:
             log.info("resuming %d events this dispatcher held before it restarted", len(found))
         return found
+
+    async def _resync(self) -> list[tuple[str, AsyncEnvelope | None]]:
+        """After a lost connection to Redis: this consumer's pending events that it does not hold.
+
+        A reply lost with the connection (XREADGROUP, XAUTOCLAIM, XCLAIM) may have made events pending
+        for this consumer that it never received, and an event whose start or outcome could not be
+        recorded stays pending; both are found here at once, not after ``async_visibility_s``.  The
+        group is created again first in case Redis came back without its data."""
+        losses = self.queue.connection_losses
+        await self.queue.ensure_group()
+        found = await self.queue.read_own_pending(self.consumer_id, count=10_000)
+        self._losses_seen = losses  # a loss during the reads above is seen on the next pass
+        fresh = [(msg_id, env) for msg_id, env in found if msg_id not in self._held]
+        if fresh:
+            log.warning(
+                "the connection to Redis was lost: running %d pending events this dispatcher did not hold", len(fresh)
+            )
+        return fresh
 
     async def _orphans(self) -> list[tuple[str, AsyncEnvelope | None]]:
         """Events held by dispatchers that left the membership (lease expired: killed, crashed).
@@ -142,18 +191,23 @@ class AsyncConsumer:
                 await asyncio.shield(self.queue.drop_unreadable(msg_id))
                 return
             await self._run(msg_id, env)
-        except FaasError as exc:  # Redis down while recording: the event stays pending, reclaimed later
+        except FaasError as exc:
+            # Redis down while recording: the event stays pending.  A lost connection made the queue
+            # count it, so the loop re-reads it once Redis answers (see _resync); else it is
+            # reclaimed after async_visibility_s.
             log.warning("event %s: %s", msg_id, exc)
         except Exception as exc:
             # A bug must not leave the event to cycle through reclaims forever: set it aside with the error.
             log.exception("event %s: unexpected failure; dead-lettering it", msg_id)
             if env is not None:
-                internal = {"kind": "internal_error", "type": type(exc).__name__, "message": str(exc)[:500]}
+                internal = {"kind": "internal_error", "type": type(exc).__name__, "message": str(exc)[:500],
+                            "fault": "platform"}  # fmt: skip
                 try:
                     await asyncio.shield(self.queue.dead_letter(msg_id, env, internal))
                 except FaasError as again:
                     log.warning("event %s: %s", msg_id, again)
         finally:
+            self._held.discard(msg_id)
             self.slots.release()
 
     async def _run(self, msg_id: str, env: AsyncEnvelope) -> None:
@@ -162,20 +216,32 @@ class AsyncConsumer:
                 env.namespace, env.function, env.version, uid=env.function_uid
             )
         except NotFound as exc:  # deleted, or deleted and created again (another function uid)
-            gone = exc.to_body()["error"]
-            await asyncio.shield(
-                self.queue.dead_letter(msg_id, env, gone, also=settle_source(env, source_ids(env)))
+            await self._gone(msg_id, env, exc)
+            return
+        except FaasError as exc:
+            # etcd unreachable: the platform's fault.  The event's age is checked when it comes back
+            # and its version can be read.
+            unknown = {**exc.to_body()["error"], "fault": "platform"}
+            delay = platform_backoff(
+                env.platform_retries + 1,
+                base_s=self.settings.async_retry_base_s,
+                cap_s=self.settings.async_platform_retry_cap_s,
             )
+            await asyncio.shield(self.queue.retry_later(msg_id, env, unknown, delay, platform=True))
             return
         age = time.time() - env.enqueued_at
         if age > spec.max_event_age_s:
-            too_old = {"kind": "event_too_old", "type": "MaxEventAgeExceeded",
+            # It aged out waiting in the queue (a backlog, no dispatcher): retries are never scheduled
+            # past the age limit, so this is not a failure of the function's.
+            too_old = {"kind": "event_too_old", "type": "MaxEventAgeExceeded", "fault": "platform",
                        "message": f"event is {age:.0f} s old; the function's max_event_age_s is {spec.max_event_age_s:g}"}  # fmt: skip
             await self._give_up(msg_id, env, spec, too_old, "EventAgeExceeded", source_ids(env))
             return
         await self.queue.mark_running(env)
         deadline = time.time() + self.settings.cold_start_timeout_s + spec.timeout_s + 2.0
         error: dict[str, Any]
+        status: int | None = None
+        retry_after_s: float | None = None
         try:
             result = await self.dispatcher.invoke(
                 env.namespace,
@@ -186,21 +252,51 @@ class AsyncConsumer:
                 deadline=deadline,
                 uid=env.function_uid,
             )
+        except NotFound as exc:  # deleted while the event waited for an instance
+            await self._gone(msg_id, env, exc)
+            return
         except FaasError as exc:
             error = exc.to_body()["error"]
+            if isinstance(exc, TooManyRequests):
+                retry_after_s = exc.retry_after_s
         else:
             if result.status == 200:
                 await self._succeeded(msg_id, env, spec, result.body.decode())
                 return
-            error = error_of(result.status, result.body)
-        if env.attempt <= spec.max_retries and age < spec.max_event_age_s:
-            await asyncio.shield(self.queue.retry_later(msg_id, env, error, self._backoff(env)))
-        else:
-            condition = "RetriesExhausted" if env.attempt > spec.max_retries else "EventAgeExceeded"
-            await self._give_up(msg_id, env, spec, error, condition, source_ids(env))
+            status, error = result.status, error_of(result.status, result.body)
+        await self._failed(msg_id, env, spec, error, status=status, retry_after_s=retry_after_s)
 
-    def _backoff(self, env: AsyncEnvelope) -> float:
-        return float(self.settings.async_retry_base_s * 2 ** (env.attempt - 1) * random.uniform(0.5, 1.5))
+    async def _failed(
+        self, msg_id: str, env: AsyncEnvelope, spec: VersionSpec, error: dict[str, Any], *,
+        status: int | None, retry_after_s: float | None,
+    ) -> None:  # fmt: skip
+        """Retry the event (a function retry or a platform retry), or give it up."""
+        fault = fault_of(error, status)
+        error = {**error, "fault": fault}
+        step = next_step(
+            fault,
+            attempt=env.attempt,
+            platform_retries=env.platform_retries,
+            max_retries=spec.max_retries,
+            age_s=time.time() - env.enqueued_at,
+            max_event_age_s=spec.max_event_age_s,
+            base_s=self.settings.async_retry_base_s,
+            platform_cap_s=self.settings.async_platform_retry_cap_s,
+            retry_after_s=retry_after_s,
+        )
+        if isinstance(step, Retry):
+            if step.platform:
+                log.info("event %s: platform fault (%s: %s); retry %d in %.1f s", env.id, error.get("kind"),
+                         str(error.get("message"))[:200], env.platform_retries + 1, step.delay_s)  # fmt: skip
+            await asyncio.shield(self.queue.retry_later(msg_id, env, error, step.delay_s, platform=step.platform))
+        else:
+            await self._give_up(msg_id, env, spec, error, step.condition, source_ids(env))
+
+    async def _gone(self, msg_id: str, env: AsyncEnvelope, exc: NotFound) -> None:
+        """The function or version is gone: dead-letter the event at once (no destination to tell)."""
+        gone = exc.to_body()["error"]
+        gone = {**gone, "fault": fault_of(gone)}
+        await asyncio.shield(self.queue.dead_letter(msg_id, env, gone, also=settle_source(env, source_ids(env))))
 
     async def _succeeded(self, msg_id: str, env: AsyncEnvelope, spec: VersionSpec, result_json: str) -> None:
         ids = source_ids(env)
@@ -215,22 +311,32 @@ class AsyncConsumer:
         # the failed ones are tried again (or dead-lettered once out of retries).
         done = [i for i in ids if i not in set(failed)]
         retry = only_items(env, failed)
-        error = {"kind": "partial_batch_failure", "type": "BatchItemFailures",
+        error = {"kind": "partial_batch_failure", "type": "BatchItemFailures", "fault": "function",
                  "message": f"{len(failed)} of {len(ids)} records failed", "failed": failed}  # fmt: skip
-        if env.attempt <= spec.max_retries and time.time() - env.enqueued_at < spec.max_event_age_s:
+        step = next_step(
+            "function",
+            attempt=env.attempt,
+            platform_retries=env.platform_retries,
+            max_retries=spec.max_retries,
+            age_s=time.time() - env.enqueued_at,
+            max_event_age_s=spec.max_event_age_s,
+            base_s=self.settings.async_retry_base_s,
+            platform_cap_s=self.settings.async_platform_retry_cap_s,
+        )
+        if isinstance(step, Retry):
             await asyncio.shield(
                 self.queue.retry_later(
                     msg_id,
                     env,
                     error,
-                    self._backoff(env),
+                    step.delay_s,
                     retry=retry,
                     also=settle_source(env, done),
                     result_json=result_json,
                 )
             )
         else:
-            await self._give_up(msg_id, retry, spec, error, "RetriesExhausted", ids, original=env)
+            await self._give_up(msg_id, retry, spec, error, step.condition, ids, original=env)
 
     async def _give_up(
         self,

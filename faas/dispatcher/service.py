@@ -19,7 +19,8 @@ Guarantees:
   another instance within the deadline; a request the instance received is never retried (a sync
   invocation runs at most once per call);
 - an instance that timed out, ran out of memory, crashed or announced ``X-Faas-Retire`` is dropped
-  and reported to the scheduler;
+  and reported to the scheduler; a crash is the function's fault (``"fault": "function"`` on the
+  error) when the node agent reports that the host exited, else the platform's;
 - each invocation's captured output is appended to the function's log list in Redis, off the
   response path, bounded to ``logs_per_function`` entries.
 """
@@ -423,10 +424,19 @@ class Dispatcher:
                 "message": f"function ran out of memory (limit {spec.memory_mb} MB); its instance was replaced",
             }
             return 500, {"error": error, "logs": ""}, False
-        detail = exit_info.get("detail") or "it stopped answering"
-        crash = InstanceStartError(
-            f"the instance crashed during the invocation: {detail}", error_type="InstanceCrashed"
-        )
+        if exit_info:
+            # The node agent saw the host exit on its own during the call: the function's doing
+            # (os._exit, a crash in a native extension), so it counts against its async retries.
+            detail = exit_info.get("detail") or f"exit code {exit_info.get('exit_code')}"
+            crash = InstanceStartError(
+                f"the instance crashed during the invocation: {detail}", error_type="InstanceCrashed", fault="function"
+            )
+        else:
+            # Nobody could say why the connection broke (no node agent answered, or the host did not
+            # exit): the platform's.
+            crash = InstanceStartError(
+                "the instance stopped answering during the invocation", error_type="InstanceCrashed", fault="platform"
+            )
         return 502, {**crash.to_body(), "logs": ""}, False
 
     def _drop(self, pool: FunctionPool, inst: WarmInstance, *, reason: str) -> None:

@@ -49,7 +49,7 @@ from urllib.parse import urlparse
 import httpx
 
 from faas.core import keys
-from faas.core.errors import Conflict, Unavailable
+from faas.core.errors import Conflict, NotFound, Unavailable
 from faas.core.procs import pid_alive, proc_stat, processes_matching
 from faas.core.settings import Settings
 
@@ -938,6 +938,21 @@ class EmbeddedCluster:
     def is_running(self) -> bool:
         return bool(self._records) and all(self._alive(r) for r in self._records)
 
+    def restart(self, name: str) -> int:
+        """Start the component ``name`` again, with its argv and environment, once its process has
+        exited (killed by an operator or a test); returns the new pid.  What ``supervise`` does on its
+        own, for a cluster nobody supervises."""
+        rec = next((r for r in self._records if r.name == name), None)
+        if rec is None:
+            raise NotFound(f"no component {name!r} in this cluster")
+        if self._alive(rec):
+            raise Conflict(f"{name} is still running (pid {rec.pid})")
+        proc = self._procs.get(name)
+        if proc is not None:
+            proc.wait()  # reap it
+        self._respawn(rec)
+        return rec.pid
+
     # -- internals -------------------------------------------------------------------------------
 
     def _announce(self, label: str, seconds: float | None) -> None:
@@ -1089,13 +1104,18 @@ class EmbeddedCluster:
                 pass
 
     def _restart(self, rec: ProcessRecord) -> None:
-        _remove_leftover_sockets(rec)
         try:
-            proc, _, offset = self._popen(rec.name, rec.argv, self._envs.get(rec.name))
+            self._respawn(rec)
         except Unavailable as exc:
             _log_supervisor(f"cannot start {rec.name} again: {exc.message}")
             rec.last_exit_at = time.time()
             return
+        _log_supervisor(f"started {rec.name} again (pid {rec.pid}, restart {rec.restarts})")
+
+    def _respawn(self, rec: ProcessRecord) -> None:
+        """Start ``rec``'s process again (it has exited); raises ``Unavailable`` if it cannot start."""
+        _remove_leftover_sockets(rec)
+        proc, _, offset = self._popen(rec.name, rec.argv, self._envs.get(rec.name))
         stat = proc_stat(proc.pid)
         rec.pid, rec.start_ticks, rec.log_offset = proc.pid, (stat[1] if stat else None), offset
         rec.started_at = time.time()
@@ -1105,7 +1125,6 @@ class EmbeddedCluster:
         self._procs[rec.name] = proc
         _pid_path(self.settings, rec.name).write_text(f"{proc.pid}\n")
         self._write_state()
-        _log_supervisor(f"started {rec.name} again (pid {proc.pid}, restart {rec.restarts})")
 
     async def _start_one(
         self,

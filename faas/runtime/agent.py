@@ -164,6 +164,9 @@ class NodeAgent:
         backoff = Backoff()
         while True:
             try:
+                # The lease can lapse before the node is recorded at all (a backend slow to start on
+                # a busy machine): a put under it would fail forever.
+                await self._renew_lease_if_lost()
                 await self._reconcile_records()
                 await self._put_node_record()
                 break
@@ -171,6 +174,17 @@ class NodeAgent:
                 log.warning("node %s: cannot record itself yet: %s", self.node_id, exc)
                 await backoff.sleep()
         self.tasks.spawn(self._report_forever(), name="report", long_lived=True)
+
+    async def _renew_lease_if_lost(self) -> bool:
+        """Grant a new lease if etcd said the current one is gone (True); raises ``Unavailable``."""
+        if not self.lease.lost.is_set():
+            return False
+        log.warning("node %s: lease gone; recording the node and its instances again", self.node_id)
+        await self.lease.release()
+        fresh = Lease(self.etcd, self.settings.lease_ttl_s, owner=f"node:{self.node_id}")
+        await fresh.grant()
+        self.lease = fresh
+        return True
 
     async def _put_node_record(self, runtime_error: str = "") -> None:
         record = self.node_record(runtime_error)
@@ -229,12 +243,7 @@ class NodeAgent:
         while True:
             await asyncio.sleep(_REPORT_INTERVAL_S)
             try:
-                if self.lease.lost.is_set():
-                    log.warning("node %s: lease gone; recording the node and its instances again", self.node_id)
-                    await self.lease.release()
-                    fresh = Lease(self.etcd, self.settings.lease_ttl_s, owner=f"node:{self.node_id}")
-                    await fresh.grant()
-                    self.lease = fresh
+                if await self._renew_lease_if_lost():
                     await self._put_node_record()
                     await self._reconcile_records()
                 runtime_error = ""

@@ -560,7 +560,9 @@ class DockerBackend(PooledBackend[_Container]):
         # Shielded: one caller's cancellation must not cancel the others' download.
         outcome = await asyncio.shield(task)
         if isinstance(outcome, _host._StartError):
-            raise InstanceStartError(outcome.message, error_type=outcome.error_type)
+            raise InstanceStartError(
+                outcome.message, error_type=outcome.error_type, fault="function" if outcome.user_fault else None
+            )
         if isinstance(outcome, BaseException):
             raise InstanceStartError(
                 f"cannot fetch the code archive: {outcome}", error_type=type(outcome).__name__

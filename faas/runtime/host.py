@@ -7,7 +7,9 @@ the platform.  It serves HTTP/1.1 with keep-alive on a unix socket; the wire con
 
 Lifecycle: *generic* (started, answering ``GET /_/health``) -> one ``POST /_/specialize`` -> *ready*.
 A failed specialisation is answered with ``instance_start_error`` and then the process exits: a host is
-specialised at most once and never reused after a failure.
+specialised at most once and never reused after a failure.  A failure of the user's code or archive
+(the handler module's import raised, no such handler, a bad zip) carries ``"fault": "function"``;
+the others (download, checksum, cache, a bad request) carry none and count as the platform's.
 
 Guarantees:
 
@@ -274,14 +276,26 @@ def _user_frames(exc: BaseException) -> list[str]:
 
 
 class _StartError(Exception):
-    """Specialisation failed; answered as ``instance_start_error`` and then the host exits."""
+    """Specialisation failed; answered as ``instance_start_error`` and then the host exits.
 
-    def __init__(self, message: str, error_type: str, *, status: int = 502, frames: list[str] | None = None):
+    ``user_fault``: the user's code or archive is the cause (answered with ``"fault": "function"``),
+    so trying again on another host would fail the same way."""
+
+    def __init__(
+        self,
+        message: str,
+        error_type: str,
+        *,
+        status: int = 502,
+        frames: list[str] | None = None,
+        user_fault: bool = False,
+    ):
         super().__init__(message)
         self.message = message
         self.error_type = error_type
         self.status = status
         self.frames = frames
+        self.user_fault = user_fault
 
 
 def _bad_spec(field: str, why: str) -> _StartError:
@@ -354,7 +368,7 @@ def _download(url: str, dest: str, expected_sha256: str) -> None:
             while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
                 total += len(chunk)
                 if total > MAX_ARCHIVE_BYTES:
-                    raise _StartError("code archive is larger than 512 MiB", "ArchiveTooLarge")
+                    raise _StartError("code archive is larger than 512 MiB", "ArchiveTooLarge", user_fault=True)
                 if time.monotonic() > give_up_at:
                     raise _StartError(
                         f"cannot download the code archive: no complete download within {DOWNLOAD_TIMEOUT_S:g} s",
@@ -390,23 +404,27 @@ def _unpack(archive: str, dest: str) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _StartError("code archive is not a valid zip file", "BadZipFile") from exc
+        raise _StartError("code archive is not a valid zip file", "BadZipFile", user_fault=True) from exc
     with zf:
         total = 0
         for info in zf.infolist():
             if _is_unsafe_member(info.filename):
-                raise _StartError(f"code archive contains an unsafe path: {info.filename!r}", "UnsafeArchive")
+                raise _StartError(
+                    f"code archive contains an unsafe path: {info.filename!r}", "UnsafeArchive", user_fault=True
+                )
             # file_size is what extraction will produce at most: zipfile stops reading there.
             total += info.file_size
         if total > MAX_UNPACKED_BYTES:
             raise _StartError(
-                f"code archive unpacks to {total} bytes, more than the limit of 512 MiB", "ArchiveTooLarge"
+                f"code archive unpacks to {total} bytes, more than the limit of 512 MiB",
+                "ArchiveTooLarge",
+                user_fault=True,
             )
         os.mkdir(dest)
         try:
             zf.extractall(dest)
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-            raise _StartError(f"code archive is not a valid zip file: {exc}", "BadZipFile") from exc
+            raise _StartError(f"code archive is not a valid zip file: {exc}", "BadZipFile", user_fault=True) from exc
 
 
 def _fetch_code(cache_dir: str, code_url: str, sha256: str) -> str:
@@ -448,17 +466,22 @@ def _load_handler(spec: _Spec, code_dir: str) -> Any:
             raise _StartError(
                 f"handler module {module_name!r} not found in the code archive (handler {spec.handler!r})",
                 "ModuleNotFoundError",
+                user_fault=True,
             ) from exc
         raise _StartError(
             f"importing handler module {module_name!r} raised ModuleNotFoundError: {exc}",
             "ModuleNotFoundError",
             frames=_user_frames(exc),
+            user_fault=True,
         ) from exc
     except BaseException as exc:  # noqa: BLE001 - SystemExit at import time is the user's error too
+        # Whatever it raised (TimeoutError and OSError included, which the platform's own start
+        # failures are also named) is the user's: user_fault says so, the type name cannot.
         raise _StartError(
             f"importing handler module {module_name!r} raised {type(exc).__name__}: {exc}",
             type(exc).__name__,
             frames=_user_frames(exc),
+            user_fault=True,
         ) from exc
     origin = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or ()), None)
     if origin is None or not _is_within(origin, code_dir):
@@ -466,12 +489,13 @@ def _load_handler(spec: _Spec, code_dir: str) -> Any:
             f"handler module {module_name!r} is not in the code archive: the name resolves to "
             f"{origin or 'a built-in module'}; rename the module",
             "ImportError",
+            user_fault=True,
         )
     handler = getattr(module, attr, None)
     if handler is None:
-        raise _StartError(f"module {module_name!r} has no function {attr!r}", "AttributeError")
+        raise _StartError(f"module {module_name!r} has no function {attr!r}", "AttributeError", user_fault=True)
     if not callable(handler):
-        raise _StartError(f"handler {spec.handler!r} is not callable", "TypeError")
+        raise _StartError(f"handler {spec.handler!r} is not callable", "TypeError", user_fault=True)
     return handler
 
 
@@ -764,10 +788,10 @@ class FunctionHost:
             handler = _load_handler(spec, code_dir)
         except _StartError as exc:
             _diag(f"specialisation failed ({exc.error_type}): {exc.message}")
-            return self._start_failure(exc.status, exc.error_type, exc.message, exc.frames)
+            return self._start_failure(exc.status, exc.error_type, exc.message, exc.frames, exc.user_fault)
         except Exception as exc:  # noqa: BLE001 - a host bug still ends as a clear start error
             _diag("specialisation failed unexpectedly:\n" + traceback.format_exc())
-            return self._start_failure(502, type(exc).__name__, f"specialisation failed: {exc}", None)
+            return self._start_failure(502, type(exc).__name__, f"specialisation failed: {exc}", None, False)
         self.spec = spec
         self.handler = handler
         self.handler_is_async = _is_async_callable(handler)
@@ -783,8 +807,12 @@ class FunctionHost:
         return _Response(200, {"state": "ready", "duration_ms": duration_ms})
 
     @staticmethod
-    def _start_failure(status: int, error_type: str, message: str, frames: list[str] | None) -> _Response:
+    def _start_failure(
+        status: int, error_type: str, message: str, frames: list[str] | None, user_fault: bool
+    ) -> _Response:
         error: dict[str, Any] = {"kind": "instance_start_error", "type": error_type, "message": message}
+        if user_fault:
+            error["fault"] = "function"
         if frames:
             error["traceback"] = frames
         return _Response(status, {"error": error}, exit_code=EXIT_START_FAILED)

@@ -48,7 +48,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from faas.core.errors import InstanceStartError, Unavailable
+from faas.core.errors import Fault, InstanceStartError, Unavailable
 from faas.core.tasks import TaskSet
 from faas.runtime.backend import InstanceExitCallback, InstanceSpec, InstanceStatus
 from faas.runtime.code_cache import CodeCache
@@ -414,8 +414,8 @@ class PooledBackend(ABC, Generic[H]):
             raise
         if response.status_code != 200:
             await self._destroy(host)
-            message, error_type = _start_error_of(response)
-            raise InstanceStartError(message, error_type=error_type)
+            message, error_type, fault = _start_error_of(response)
+            raise InstanceStartError(message, error_type=error_type, fault=fault)
         if host.has_exited():
             await self._destroy(host)
             raise InstanceStartError(
@@ -536,11 +536,13 @@ class PooledBackend(ABC, Generic[H]):
             return InstanceStatus(instance_id=instance_id, address=host.address, alive=False, pid=pid)
 
 
-def _start_error_of(response: httpx.Response) -> tuple[str, str | None]:
+def _start_error_of(response: httpx.Response) -> tuple[str, str | None, Fault | None]:
+    """The message, type and fault (set by the host when the user's code is the cause) of a failed specialise."""
     try:
         error = response.json().get("error")
     except (ValueError, AttributeError):
         error = None
     if isinstance(error, dict) and error.get("message"):
-        return str(error["message"]), (str(error["type"]) if error.get("type") else None)
-    return f"specialise failed with HTTP {response.status_code}: {response.text[:200]}", None
+        fault: Fault | None = "function" if error.get("fault") == "function" else None
+        return str(error["message"]), (str(error["type"]) if error.get("type") else None), fault
+    return f"specialise failed with HTTP {response.status_code}: {response.text[:200]}", None, None

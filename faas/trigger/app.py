@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -27,6 +26,7 @@ from faas.core.service import (
     deadline_from_header,
     etcd_from_settings,
     install_error_handlers,
+    redis_from_settings,
 )
 from faas.core.settings import Settings
 from faas.core.subscriptions import SubscriptionIndex
@@ -72,7 +72,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             MemberRecord(role="trigger", member_id=member_id, address=address, pid=os.getpid()),
             settings.lease_ttl_s,
         )
-        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        redis = redis_from_settings(settings)
         app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)
         catalog = Catalog(etcd)
         catalog.start()
