@@ -6,8 +6,9 @@ is sent there, so a trigger failover shows up as added latency, not as an error.
 waiting on a primary when another is elected (the old one froze, or died with the connection left
 hanging) is re-sent to the new one at once, with the same request id: the dispatcher that may still
 be running it joins the re-sent call to the running one (``Dispatcher.invoke``) instead of running
-the function twice.  Caveat: a call the dead primary forwarded and whose dispatcher already finished
-it runs again (at-least-once across a trigger crash).
+the function twice; an async call is queued at most once per id (the trigger's enqueue is
+idempotent by invocation id).  Caveat: a sync call the dead primary forwarded and whose dispatcher
+already finished it runs again (at-least-once across a trigger crash).
 """
 
 from __future__ import annotations

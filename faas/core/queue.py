@@ -74,6 +74,18 @@ redis.call('EXPIRE', KEYS[3], ARGV[4])
 return false
 """
 
+# Queue an event unless its invocation id was queued already (its status hash exists): a call re-sent
+# after its trigger died or froze, the first send of which may have been applied, is queued once.
+_ENQUEUE_NEW = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
 
 class AsyncEnvelope(BaseModel):
     v: int = ENVELOPE_VERSION
@@ -106,6 +118,7 @@ class InvocationQueue:
         self.connection_losses = 0
         self._move_due = redis.register_script(_MOVE_DUE)
         self._enqueue_once = redis.register_script(_ENQUEUE_ONCE)
+        self._enqueue_new = redis.register_script(_ENQUEUE_NEW)
 
     async def _run(self, what: str, coro: Any) -> Any:
         try:
@@ -150,6 +163,23 @@ class InvocationQueue:
         """Queue ``env`` as part of a caller's transaction (destinations, fan-out)."""
         pipe.xadd(redis_keys.ASYNC_STREAM, {"e": env.model_dump_json()})
         self._status(pipe, env, **self._queued_fields(env))
+
+    async def enqueue_new(self, env: AsyncEnvelope) -> bool:
+        """Queue ``env`` unless an event with its id was queued before (within the status TTL).
+
+        One atomic script, one round trip, as a MULTI would be.  Returns False for a repeat: the
+        invocation is queued, once."""
+        flat: list[Any] = []
+        for k, v in self._queued_fields(env).items():
+            flat += [k, v if isinstance(v, str) else json.dumps(v)]
+        queued = await self._run(
+            "enqueue an event",
+            self._enqueue_new(
+                keys=[redis_keys.ASYNC_STREAM, redis_keys.invocation(env.id)],
+                args=[env.model_dump_json(), self.status_ttl_s, *flat],
+            ),
+        )
+        return bool(queued)
 
     async def enqueue(self, env: AsyncEnvelope, *, also: PipeStep | None = None) -> None:
         await self.enqueue_many([env], also=also)

@@ -162,7 +162,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             if existing is not None:
                 return JSONResponse({"id": existing, "status": "duplicate"}, status_code=202)
         else:
-            await queue.enqueue(env)
+            # Idempotent by invocation id: the gateway re-sends a call whose trigger died or froze
+            # with the same id, and the first send may have been applied.
+            await queue.enqueue_new(env)
         return JSONResponse({"id": env.id, "status": "queued"}, status_code=202)
 
     app.add_route(
