@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup up down status test test-fast lint bench clean
+.PHONY: setup up down status test test-fast lint bench chaos clean
 
 setup: $(VENV)/.installed
 
@@ -30,10 +30,13 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy faas gateway
+	$(BIN)/mypy faas gateway bench/chaos
 
 bench: setup
 	$(BIN)/python bench/invoke_latency.py
+
+chaos: setup
+	$(BIN)/python -m bench.chaos --fault all
 
 clean:
 	rm -rf $(VENV) .faas .pytest_cache

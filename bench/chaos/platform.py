@@ -48,10 +48,10 @@ def noop_archive() -> bytes:
 
 
 class ChaosPlatform:
-    def __init__(self, home: Path, *, etcd_members: int = 1, log: Any = None) -> None:
+    def __init__(self, home: Path, *, etcd_members: int = 1, log: Any = None, **overrides: Any) -> None:
         self.home = Path(home).resolve()
         self.etcd_members = etcd_members
-        self.settings: Settings = settings_for_test(self.home, etcd_members=etcd_members)
+        self.settings: Settings = settings_for_test(self.home, etcd_members=etcd_members, **overrides)
         self.started = False
         self._log = log or (lambda message: None)
 
