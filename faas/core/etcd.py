@@ -263,7 +263,8 @@ class Lease:
         self.last_attempt = asyncio.get_running_loop().time()
         self.lost.clear()
         self._set_valid_until(valid_until)
-        self._tasks.spawn(self._keepalive(lease_id), name="keepalive", long_lived=True)
+        # Not long-lived: it ends by design when etcd says the lease is gone (``lost`` tells the owner).
+        self._tasks.spawn(self._keepalive(lease_id), name="keepalive")
 
     def _set_valid_until(self, when: float) -> None:
         self._valid_until = when
