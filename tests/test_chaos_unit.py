@@ -80,7 +80,7 @@ def test_async_tally_tells_retries_from_duplicates_and_lost_from_dead_lettered()
     def acked(n: int) -> CallRecord:
         return CallRecord("async", f"c{n}", FAULT_AT, FAULT_AT, 202, invocation_id=f"i{n}")
 
-    acknowledged = {f"i{n}": acked(n) for n in range(6)}
+    acknowledged = {f"i{n}": acked(n) for n in range(7)}
     final: dict[str, dict[str, object] | None] = {
         "i0": {"status": "succeeded", "attempts": 1, "runs": 1, "result": payload_of("c0")},
         "i1": {"status": "succeeded", "attempts": 2, "runs": 2, "result": payload_of("c1")},  # retried once
@@ -88,11 +88,13 @@ def test_async_tally_tells_retries_from_duplicates_and_lost_from_dead_lettered()
         "i3": {"status": "running", "attempts": 1, "runs": 1},  # stuck: lost
         "i4": None,  # unknown: lost
         "i5": {"status": "dead-lettered", "attempts": 3, "runs": 3, "error": {"kind": "too_many_requests"}},
+        # two platform retries then success: three starts, none of them a re-delivery
+        "i6": {"status": "succeeded", "attempts": 1, "platform_retries": 2, "runs": 3, "result": payload_of("c6")},
     }
     summary = Summary(fault_at=FAULT_AT)
     tally_async(summary, acknowledged, final)  # type: ignore[arg-type]
-    assert summary.async_completed == 3
-    assert (summary.async_retried, summary.async_duplicated) == (2, 1)
+    assert summary.async_completed == 4
+    assert (summary.async_retried, summary.async_duplicated) == (3, 1)
     assert (summary.async_lost, summary.async_unknown) == (2, 1)
     assert (summary.async_dead_lettered, summary.async_dead_lettered_platform) == (1, 1)
     assert summary.async_wrong_result == 0

@@ -253,11 +253,13 @@ def tally_async(
     for invocation_id, rec in acknowledged.items():
         record = final.get(invocation_id)
         status = record.get("status") if record else None
-        if record is not None and _number(record, "attempts") > 1:
+        retries = _number(record, "platform_retries") if record is not None else 0
+        if record is not None and (_number(record, "attempts") > 1 or retries > 0):
             summary.async_retried += 1
-        # ``runs`` counts every start (mark_running), and each retry after a failed attempt is a start
-        # too: only starts beyond the attempts are the same attempt run again (a re-delivery).
-        if record is not None and _number(record, "runs") > max(_number(record, "attempts"), 1):
+        # ``runs`` counts every start (mark_running), and each retry after a failed attempt, the
+        # function's or the platform's, is a start too: only starts beyond the attempts and platform
+        # retries are the same attempt run again (a re-delivery).
+        if record is not None and _number(record, "runs") > max(_number(record, "attempts") + retries, 1):
             summary.async_duplicated += 1
             if len(summary.duplicated_ids) < SAMPLE_IDS:
                 summary.duplicated_ids.append(invocation_id)
