@@ -41,8 +41,10 @@ class Settings(BaseSettings):
     # Internal services bind to this host on an ephemeral port and register their address in etcd.
     bind_host: str = "127.0.0.1"
 
-    # Leases and elections.
-    lease_ttl_s: int = 5
+    # Leases and elections.  A frozen leader is replaced after about this long (a killed one sooner,
+    # see faas/core/election.py); 3 s showed no spurious election under load, two CPU hogs included
+    # (python -m bench.chaos.ttl, README).
+    lease_ttl_s: int = Field(default=3, ge=1)
 
     # Functions.
     default_namespace: str = "default"
