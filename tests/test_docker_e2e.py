@@ -151,3 +151,29 @@ async def test_unreachable_docker_daemon_is_a_clear_startup_error(tmp_path_facto
     assert "Docker daemon" in info.value.message
     assert time.monotonic() - started < 60  # fails fast, no restart loop
     assert not cluster.is_running()
+
+
+async def test_containers_of_a_killed_agent_are_removed_when_the_platform_stops(
+    platform: Platform, gw: httpx.AsyncClient
+) -> None:
+    """Last in this module: it kills the node agent for good."""
+    import asyncio
+    import json
+    import os
+    import signal
+
+    from faas.core.procs import pid_alive
+    from faas.launcher.embedded import kill_leftover_hosts
+
+    await deploy(gw, "left-behind", INSPECT, memory_mb=256)
+    assert (await gw.post("/v1/functions/left-behind/invoke", json={})).status_code == 200
+    filters = json.dumps({"label": ["faas.platform=1", f"faas.node={platform.settings.node_id}"]})
+    async with aiodocker.Docker() as docker:
+        assert await docker.containers.list(all=True, filters=filters)
+        agent = next(r for r in platform.cluster.records if r.name == platform.settings.node_id)
+        os.kill(agent.pid, signal.SIGKILL)  # it cannot remove its containers now
+        while pid_alive(agent.pid, agent.start_ticks):  # noqa: ASYNC110 - a few milliseconds
+            await asyncio.sleep(0.01)
+        assert await docker.containers.list(all=True, filters=filters)  # left running
+        kill_leftover_hosts(platform.settings)  # what stopping the platform does last
+        assert await docker.containers.list(all=True, filters=filters) == []

@@ -579,10 +579,13 @@ def stop_from_state(settings: Settings, *, grace_s: float = STOP_GRACE_S) -> lis
 
 
 def kill_leftover_hosts(settings: Settings) -> int:
-    """Kill the function hosts (and their process groups) still serving sockets under ``home``.
+    """Kill the function hosts left under ``home``: processes (and their groups) and containers.
 
     A node agent stopped gracefully stops its hosts itself; one killed (after the stop grace period)
-    leaves them running in their own sessions.  Returns how many were killed."""
+    leaves them running: processes in their own sessions, containers in Docker.  Returns how many
+    processes were killed."""
+    if settings.runtime in ("docker", "auto"):
+        _remove_leftover_containers(settings)
     prefix = f"{settings.home.resolve()}/"
 
     def ours(argv: list[str]) -> bool:
@@ -596,6 +599,35 @@ def kill_leftover_hosts(settings: Settings) -> int:
             os.killpg(pid, signal.SIGKILL)
             killed += 1
     return killed
+
+
+def _remove_leftover_containers(settings: Settings) -> None:
+    """Remove the containers labelled with this cluster's node ids (best effort: Docker may be away).
+
+    Runs its own event loop in a thread, so it can be called from sync code on any thread."""
+    import threading
+
+    async def remove() -> None:
+        import aiodocker
+
+        try:
+            docker = aiodocker.Docker(url=settings.docker_url)
+        except (AssertionError, ValueError):
+            return  # no Docker socket here
+        try:
+            for node_id in node_ids(settings):
+                filters = json.dumps({"label": ["faas.platform=1", f"faas.node={node_id}"]})
+                for container in await docker.containers.list(all=True, filters=filters):
+                    with contextlib.suppress(aiodocker.DockerError):
+                        await container.delete(force=True)
+        except (aiodocker.DockerError, OSError):
+            pass
+        finally:
+            await docker.close()
+
+    worker = threading.Thread(target=lambda: asyncio.run(remove()), name="remove-containers")
+    worker.start()
+    worker.join(60)
 
 
 class RestartPolicy:
