@@ -60,7 +60,7 @@ from faas.core.models import Destination, VersionSpec
 from faas.core.queue import AsyncEnvelope, InvocationQueue, PipeStep
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
-from faas.dispatcher.faults import Retry, fault_of, next_step, platform_backoff
+from faas.dispatcher.faults import Fault, GiveUp, Retry, fault_of, next_step, platform_backoff
 from faas.dispatcher.service import Dispatcher
 
 log = logging.getLogger("faas.consumer")
@@ -273,7 +273,20 @@ class AsyncConsumer:
         """Retry the event (a function retry or a platform retry), or give it up."""
         fault = fault_of(error, status)
         error = {**error, "fault": fault}
-        step = next_step(
+        step = self._next_step(fault, env, spec, retry_after_s=retry_after_s)
+        if isinstance(step, Retry):
+            if step.platform:
+                log.info("event %s: platform fault (%s: %s); retry %d in %.1f s", env.id, error.get("kind"),
+                         str(error.get("message"))[:200], env.platform_retries + 1, step.delay_s)  # fmt: skip
+            await asyncio.shield(self.queue.retry_later(msg_id, env, error, step.delay_s, platform=step.platform))
+        else:
+            await self._give_up(msg_id, env, spec, error, step.condition, source_ids(env))
+
+    def _next_step(
+        self, fault: Fault, env: AsyncEnvelope, spec: VersionSpec, *, retry_after_s: float | None = None
+    ) -> Retry | GiveUp:
+        """What to do after a failed attempt of ``env`` (``faults.next_step`` with this event's numbers)."""
+        return next_step(
             fault,
             attempt=env.attempt,
             platform_retries=env.platform_retries,
@@ -284,13 +297,6 @@ class AsyncConsumer:
             platform_cap_s=self.settings.async_platform_retry_cap_s,
             retry_after_s=retry_after_s,
         )
-        if isinstance(step, Retry):
-            if step.platform:
-                log.info("event %s: platform fault (%s: %s); retry %d in %.1f s", env.id, error.get("kind"),
-                         str(error.get("message"))[:200], env.platform_retries + 1, step.delay_s)  # fmt: skip
-            await asyncio.shield(self.queue.retry_later(msg_id, env, error, step.delay_s, platform=step.platform))
-        else:
-            await self._give_up(msg_id, env, spec, error, step.condition, source_ids(env))
 
     async def _gone(self, msg_id: str, env: AsyncEnvelope, exc: NotFound) -> None:
         """The function or version is gone: dead-letter the event at once (no destination to tell)."""
@@ -313,16 +319,7 @@ class AsyncConsumer:
         retry = only_items(env, failed)
         error = {"kind": "partial_batch_failure", "type": "BatchItemFailures", "fault": "function",
                  "message": f"{len(failed)} of {len(ids)} records failed", "failed": failed}  # fmt: skip
-        step = next_step(
-            "function",
-            attempt=env.attempt,
-            platform_retries=env.platform_retries,
-            max_retries=spec.max_retries,
-            age_s=time.time() - env.enqueued_at,
-            max_event_age_s=spec.max_event_age_s,
-            base_s=self.settings.async_retry_base_s,
-            platform_cap_s=self.settings.async_platform_retry_cap_s,
-        )
+        step = self._next_step("function", env, spec)
         if isinstance(step, Retry):
             await asyncio.shield(
                 self.queue.retry_later(
