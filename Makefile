@@ -31,6 +31,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy faas gateway bench/chaos
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python bench/invoke_latency.py

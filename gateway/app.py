@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
 from pydantic import ValidationError
 
-from faas.core import redis_keys
+from faas.core import redis_keys, wire
 from faas.core.codestore import CodeStore
 from faas.core.election import LeaderWatch
 from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable
@@ -41,14 +41,11 @@ from faas.core.service import Membership, etcd_from_settings, install_error_hand
 from faas.core.settings import Settings
 from faas.core.subscriptions import SubscriptionIndex, SubscriptionStore
 from faas.core.tasks import TaskSet
-from faas.trigger.service import passed_headers
 from gateway.archive import check_archive
 from gateway.events_api import install_event_routes
 from gateway.http_events import build_event, build_response
 from gateway.invoker import TriggerClient
 
-# Caller headers an async event keeps in its envelope (W3C trace context, and who sent it).
-FORWARDED_ASYNC_HEADERS = ("traceparent", "tracestate", "user-agent")
 NamespaceQuery = Annotated[str | None, Query(description="namespace (default: the platform's default)")]
 
 
@@ -248,7 +245,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     ) -> tuple[Any, VersionSpec]:
         catalog: Catalog = app.state.catalog
         spec = await catalog.resolve(ns, name, qualifier)
-        deadline = time.time() + settings.cold_start_timeout_s + spec.timeout_s + 2.0
+        deadline = wire.invocation_deadline(timeout_s=spec.timeout_s, cold_start_timeout_s=settings.cold_start_timeout_s)
         trigger: TriggerClient = app.state.trigger
         resp = await trigger.invoke(
             ns, name, spec.version, body, request_id=request_id, deadline=deadline, function_uid=spec.function_uid
@@ -270,7 +267,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             resp, _ = await invoke_version(ns, name, qualifier, body, request_id)
         else:
             spec = await app.state.catalog.resolve(ns, name, qualifier)
-            key = request.headers.get("x-faas-idempotency-key")
+            key = request.headers.get(wire.IDEMPOTENCY_KEY)
             if key is not None and not (0 < len(key) <= 256):
                 raise InvalidRequest("X-Faas-Idempotency-Key must be 1-256 characters")
             resp = await app.state.trigger.invoke(
@@ -279,16 +276,16 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
                 spec.version,
                 body,
                 request_id=request_id,
-                deadline=time.time() + 15.0,
+                deadline=time.time() + wire.ENQUEUE_DEADLINE_S,
                 function_uid=spec.function_uid,
-                route="invoke-async",
+                asynchronous=True,
                 extra_headers={
-                    **{h: request.headers[h] for h in FORWARDED_ASYNC_HEADERS if h in request.headers},
-                    **({"x-faas-idempotency-key": key} if key else {}),
+                    **{h: request.headers[h] for h in wire.ENVELOPE_HEADERS if h in request.headers},
+                    **({wire.IDEMPOTENCY_KEY: key} if key else {}),
                 },
             )
         return Response(
-            resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json"
+            resp.body, status_code=resp.status, headers=wire.passed_headers(resp.headers), media_type="application/json"
         )
 
     @app.post("/v1/functions/{name}/invoke", tags=["invocation"])
@@ -368,7 +365,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         request_id = uuid.uuid4().hex
         event = build_event(request, path, body, request_id)
         resp, _ = await invoke_version(ns, name, None, json.dumps(event).encode(), request_id)
-        headers = passed_headers(resp)
+        headers = wire.passed_headers(resp.headers)
         if resp.status != 200:
             return Response(
                 resp.body, status_code=resp.status, headers=headers, media_type="application/json"

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Query, Request, Response
 from redis.exceptions import RedisError
 
-from faas.core import redis_keys
+from faas.core import redis_keys, wire
 from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, error_from_body
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
@@ -196,7 +196,7 @@ def install_event_routes(
                 f"the limit is {MAX_FAN_OUT}: send fewer events per request"
             )
         trigger: TriggerClient = app.state.trigger
-        resp = await trigger.enqueue(items, deadline=time.time() + 15.0)
+        resp = await trigger.enqueue(items, deadline=time.time() + wire.ENQUEUE_DEADLINE_S)
         if resp.status != 202:
             raise error_from_body(_json(resp.body), resp.status)
         invocations: list[dict[str, Any]] = json.loads(resp.body)["invocations"]

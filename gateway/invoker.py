@@ -17,10 +17,10 @@ import asyncio
 import json
 import time
 
+from faas.core import wire
 from faas.core.election import LeaderWatch
 from faas.core.errors import DeadlineExceeded, error_from_body
 from faas.core.http import HopClient, HopError, HopResponse, HopTimeout
-from faas.core.service import DEADLINE_HEADER, FUNCTION_UID_HEADER, REQUEST_ID_HEADER, deadline_header
 
 
 class TriggerClient:
@@ -60,26 +60,25 @@ class TriggerClient:
         request_id: str,
         deadline: float,
         function_uid: str,
-        route: str = "invoke",
+        asynchronous: bool = False,
         extra_headers: dict[str, str] | None = None,
     ) -> HopResponse:
-        """Send a call to the primary: ``route`` "invoke" (sync) or "invoke-async" (enqueue, 202), for
+        """Send a call to the primary, sync (the result) or ``asynchronous`` (enqueued: 202), for
         ``version`` of the function with ``function_uid``."""
         headers = {
-            REQUEST_ID_HEADER: request_id,
-            DEADLINE_HEADER: deadline_header(deadline),
-            FUNCTION_UID_HEADER: function_uid,
+            wire.REQUEST_ID: request_id,
+            wire.DEADLINE_MS: wire.deadline_header(deadline),
+            wire.FUNCTION_UID: function_uid,
             **(extra_headers or {}),
         }
-        return await self._post(
-            f"/v1/{route}/{ns}/{name}/{version}", body, headers, deadline, what=f"invocation of {name!r}"
-        )
+        path = (wire.trigger_invoke_async if asynchronous else wire.trigger_invoke)(ns, name, version)
+        return await self._post(path, body, headers, deadline, what=f"invocation of {name!r}")
 
     async def enqueue(self, events: list[dict[str, object]], *, deadline: float) -> HopResponse:
         """Queue events for several functions in one transaction on the primary (all or none)."""
         body = json.dumps({"events": events}).encode()
-        headers = {DEADLINE_HEADER: deadline_header(deadline), "content-type": "application/json"}
-        return await self._post("/v1/enqueue", body, headers, deadline, what="enqueueing events")
+        headers = {wire.DEADLINE_MS: wire.deadline_header(deadline), "content-type": "application/json"}
+        return await self._post(wire.TRIGGER_ENQUEUE, body, headers, deadline, what="enqueueing events")
 
     async def _post(
         self, path: str, body: bytes, headers: dict[str, str], deadline: float, *, what: str

@@ -15,11 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from faas.core import keys, redis_keys
+from faas.core import keys, redis_keys, wire
 from faas.core.etcd import Etcd
 from faas.core.models import FunctionRecord, InstanceRecord, LeaderRecord, VersionSpec
 from faas.core.queue import AsyncEnvelope
-from faas.core.service import FUNCTION_UID_HEADER
 from faas.scheduler.placement import StartBook
 from tests.conftest import Platform
 from tests.helpers import deploy, instances_of, members_of, wait_until
@@ -138,7 +137,7 @@ async def test_deleted_and_redeployed_function_never_answers_with_old_code(
     dispatcher = (await members_of(platform.settings, "dispatcher"))[0]
     async with httpx.AsyncClient(timeout=30) as client:
         stale = await client.post(
-            f"{dispatcher.address}/v1/invoke/default/{name}/1", content=b"{}", headers={FUNCTION_UID_HEADER: old_uid}
+            f"{dispatcher.address}/v1/invoke/default/{name}/1", content=b"{}", headers={wire.FUNCTION_UID: old_uid}
         )
         assert stale.status_code == 404, stale.text
         assert stale.json()["error"]["kind"] == "not_found"

@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -32,12 +31,6 @@ from faas.core.models import MemberRecord
 from faas.core.settings import Settings
 
 log = logging.getLogger("faas.service")
-
-DEADLINE_HEADER = "x-faas-deadline-ms"
-REQUEST_ID_HEADER = "x-faas-request-id"
-# The uid of the function the gateway resolved (``FunctionRecord.uid``), on the hops of an invocation:
-# a dispatcher serves it only with instances of that function.
-FUNCTION_UID_HEADER = "x-faas-function-uid"
 
 
 def configure_logging(role: str, member_id: str) -> None:
@@ -74,20 +67,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FaasError, on_faas_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
-
-
-def deadline_from_header(value: str | None, default_s: float) -> float:
-    """Absolute deadline (epoch seconds) from the header, or now + ``default_s``."""
-    if value:
-        try:
-            return int(value) / 1000.0
-        except ValueError:
-            pass
-    return time.time() + default_s
-
-
-def deadline_header(deadline: float) -> str:
-    return str(int(deadline * 1000))
 
 
 def etcd_from_settings(settings: Settings, *, timeout_s: float | None = None) -> Etcd:

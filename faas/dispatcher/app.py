@@ -9,17 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
-from faas.core import keys
+from faas.core import keys, wire
 from faas.core.etcd import PrefixMirror
 from faas.core.models import MemberRecord
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
-    DEADLINE_HEADER,
-    FUNCTION_UID_HEADER,
-    REQUEST_ID_HEADER,
     Membership,
-    deadline_from_header,
     etcd_from_settings,
     install_error_handlers,
     redis_from_settings,
@@ -95,14 +91,16 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         # than everything else the endpoint does.
         dispatcher: Dispatcher = app.state.dispatcher
         params = request.path_params
-        deadline = deadline_from_header(request.headers.get(DEADLINE_HEADER), settings.cold_start_timeout_s + 60)
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        deadline = wire.deadline_from_header(
+            request.headers.get(wire.DEADLINE_MS), cold_start_timeout_s=settings.cold_start_timeout_s
+        )
+        request_id = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
         result = await dispatcher.invoke(
             params["ns"], params["name"], params["version"], await request.body(), request_id=request_id,
-            deadline=deadline, uid=request.headers.get(FUNCTION_UID_HEADER),
+            deadline=deadline, uid=request.headers.get(wire.FUNCTION_UID),
         )  # fmt: skip
         return Response(result.body, status_code=result.status, headers=result.headers, media_type="application/json")
 
-    app.add_route("/v1/invoke/{ns}/{name}/{version:int}", invoke, methods=["POST"], include_in_schema=False)
+    app.add_route(wire.DISPATCHER_INVOKE_ROUTE, invoke, methods=["POST"], include_in_schema=False)
 
     return app

@@ -54,7 +54,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from faas.core import redis_keys
+from faas.core import redis_keys, wire
 from faas.core.errors import FaasError, NotFound, TooManyRequests
 from faas.core.models import Destination, VersionSpec
 from faas.core.queue import AsyncEnvelope, InvocationQueue, PipeStep
@@ -238,7 +238,7 @@ class AsyncConsumer:
             await self._give_up(msg_id, env, spec, too_old, "EventAgeExceeded", source_ids(env))
             return
         await self.queue.mark_running(env)
-        deadline = time.time() + self.settings.cold_start_timeout_s + spec.timeout_s + 2.0
+        deadline = wire.invocation_deadline(timeout_s=spec.timeout_s, cold_start_timeout_s=self.settings.cold_start_timeout_s)
         error: dict[str, Any]
         status: int | None = None
         retry_after_s: float | None = None

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import httpx
 import redis.asyncio as aioredis
 
-from faas.core import keys, redis_keys
+from faas.core import keys, redis_keys, wire
 from faas.core.election import LeaderWatch
 from faas.core.errors import (
     DeadlineExceeded,
@@ -50,7 +50,6 @@ from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.http import ConnectionBroken, HopTimeout, NotDelivered, for_address
 from faas.core.models import InstanceRecord, NodeRecord, VersionKey, VersionSpec
 from faas.core.registry import Catalog
-from faas.core.service import DEADLINE_HEADER, REQUEST_ID_HEADER, deadline_header
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 from faas.dispatcher.pool import FunctionPool, WarmInstance
@@ -327,7 +326,7 @@ class Dispatcher:
             try:
                 resp = await self._unless_leader_changes(
                     self.http.post(
-                        f"{leader.address}/v1/acquire/{ns}/{name}/{version}",
+                        leader.address + wire.scheduler_acquire(ns, name, version),
                         params={"uid": uid},
                         timeout=max(remaining, 0.01),
                     ),
@@ -377,7 +376,7 @@ class Dispatcher:
             resp = await inst.client.post(
                 inst.base_url + "/_/invoke",
                 body=body,
-                headers={REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)},
+                headers={wire.REQUEST_ID: request_id, wire.DEADLINE_MS: wire.deadline_header(deadline)},
                 timeout_s=timeout,
             )
         except NotDelivered as exc:
@@ -411,7 +410,7 @@ class Dispatcher:
             node = NodeRecord.model_validate_json(raw)
             try:
                 resp = await self.http.get(
-                    f"{node.address}/v1/instances/{inst.instance_id}/exit", params={"wait_s": 2.0}, timeout=5.0
+                    node.address + wire.node_instance_exit(inst.instance_id), params={"wait_s": 2.0}, timeout=5.0
                 )
                 if resp.status_code == 200:
                     exit_info = resp.json()
@@ -451,7 +450,7 @@ class Dispatcher:
         if leader is None:
             return
         try:
-            await self.http.post(f"{leader.address}/v1/instances/{inst.instance_id}/retire", timeout=10.0)
+            await self.http.post(leader.address + wire.scheduler_retire(inst.instance_id), timeout=10.0)
         except httpx.HTTPError as exc:
             log.warning("could not report %s to the scheduler: %r", inst.instance_id, exc)
 
@@ -460,11 +459,11 @@ class Dispatcher:
         request_id: str, cold: bool, total_ms: float,
     ) -> InvocationResult:
         headers = {
-            "x-faas-request-id": request_id,
-            "x-faas-version": str(spec.version),
-            "x-faas-instance": inst.instance_id,
-            "x-faas-cold": "1" if cold else "0",
-            "x-faas-duration-ms": f"{float(payload.get('duration_ms', 0.0)):.3f}",
+            wire.REQUEST_ID: request_id,
+            wire.VERSION: str(spec.version),
+            wire.INSTANCE: inst.instance_id,
+            wire.COLD: "1" if cold else "0",
+            wire.DURATION_MS: f"{float(payload.get('duration_ms', 0.0)):.3f}",
         }
         if status == 200:
             body = json.dumps(payload.get("result")).encode()
@@ -473,7 +472,7 @@ class Dispatcher:
             error = payload.get("error") or {}
             outcome = str(error.get("kind", "error"))
             if outcome in ("function_error", "out_of_memory", "function_timeout"):
-                headers["x-faas-function-error"] = "Unhandled"
+                headers[wire.FUNCTION_ERROR] = "Unhandled"
             if status == 507:
                 status = 500
             body = json.dumps({"error": error}).encode()

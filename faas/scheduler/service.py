@@ -35,7 +35,7 @@ from typing import NoReturn
 
 import httpx
 
-from faas.core import keys
+from faas.core import keys, wire
 from faas.core.codestore import CodeStore
 from faas.core.election import Election
 from faas.core.errors import (
@@ -223,7 +223,7 @@ class Scheduler:
         self, node: NodeRecord, spec: VersionSpec, instance_id: str, body: dict[str, object]
     ) -> InstanceRecord:
         try:
-            resp = await self.http.post(f"{node.address}/v1/instances", json=body)
+            resp = await self.http.post(node.address + wire.NODE_INSTANCES, json=body)
         except httpx.ConnectError as exc:
             raise _NodeUnreachable(f"node agent {node.node_id} at {node.address} refused the connection") from exc
         except httpx.HTTPError as exc:
@@ -263,7 +263,7 @@ class Scheduler:
 
     async def _stop_on_node(self, node: NodeRecord, instance_id: str) -> None:
         try:
-            await self.http.delete(f"{node.address}/v1/instances/{instance_id}", timeout=5.0)
+            await self.http.delete(node.address + wire.node_instance(instance_id), timeout=5.0)
         except httpx.HTTPError as exc:
             log.warning("could not stop %s on %s: %r", instance_id, node.node_id, exc)
 
@@ -345,7 +345,7 @@ class Scheduler:
         reachable_nodes: set[str] = set()
         for node in nodes.values():
             try:
-                resp = await self.http.get(f"{node.address}/v1/instances", timeout=5.0)
+                resp = await self.http.get(node.address + wire.NODE_INSTANCES, timeout=5.0)
                 resp.raise_for_status()
             except httpx.HTTPError as exc:
                 log.warning("node %s unreachable for the reaper: %r", node.node_id, exc)

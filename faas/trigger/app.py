@@ -13,17 +13,13 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from faas.core import redis_keys
+from faas.core import redis_keys, wire
 from faas.core.election import Election
 from faas.core.models import MemberRecord
 from faas.core.queue import AsyncEnvelope, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
-    DEADLINE_HEADER,
-    FUNCTION_UID_HEADER,
-    REQUEST_ID_HEADER,
     Membership,
-    deadline_from_header,
     etcd_from_settings,
     install_error_handlers,
     redis_from_settings,
@@ -31,10 +27,9 @@ from faas.core.service import (
 from faas.core.settings import Settings
 from faas.core.subscriptions import SubscriptionIndex
 from faas.core.tasks import TaskSet
-from faas.trigger.service import Trigger, passed_headers
+from faas.trigger.service import Trigger
 from faas.trigger.sources import EventSources
 
-_ENVELOPE_HEADERS = ("traceparent", "tracestate", "user-agent")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -118,10 +113,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         # A plain Starlette route on the hot path (see faas/dispatcher/app.py).
         trigger: Trigger = app.state.trigger
         params = request.path_params
-        deadline = deadline_from_header(
-            request.headers.get(DEADLINE_HEADER), settings.cold_start_timeout_s + 60
+        deadline = wire.deadline_from_header(
+            request.headers.get(wire.DEADLINE_MS), cold_start_timeout_s=settings.cold_start_timeout_s
         )
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
         resp = await trigger.invoke_sync(
             params["ns"],
             params["name"],
@@ -129,13 +124,13 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await request.body(),
             request_id=request_id,
             deadline=deadline,
-            uid=request.headers.get(FUNCTION_UID_HEADER),
+            uid=request.headers.get(wire.FUNCTION_UID),
         )
         return Response(
-            resp.body, status_code=resp.status, headers=passed_headers(resp), media_type="application/json"
+            resp.body, status_code=resp.status, headers=wire.passed_headers(resp.headers), media_type="application/json"
         )
 
-    app.add_route("/v1/invoke/{ns}/{name}/{version:int}", invoke, methods=["POST"], include_in_schema=False)
+    app.add_route(wire.TRIGGER_INVOKE_ROUTE, invoke, methods=["POST"], include_in_schema=False)
 
     async def invoke_async(request: Request) -> Response:
         """Write the event durably to the queue, then answer 202 (only the primary does)."""
@@ -143,17 +138,17 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         trigger.election.require_serving()
         params = request.path_params
         env = AsyncEnvelope(
-            id=request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex,
+            id=request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex,
             namespace=params["ns"],
             function=params["name"],
             version=params["version"],
             payload=(await request.body()).decode(),
-            headers={h: request.headers[h] for h in _ENVELOPE_HEADERS if h in request.headers},
+            headers={h: request.headers[h] for h in wire.ENVELOPE_HEADERS if h in request.headers},
             trace=trace_context(request.headers.get("traceparent")),
-            function_uid=request.headers.get(FUNCTION_UID_HEADER),
+            function_uid=request.headers.get(wire.FUNCTION_UID),
         )
         queue: InvocationQueue = app.state.queue
-        idempotency_key = request.headers.get("x-faas-idempotency-key")
+        idempotency_key = request.headers.get(wire.IDEMPOTENCY_KEY)
         if idempotency_key:
             scope = redis_keys.idempotency_scope(
                 env.namespace, env.function, idempotency_key, env.function_uid or ""
@@ -167,11 +162,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await queue.enqueue_new(env)
         return JSONResponse({"id": env.id, "status": "queued"}, status_code=202)
 
-    app.add_route(
-        "/v1/invoke-async/{ns}/{name}/{version:int}", invoke_async, methods=["POST"], include_in_schema=False
-    )
+    app.add_route(wire.TRIGGER_INVOKE_ASYNC_ROUTE, invoke_async, methods=["POST"], include_in_schema=False)
 
-    @app.post("/v1/enqueue", status_code=202)
+    @app.post(wire.TRIGGER_ENQUEUE, status_code=202)
     async def enqueue_events(batch: EnqueueBatch) -> dict[str, Any]:
         """Queue events for several functions in one transaction (event fan-out): all or none."""
         trigger: Trigger = app.state.trigger

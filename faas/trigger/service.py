@@ -17,28 +17,18 @@ from __future__ import annotations
 import logging
 import time
 
-from faas.core import keys
+from faas.core import keys, wire
 from faas.core.election import Election
 from faas.core.errors import DeadlineExceeded, Unavailable
 from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.http import HopClient, HopError, HopResponse, HopTimeout
 from faas.core.models import MemberRecord
 from faas.core.rendezvous import rank
-from faas.core.service import DEADLINE_HEADER, FUNCTION_UID_HEADER, REQUEST_ID_HEADER, deadline_header
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 
 log = logging.getLogger("faas.trigger")
 
-_PASSED_HEADERS = (
-    "x-faas-request-id",
-    "x-faas-version",
-    "x-faas-instance",
-    "x-faas-cold",
-    "x-faas-duration-ms",
-    "x-faas-function-error",
-    "retry-after",
-)
 
 
 class Trigger:
@@ -80,15 +70,15 @@ class Trigger:
         members = self.dispatcher_addresses()
         if not members:
             raise Unavailable("no dispatcher is registered")
-        headers = {REQUEST_ID_HEADER: request_id, DEADLINE_HEADER: deadline_header(deadline)}
+        headers = {wire.REQUEST_ID: request_id, wire.DEADLINE_MS: wire.deadline_header(deadline)}
         if uid is not None:
-            headers[FUNCTION_UID_HEADER] = uid
+            headers[wire.FUNCTION_UID] = uid
         last_error = "no dispatcher answered"
         for member_id in rank(members, f"{ns}/{name}"):
             remaining = deadline - time.time()
             if remaining <= 0:
                 break
-            url = f"{members[member_id]}/v1/invoke/{ns}/{name}/{version}"
+            url = members[member_id] + wire.dispatcher_invoke(ns, name, version)
             try:
                 resp = await self.http.post(url, body=body, headers=headers, timeout_s=remaining + 0.5)
             except HopTimeout as exc:
@@ -99,12 +89,8 @@ class Trigger:
                 last_error = f"dispatcher {member_id} unreachable: {exc}"
                 log.warning(last_error)
                 continue
-            if resp.status == 429 and resp.headers.get("x-faas-saturated") == "1":
+            if resp.status == 429 and resp.headers.get(wire.SATURATED) == "1":
                 last_error = f"dispatcher {member_id} saturated"
                 continue
             return resp
         raise Unavailable(last_error)
-
-
-def passed_headers(resp: HopResponse) -> dict[str, str]:
-    return {h: resp.headers[h] for h in _PASSED_HEADERS if h in resp.headers}

@@ -1,0 +1,112 @@
+"""The wire between the platform's services: every internal path and header, and the deadline policy.
+
+Guarantees: a service builds the URL or the headers of an internal call only from here, and reads
+them only by these names, so one change here is one change of the contract (docs/contracts.md
+describes each call).  No service imports another service's modules; they share this module and
+``faas.core`` (an import-linter contract in ``.importlinter`` keeps it so).
+
+Header names are lowercase, as the servers and clients compare them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+# -- headers ---------------------------------------------------------------------------------------
+
+REQUEST_ID = "x-faas-request-id"
+DEADLINE_MS = "x-faas-deadline-ms"  # absolute deadline of the call, epoch milliseconds
+FUNCTION_UID = "x-faas-function-uid"
+IDEMPOTENCY_KEY = "x-faas-idempotency-key"
+INVOCATION_TYPE = "x-faas-invocation-type"
+# Set by a dispatcher on a 429 that means "this dispatcher is saturated: try the next one".
+SATURATED = "x-faas-saturated"
+# What an invocation's response tells the caller; a hop passes exactly these on.
+VERSION = "x-faas-version"
+INSTANCE = "x-faas-instance"
+COLD = "x-faas-cold"
+DURATION_MS = "x-faas-duration-ms"
+FUNCTION_ERROR = "x-faas-function-error"
+RETRY_AFTER = "retry-after"
+PASSED_HEADERS = (REQUEST_ID, VERSION, INSTANCE, COLD, DURATION_MS, FUNCTION_ERROR, RETRY_AFTER)
+# Caller headers an async event keeps in its envelope (W3C trace context, and who sent it).
+ENVELOPE_HEADERS = ("traceparent", "tracestate", "user-agent")
+
+
+def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an invocation's response that a hop passes on to its caller."""
+    return {h: headers[h] for h in PASSED_HEADERS if h in headers}
+
+
+# -- paths -----------------------------------------------------------------------------------------
+
+
+def trigger_invoke(ns: str, name: str, version: int) -> str:
+    return f"/v1/invoke/{ns}/{name}/{version}"
+
+
+def trigger_invoke_async(ns: str, name: str, version: int) -> str:
+    return f"/v1/invoke-async/{ns}/{name}/{version}"
+
+
+TRIGGER_ENQUEUE = "/v1/enqueue"
+
+
+def dispatcher_invoke(ns: str, name: str, version: int) -> str:
+    return f"/v1/invoke/{ns}/{name}/{version}"
+
+
+def scheduler_acquire(ns: str, name: str, version: int) -> str:
+    return f"/v1/acquire/{ns}/{name}/{version}"
+
+
+def scheduler_retire(instance_id: str) -> str:
+    return f"/v1/instances/{instance_id}/retire"
+
+
+NODE_INSTANCES = "/v1/instances"
+
+
+def node_instance(instance_id: str) -> str:
+    return f"{NODE_INSTANCES}/{instance_id}"
+
+
+def node_instance_exit(instance_id: str) -> str:
+    return f"{NODE_INSTANCES}/{instance_id}/exit"
+
+
+# The routes the services declare (the same paths, as route templates).
+TRIGGER_INVOKE_ROUTE = "/v1/invoke/{ns}/{name}/{version:int}"
+TRIGGER_INVOKE_ASYNC_ROUTE = "/v1/invoke-async/{ns}/{name}/{version:int}"
+DISPATCHER_INVOKE_ROUTE = "/v1/invoke/{ns}/{name}/{version:int}"
+
+
+# -- deadlines -------------------------------------------------------------------------------------
+
+# Grace on top of a cold start and the function's timeout, for the hops themselves.
+DEADLINE_GRACE_S = 2.0
+# What an internal hop assumes when a caller sent no deadline (a call made by hand).
+DEFAULT_DEADLINE_S = 60.0
+# How long the gateway gives an async call to be queued durably.
+ENQUEUE_DEADLINE_S = 15.0
+
+
+def invocation_deadline(*, timeout_s: float, cold_start_timeout_s: float, now: float | None = None) -> float:
+    """The absolute deadline (epoch seconds) of one invocation: a cold start, the function's own
+    timeout, and a little for the hops.  Every hop passes it on and waits no longer."""
+    return (time.time() if now is None else now) + cold_start_timeout_s + timeout_s + DEADLINE_GRACE_S
+
+
+def deadline_header(deadline: float) -> str:
+    return str(int(deadline * 1000))
+
+
+def deadline_from_header(value: str | None, *, cold_start_timeout_s: float) -> float:
+    """The absolute deadline a caller sent, or a default one for a call that sent none."""
+    if value:
+        try:
+            return int(value) / 1000.0
+        except ValueError:
+            pass
+    return time.time() + cold_start_timeout_s + DEFAULT_DEADLINE_S
