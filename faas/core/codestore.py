@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from datetime import datetime
+from typing import Any
 
 import boto3
 import botocore.exceptions
@@ -22,25 +23,30 @@ from faas.core.models import CodeRef
 from faas.core.settings import Settings
 
 
+def s3_client(settings: Settings, *, connect_timeout_s: float, read_timeout_s: float, attempts: int) -> Any:
+    """A boto3 S3 client for the platform's object store (path-style addressing, SigV4)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        aws_access_key_id=settings.s3_access_key,
+        aws_secret_access_key=settings.s3_secret_key,
+        region_name=settings.s3_region,
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"max_attempts": attempts, "mode": "standard"},
+        ),
+    )
+
+
 class CodeStore:
     def __init__(self, settings: Settings) -> None:
         self.endpoint = settings.s3_endpoint
         self.bucket = settings.s3_bucket
         self.presign_ttl_s = settings.presign_ttl_s
-        self._s3 = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint,
-            aws_access_key_id=settings.s3_access_key,
-            aws_secret_access_key=settings.s3_secret_key,
-            region_name=settings.s3_region,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-                connect_timeout=3,
-                read_timeout=30,
-                retries={"max_attempts": 2, "mode": "standard"},
-            ),
-        )
+        self._s3 = s3_client(settings, connect_timeout_s=3, read_timeout_s=30, attempts=2)
 
     def _fail(self, what: str, exc: Exception) -> Unavailable:
         return Unavailable(f"object store at {self.endpoint} failed to {what}: {exc}")

@@ -713,23 +713,9 @@ async def probe_valkey(settings: Settings, *, timeout_s: float = 2.0) -> str:
 
 
 def _s3_client(settings: Settings, timeout_s: float) -> Any:
-    import boto3
-    from botocore.config import Config
+    from faas.core.codestore import s3_client
 
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
-        region_name=settings.s3_region,
-        config=Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            connect_timeout=timeout_s,
-            read_timeout=timeout_s,
-            retries={"max_attempts": 1},
-        ),
-    )
+    return s3_client(settings, connect_timeout_s=timeout_s, read_timeout_s=timeout_s, attempts=1)
 
 
 async def probe_s3(settings: Settings, *, create_bucket: bool = False, timeout_s: float = 3.0) -> str:
