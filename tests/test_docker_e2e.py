@@ -169,6 +169,13 @@ async def test_containers_of_a_killed_agent_are_removed_when_the_platform_stops(
     assert (await gw.post("/v1/functions/left-behind/invoke", json={})).status_code == 200
     filters = json.dumps({"label": ["faas.platform=1", f"faas.node={platform.settings.node_id}"]})
     async with aiodocker.Docker() as docker:
+        # Let the pool refill after that cold start finish first: a create in flight when the agent
+        # dies completes in dockerd later (kill_leftover_hosts waits for those too, up to a bound).
+        for _ in range(600):
+            containers = await docker.containers.list(all=True, filters=filters)
+            if len(containers) >= 2 and all(c["State"] == "running" for c in containers):
+                break
+            await asyncio.sleep(0.1)
         assert await docker.containers.list(all=True, filters=filters)
         agent = next(r for r in platform.cluster.records if r.name == platform.settings.node_id)
         os.kill(agent.pid, signal.SIGKILL)  # it cannot remove its containers now

@@ -601,6 +601,9 @@ def kill_leftover_hosts(settings: Settings) -> int:
     return killed
 
 
+_LEFTOVER_SETTLE_S = 20.0
+
+
 def _remove_leftover_containers(settings: Settings) -> None:
     """Remove the containers labelled with this cluster's node ids (best effort: Docker may be away).
 
@@ -614,12 +617,23 @@ def _remove_leftover_containers(settings: Settings) -> None:
             docker = aiodocker.Docker(url=settings.docker_url)
         except (AssertionError, ValueError):
             return  # no Docker socket here
+        labels = [["faas.platform=1", f"faas.node={node_id}"] for node_id in node_ids(settings)]
+        # A container create the killed agent had in flight completes in dockerd after the agent died
+        # (with the vfs driver it copies a whole root file system): list again until none is left.
+        # Done when none was found for 2 s after the last one removed (or none at all).
+        deadline = time.monotonic() + _LEFTOVER_SETTLE_S
+        last_found: float | None = None
         try:
-            for node_id in node_ids(settings):
-                filters = json.dumps({"label": ["faas.platform=1", f"faas.node={node_id}"]})
-                for container in await docker.containers.list(all=True, filters=filters):
-                    with contextlib.suppress(aiodocker.DockerError):
-                        await container.delete(force=True)
+            while True:
+                for label in labels:
+                    filters = json.dumps({"label": label})
+                    for container in await docker.containers.list(all=True, filters=filters):
+                        last_found = time.monotonic()
+                        with contextlib.suppress(aiodocker.DockerError):
+                            await container.delete(force=True)
+                if last_found is None or time.monotonic() - last_found > 2.0 or time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.5)
         except (aiodocker.DockerError, OSError):
             pass
         finally:
