@@ -16,17 +16,23 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
 from pydantic import ValidationError
 
 from faas.core import redis_keys, wire
+from faas.core.body import BodyTooLarge
 from faas.core.codestore import CodeStore
 from faas.core.election import LeaderWatch
 from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable
+from faas.core.hop_server import Request as HopRequest
+from faas.core.hop_server import Response as HopServerResponse
+from faas.core.hop_server import relay
+from faas.core.http import HopResponse
 from faas.core.models import (
     FunctionRecord,
     FunctionView,
@@ -37,7 +43,13 @@ from faas.core.models import (
 )
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog, FunctionRegistry
-from faas.core.service import Membership, etcd_from_settings, install_error_handlers, redis_from_settings
+from faas.core.service import (
+    Membership,
+    etcd_from_settings,
+    hot_routes,
+    install_error_handlers,
+    redis_from_settings,
+)
 from faas.core.settings import Settings
 from faas.core.subscriptions import SubscriptionIndex, SubscriptionStore
 from faas.core.tasks import TaskSet
@@ -241,52 +253,94 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return b"".join(chunks)
 
     async def invoke_version(
-        ns: str, name: str, qualifier: str | None, body: bytes, request_id: str
+        ns: str, name: str, qualifier: str | None, body: bytes, request_id: str, *, stream: bool = False
     ) -> tuple[Any, VersionSpec]:
         catalog: Catalog = app.state.catalog
         spec = await catalog.resolve(ns, name, qualifier)
         deadline = wire.invocation_deadline(timeout_s=spec.timeout_s, cold_start_timeout_s=settings.cold_start_timeout_s)
         trigger: TriggerClient = app.state.trigger
         resp = await trigger.invoke(
-            ns, name, spec.version, body, request_id=request_id, deadline=deadline, function_uid=spec.function_uid
+            ns, name, spec.version, body, request_id=request_id, deadline=deadline, function_uid=spec.function_uid,
+            stream=stream,
         )
         return resp, spec
 
     async def invoke_call(
-        request: Request, name: str, namespace: str | None, qualifier: str | None, *, asynchronous: bool
-    ) -> Response:
+        headers: Mapping[str, str], body: bytes, name: str, namespace: str | None, qualifier: str | None, *,
+        asynchronous: bool, stream: bool = False,
+    ) -> HopResponse:  # fmt: skip
         ns = namespace_of(namespace)
         check_name(name)
-        body = await read_payload(request, asynchronous=asynchronous) or b"{}"
+        body = body or b"{}"
         try:
             json.loads(body)
         except (ValueError, RecursionError) as exc:
             raise InvalidRequest(f"the event must be JSON: {exc}") from exc
         request_id = uuid.uuid4().hex
         if not asynchronous:
-            resp, _ = await invoke_version(ns, name, qualifier, body, request_id)
-        else:
-            spec = await app.state.catalog.resolve(ns, name, qualifier)
-            key = request.headers.get(wire.IDEMPOTENCY_KEY)
-            if key is not None and not (0 < len(key) <= 256):
-                raise InvalidRequest("X-Faas-Idempotency-Key must be 1-256 characters")
-            resp = await app.state.trigger.invoke(
-                ns,
-                name,
-                spec.version,
-                body,
-                request_id=request_id,
-                deadline=time.time() + wire.ENQUEUE_DEADLINE_S,
-                function_uid=spec.function_uid,
-                asynchronous=True,
-                extra_headers={
-                    **{h: request.headers[h] for h in wire.ENVELOPE_HEADERS if h in request.headers},
-                    **({wire.IDEMPOTENCY_KEY: key} if key else {}),
-                },
+            resp, _ = await invoke_version(ns, name, qualifier, body, request_id, stream=stream)
+            return resp
+        spec = await app.state.catalog.resolve(ns, name, qualifier)
+        key = headers.get(wire.IDEMPOTENCY_KEY)
+        if key is not None and not (0 < len(key) <= 256):
+            raise InvalidRequest("X-Faas-Idempotency-Key must be 1-256 characters")
+        trigger: TriggerClient = app.state.trigger
+        return await trigger.invoke(
+            ns,
+            name,
+            spec.version,
+            body,
+            request_id=request_id,
+            deadline=time.time() + wire.ENQUEUE_DEADLINE_S,
+            function_uid=spec.function_uid,
+            asynchronous=True,
+            extra_headers={
+                **{h: headers[h] for h in wire.ENVELOPE_HEADERS if h in headers},
+                **({wire.IDEMPOTENCY_KEY: key} if key else {}),
+            },
+        )
+
+    def invocation_kind(invocation_type: str | None) -> bool:
+        """Whether an ``X-Faas-Invocation-Type`` asks for an asynchronous call."""
+        kind = (invocation_type or "RequestResponse").lower()
+        if kind not in ("requestresponse", "sync", "async", "event"):
+            raise InvalidRequest(
+                f"unknown X-Faas-Invocation-Type {invocation_type!r}: use RequestResponse or async"
             )
+        return kind in ("async", "event")
+
+    def as_response(resp: HopResponse) -> Response:
         return Response(
             resp.body, status_code=resp.status, headers=wire.passed_headers(resp.headers), media_type="application/json"
         )
+
+    # The two invocation routes are hot routes: the hop server runs these handlers itself, without
+    # FastAPI (whose routes below document them in the OpenAPI schema and serve the same calls made
+    # through the ASGI app).
+    async def hot_invoke(request: HopRequest, *, asynchronous: bool | None = None) -> HopServerResponse:
+        query = parse_qs(request.query.decode("latin-1")) if request.query else {}
+        if asynchronous is None:
+            asynchronous = invocation_kind(request.headers.get(wire.INVOCATION_TYPE))
+        limit = settings.max_async_payload_bytes if asynchronous else settings.max_sync_payload_bytes
+        declared = request.headers.get("content-length")
+        kind = "an asynchronous" if asynchronous else "a synchronous"
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"payload is {declared} bytes; the limit for {kind} call is {limit}")
+        try:
+            body = await request.body.read(limit)
+        except BodyTooLarge as exc:
+            raise PayloadTooLarge(f"payload exceeds the limit of {limit} bytes for {kind} call") from exc
+        resp = await invoke_call(
+            request.headers, body, request.params["name"], _last(query, "namespace"), _last(query, "qualifier"),
+            asynchronous=asynchronous, stream=True,
+        )  # fmt: skip
+        return await relay(resp)
+
+    async def hot_invoke_async(request: HopRequest) -> HopServerResponse:
+        return await hot_invoke(request, asynchronous=True)
+
+    hot_routes(app).add("POST", "/v1/functions/{name}/invoke", hot_invoke)
+    hot_routes(app).add("POST", "/v1/functions/{name}/invoke-async", hot_invoke_async)
 
     @app.post("/v1/functions/{name}/invoke", tags=["invocation"])
     async def invoke(
@@ -303,12 +357,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     ) -> Response:
         """Invoke: synchronously (the response is the result), or with ``X-Faas-Invocation-Type: async``
         enqueue the event durably and answer 202 with its invocation id."""
-        kind = (invocation_type or "RequestResponse").lower()
-        if kind not in ("requestresponse", "sync", "async", "event"):
-            raise InvalidRequest(
-                f"unknown X-Faas-Invocation-Type {invocation_type!r}: use RequestResponse or async"
-            )
-        return await invoke_call(request, name, namespace, qualifier, asynchronous=kind in ("async", "event"))
+        asynchronous = invocation_kind(invocation_type)
+        body = await read_payload(request, asynchronous=asynchronous)
+        return as_response(await invoke_call(request.headers, body, name, namespace, qualifier, asynchronous=asynchronous))
 
     @app.post("/v1/functions/{name}/invoke-async", status_code=202, tags=["invocation"])
     async def invoke_async(
@@ -320,7 +371,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         ] = None,
     ) -> Response:
         """Enqueue the event (durably, before answering) and return 202 with its invocation id."""
-        return await invoke_call(request, name, namespace, qualifier, asynchronous=True)
+        body = await read_payload(request, asynchronous=True)
+        return as_response(await invoke_call(request.headers, body, name, namespace, qualifier, asynchronous=True))
 
     @app.get("/v1/dead-letters", tags=["invocation"])
     async def list_dead_letters(
@@ -376,3 +428,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         app, settings, namespace_of=namespace_of, check_name=check_name, read_payload=read_payload
     )
     return app
+
+
+def _last(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None

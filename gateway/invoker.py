@@ -62,9 +62,11 @@ class TriggerClient:
         function_uid: str,
         asynchronous: bool = False,
         extra_headers: dict[str, str] | None = None,
+        stream: bool = False,
     ) -> HopResponse:
         """Send a call to the primary, sync (the result) or ``asynchronous`` (enqueued: 202), for
-        ``version`` of the function with ``function_uid``."""
+        ``version`` of the function with ``function_uid``; with ``stream`` the response comes back at
+        its head, its body still to be read (``faas.core.http.HopResponse``)."""
         headers = {
             wire.REQUEST_ID: request_id,
             wire.DEADLINE_MS: wire.deadline_header(deadline),
@@ -72,7 +74,7 @@ class TriggerClient:
             **(extra_headers or {}),
         }
         path = (wire.trigger_invoke_async if asynchronous else wire.trigger_invoke)(ns, name, version)
-        return await self._post(path, body, headers, deadline, what=f"invocation of {name!r}")
+        return await self._post(path, body, headers, deadline, what=f"invocation of {name!r}", stream=stream)
 
     async def enqueue(self, events: list[dict[str, object]], *, deadline: float) -> HopResponse:
         """Queue events for several functions in one transaction on the primary (all or none)."""
@@ -81,7 +83,7 @@ class TriggerClient:
         return await self._post(wire.TRIGGER_ENQUEUE, body, headers, deadline, what="enqueueing events")
 
     async def _post(
-        self, path: str, body: bytes, headers: dict[str, str], deadline: float, *, what: str
+        self, path: str, body: bytes, headers: dict[str, str], deadline: float, *, what: str, stream: bool = False
     ) -> HopResponse:
         skip: str | None = None
         while True:
@@ -90,7 +92,9 @@ class TriggerClient:
                 raise DeadlineExceeded(f"{what} did not finish before its deadline")
             leader = await self.leader.wait_for_leader(remaining, not_address=skip)
             request = asyncio.ensure_future(
-                self.http.post(f"{leader.address}{path}", body=body, headers=headers, timeout_s=remaining + 1.0)
+                self.http.post(
+                    f"{leader.address}{path}", body=body, headers=headers, timeout_s=remaining + 1.0, stream=True
+                )
             )
             pending = self._outstanding.setdefault(leader.address, set())
             pending.add(request)
@@ -113,6 +117,8 @@ class TriggerClient:
                 continue
             finally:
                 pending.discard(request)
+            if resp.status == 503 or not stream:
+                await resp.read()
             if resp.status == 503 and error_from_body(_json(resp), 503).kind == "not_leader":
                 # A standby, or a member elected a moment ago that does not know it yet: ask again
                 # shortly, without excluding it (the election key tells who leads).

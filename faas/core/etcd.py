@@ -352,6 +352,7 @@ class PrefixMirror:
         self.prefix = prefix
         self.resync_s = resync_s
         self.items: dict[bytes, bytes] = {}
+        self.generation = 0  # counts changes of ``items``: a reader may cache what it derived from them
         self.ready = asyncio.Event()
         self.changed = asyncio.Condition()
         self._on_change = on_change
@@ -380,6 +381,7 @@ class PrefixMirror:
                 log.warning("still waiting for etcd to list %s", self.prefix.decode())
 
     def _apply(self, kind: str, key: bytes, value: bytes | None) -> None:
+        self.generation += 1
         if value is None:
             self.items.pop(key, None)
         else:

@@ -1,22 +1,34 @@
 """The HTTP client for the internal hops of an invocation (gateway -> trigger -> dispatcher -> host).
 
-These hops carry every invocation, so they use aiohttp (measured here at about a sixth of httpx's CPU
-per request); management calls keep httpx.  Guarantees:
-- one connection pool per ``HopClient`` (keep-alive), to a TCP base URL or a unix socket;
+A lean HTTP/1.1 client on asyncio + httptools (measured by ``bench/warm_path.py``: a hop through it
+costs a fraction of aiohttp's CPU); management calls keep httpx.  Guarantees:
+- keep-alive connections per peer (a TCP ``host:port`` or a unix socket), one request at a time on
+  each; a connection idle longer than ``IDLE_REUSE_S`` (shorter than the servers' idle timeout) is
+  not reused, so a request is not written on a connection the peer is closing;
 - every call has a timeout; transport failures come out as exactly three exceptions, which tell a
   caller whether the request may be re-sent: ``NotDelivered`` (the connection could not be opened: the
   peer never saw the request), ``ConnectionBroken`` (the connection failed after the request may have
-  been sent) and ``HopTimeout``.
+  been sent) and ``HopTimeout``;
+- bodies stream both ways: a request body may be an async iterator of chunks (sent chunked, or with
+  the ``content-length`` the caller gives), and ``stream=True`` hands the response back once its
+  head arrived, its body (``HopResponse.stream``) read piece by piece with flow control.  A streamed
+  response's connection is reused only after its body was read to the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterable
+from typing import Any, cast
 
-import aiohttp
-from multidict import CIMultiDictProxy
+import httptools
+
+from faas.core.body import Body, BodyIncomplete
+
+IDLE_REUSE_S = 50.0
+_WRITE_HIGH_WATER = 256 * 1024
 
 
 class HopError(Exception):
@@ -35,46 +47,347 @@ class HopTimeout(HopError):
     pass
 
 
-@dataclass(slots=True)
 class HopResponse:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
+    """``headers`` has lowercase names.  ``body`` is the whole body, unless the call was made with
+    ``stream=True``: then ``stream`` yields it and ``body`` is empty."""
+
+    __slots__ = ("status", "headers", "body", "_stream", "_release")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self._stream: Body | None = None
+        self._release: Any = None
+
+    @property
+    def streamed(self) -> bool:
+        """Made with ``stream=True``: the body is still to be read."""
+        return self._stream is not None
+
+    async def stream(self) -> AsyncIterable[bytes]:
+        """The body, piece by piece (a response read with ``stream=True``)."""
+        if self._stream is None:
+            if self.body:
+                yield self.body
+            return
+        try:
+            async for chunk in self._stream.chunks():
+                yield chunk
+        except BodyIncomplete as exc:
+            raise ConnectionBroken(f"the connection broke during the response body: {exc}") from exc
+        finally:
+            if self._release is not None:
+                self._release()
+                self._release = None
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body of a streamed response."""
+        if self._stream is None:
+            return self.body
+        try:
+            data = await self._stream.read(limit)
+        except BodyIncomplete as exc:
+            raise ConnectionBroken(f"the connection broke during the response body: {exc}") from exc
+        if self._release is not None:
+            self._release()
+            self._release = None
+        self.body = data
+        self._stream = None
+        return data
+
+    def close(self) -> None:
+        """Give up a streamed response unread: its connection is closed, not reused."""
+        if self._release is not None:
+            self._release(abandon=True)
+            self._release = None
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "key", "parser", "transport", "closed", "idle_since", "_head", "_body", "_headers", "_keep_alive",
+        "_failure", "_write_paused", "_drain",
+    )  # fmt: skip
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._head: asyncio.Future[tuple[int, dict[str, str], Body]] | None = None
+        self._body: Body | None = None
+        self._headers: dict[str, str] = {}
+        self._keep_alive = False
+        self._failure: HopError | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        failure = self._failure or ConnectionBroken(
+            f"the connection closed before the response ended ({exc or 'closed by the peer'})"
+        )
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(failure)
+        if self._body is not None:
+            self._body.fail(failure)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(failure)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:  # nothing asked: a peer talking out of turn
+            self.abort(ConnectionBroken("unexpected data from the peer"))
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.abort(ConnectionBroken(f"malformed response: {exc}"))
+
+    # parser callbacks
+    def on_message_begin(self) -> None:
+        self._headers = {}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def on_headers_complete(self) -> None:
+        self._body = Body(self.transport)
+        self._keep_alive = self.parser.should_keep_alive()
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result((self.parser.get_status_code(), self._headers, self._body))
+
+    def on_body(self, data: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._body is not None:
+            self._body.finish()
+
+    # used by the client
+    def begin(self) -> asyncio.Future[tuple[int, dict[str, str], Body]]:
+        self._head = asyncio.get_running_loop().create_future()
+        self._body = None
+        return self._head
+
+    def reusable(self, sender: asyncio.Task[None] | None = None) -> bool:
+        """The response was read whole, and the request sent whole: the next request may use it."""
+        if sender is not None and not (sender.done() and not sender.cancelled() and sender.exception() is None):
+            return False
+        return not self.closed and self._keep_alive and self._body is not None and self._body.complete
+
+    def sent(self, sender: asyncio.Task[None]) -> None:
+        """A streamed request body's sender ended: if it failed, the request is broken."""
+        if sender.cancelled():
+            return
+        exc = sender.exception()
+        if exc is not None and not self.closed:
+            failure = exc if isinstance(exc, HopError) else ConnectionBroken(f"sending the request body failed: {exc!r}")
+            self.abort(failure)
+
+    def end(self) -> None:
+        self._head = None
+        self._body = None
+
+    def abort(self, failure: HopError) -> None:
+        self._failure = failure
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    async def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise ConnectionBroken("the connection closed while the request was being sent")
+        self.transport.write(data)
+        if self._write_paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
 
 
 class HopClient:
-    """A keep-alive client to one peer (``base_url``) or to many (``base_url=None``, absolute URLs)."""
+    """A keep-alive client to one unix socket (``unix_socket``) or to TCP peers named by absolute URLs."""
 
     def __init__(self, *, unix_socket: str | None = None, max_connections: int = 0) -> None:
-        if unix_socket is not None:
-            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=unix_socket, limit=max_connections)
-        else:
-            connector = aiohttp.TCPConnector(limit=max_connections, family=socket.AF_INET, ttl_dns_cache=None)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # Internal hops never use cookies, and skipping the jar and auto-decompression saves work.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        self._unix = unix_socket
+        self._max_idle = max(max_connections, 32)
+        self._idle: dict[str, list[_Connection]] = {}
+        self._closed = False
 
-    async def post(self, url: str, *, body: bytes, headers: dict[str, str], timeout_s: float) -> HopResponse:
+    async def post(
+        self, url: str, *, body: bytes | AsyncIterable[bytes], headers: dict[str, str], timeout_s: float,
+        stream: bool = False,
+    ) -> HopResponse:  # fmt: skip
+        return await self.request("POST", url, body=body, headers=headers, timeout_s=timeout_s, stream=stream)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | AsyncIterable[bytes] = b"",
+        headers: dict[str, str] | None = None,
+        timeout_s: float,
+        stream: bool = False,
+    ) -> HopResponse:
+        """One request; with ``stream`` the response comes back at its head (read its body with
+        ``stream()`` or ``read()``, or ``close()`` it), and ``timeout_s`` bounds only the head."""
+        if url.startswith("http://"):
+            authority, slash, path = url[7:].partition("/")
+            path = slash + path
+        else:
+            authority, path = "", url
+        key = self._unix or authority
+        loop = asyncio.get_running_loop()
+        timeout_s = max(timeout_s, 0.001)
+        deadline = loop.time() + timeout_s
+        conn = self._take_idle(key)
+        if conn is None:
+            conn = await self._connect(key, authority, timeout_s)
+        head_future = conn.begin()
+        timer = loop.call_at(deadline, conn.abort, HopTimeout(f"no answer from {url} within {timeout_s:.1f} s"))
+        sender: asyncio.Task[None] | None = None
         try:
-            async with self._session.post(
-                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=max(timeout_s, 0.001))
-            ) as resp:
-                content = await resp.read()
-                return HopResponse(resp.status, resp.headers, content)
-        except aiohttp.ClientConnectorError as exc:
-            raise NotDelivered(str(exc)) from exc
+            if isinstance(body, bytes | bytearray | memoryview):
+                await self._send(conn, method, path, authority, headers, body)
+            else:
+                # A streamed body is sent while the response is read (full duplex): a peer may answer,
+                # or stream its response, before it has read the whole request.
+                sender = loop.create_task(self._send(conn, method, path, authority, headers, body))
+                sender.add_done_callback(conn.sent)
+            status, resp_headers, resp_body = await head_future
+            if stream:
+                timer.cancel()
+                resp = HopResponse(status, resp_headers)
+                resp._stream = resp_body
+
+                def release(abandon: bool = False) -> None:
+                    if abandon or not conn.reusable(sender):
+                        conn.abort(ConnectionBroken("response abandoned"))
+                    else:
+                        self._give_back(conn)
+
+                resp._release = release
+                return resp
+            try:
+                data = await resp_body.read()
+            except BodyIncomplete as exc:
+                raise conn._failure or ConnectionBroken(str(exc)) from exc
+        except BaseException:
+            timer.cancel()
+            if not conn.closed:
+                conn.abort(ConnectionBroken("request abandoned"))
+            if sender is not None:
+                sender.cancel()
+            raise
+        timer.cancel()
+        if conn.reusable(sender):
+            self._give_back(conn)
+        else:
+            conn.abort(ConnectionBroken("not reusable"))
+        return HopResponse(status, resp_headers, data)
+
+    async def _send(
+        self, conn: _Connection, method: str, path: str, authority: str, headers: dict[str, str] | None,
+        body: bytes | AsyncIterable[bytes],
+    ) -> None:  # fmt: skip
+        lines = [f"{method} {path} HTTP/1.1\r\nhost: {authority or 'localhost'}\r\n"]
+        length_given = False
+        if headers:
+            for name, value in headers.items():
+                lower = name.lower()
+                if lower in ("host", "connection", "transfer-encoding"):
+                    continue
+                if lower == "content-length":
+                    length_given = True
+                lines.append(f"{name}: {value}\r\n")
+        if isinstance(body, bytes | bytearray | memoryview):
+            if not length_given:
+                lines.append(f"content-length: {len(body)}\r\n")
+            lines.append("\r\n")
+            await conn.write("".join(lines).encode("latin-1") + bytes(body))
+            return
+        if not length_given:
+            lines.append("transfer-encoding: chunked\r\n")
+        lines.append("\r\n")
+        await conn.write("".join(lines).encode("latin-1"))
+        async for chunk in body:
+            if chunk:
+                await conn.write(chunk if length_given else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        if not length_given:
+            await conn.write(b"0\r\n\r\n")
+
+    def _take_idle(self, key: str) -> _Connection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_REUSE_S:
+                return conn
+            conn.abort(ConnectionBroken("stale"))
+        return None
+
+    def _give_back(self, conn: _Connection) -> None:
+        conn.end()
+        if self._closed:
+            conn.abort(ConnectionBroken("client closed"))
+            return
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self._max_idle:
+            conn.abort(ConnectionBroken("too many idle connections"))
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    async def _connect(self, key: str, authority: str, timeout_s: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._unix is not None:
+                    _, conn = await loop.create_unix_connection(lambda: _Connection(key), self._unix)
+                else:
+                    host, _, port = authority.rpartition(":")
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(key), host or "127.0.0.1", int(port or 80), family=socket.AF_INET
+                    )
         except TimeoutError as exc:
-            raise HopTimeout(f"no answer from {url} within {timeout_s:.1f} s") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ConnectionBroken(f"{type(exc).__name__}: {exc}") from exc
+            raise NotDelivered(f"could not connect to {key} within {timeout_s:.1f} s") from exc
+        except (OSError, ValueError) as exc:
+            raise NotDelivered(f"cannot connect to {key}: {exc}") from exc
+        return conn
 
     async def close(self) -> None:
-        await self._session.close()
-        # Let the connector finish closing its transports (aiohttp's documented graceful close).
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.abort(ConnectionBroken("client closed"))
+        self._idle.clear()
         await asyncio.sleep(0)
 
 

@@ -1,4 +1,5 @@
-"""How every platform process runs: one bound socket, one uvicorn server, one membership lease.
+"""How every platform process runs: one bound socket, one hop server (``faas.core.hop_server``), one
+membership lease.
 
 ``run_service`` binds the listening socket *before* building the app, so the app knows the address
 it registers in etcd (the socket is not inherited by child processes); ``Membership`` keeps
@@ -13,13 +14,13 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse
 from faas.core import keys
 from faas.core.errors import FaasError, InvalidRequest
 from faas.core.etcd import Etcd, Lease, jittered
+from faas.core.hop_server import HopServer, Router
 from faas.core.models import MemberRecord
 from faas.core.settings import Settings
 
@@ -194,6 +196,27 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def hot_routes(app: FastAPI) -> Router:
+    """The routes of ``app`` served straight by the hop server, before (and instead of) FastAPI."""
+    router: Router | None = getattr(app.state, "hot_routes", None)
+    if router is None:
+        router = Router()
+        app.state.hot_routes = router
+    return router
+
+
+async def serve(app: FastAPI, sock: socket.socket, *, stop: asyncio.Event, grace_s: float = 3.0) -> None:
+    """Run ``app`` on ``sock`` until ``stop`` is set: its lifespan around a ``HopServer`` serving its
+    hot routes directly and everything else through FastAPI."""
+    async with app.router.lifespan_context(app) as state:
+        server = HopServer(hot_routes(app), app, state=dict(state or {}))
+        await server.start(sock)
+        try:
+            await stop.wait()
+        finally:
+            await server.shutdown(grace_s)
+
+
 def run_service(
     *,
     role: str,
@@ -202,6 +225,8 @@ def run_service(
     default_port: int = 0,
 ) -> None:
     """Entry point shared by every service: ``python -m faas.<role> --id ID``."""
+    import uvloop
+
     args = parse_service_args(role)
     settings = Settings()
     configure_logging(role, args.id)
@@ -211,16 +236,13 @@ def run_service(
     bound_host, bound_port = sock.getsockname()[:2]
     address = f"http://{bound_host}:{bound_port}"
     app = build_app(settings, args.id, address)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        loop="uvloop",
-        http="httptools",
-        timeout_keep_alive=75,
-        timeout_graceful_shutdown=3,
-    )
-    server = uvicorn.Server(config)
-    log.info("%s %s listening on %s", role, args.id, address)
-    server.run(sockets=[sock])
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        log.info("%s %s listening on %s", role, args.id, address)
+        await serve(app, sock, stop=stop)
+
+    uvloop.run(main())

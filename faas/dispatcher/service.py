@@ -119,7 +119,7 @@ class Dispatcher:
         self.logs = LogSink(redis, settings.logs_per_function)
         self.tasks = TaskSet("dispatcher")
         self._calls: dict[str, asyncio.Future[InvocationResult]] = {}  # in flight, by request id
-        self._node_load: dict[str, float] = {}
+        self._node_load: dict[str, tuple[bytes, float]] = {}
 
     async def start(self) -> None:
         self.catalog.start()
@@ -192,10 +192,16 @@ class Dispatcher:
         await inst.client.close()
 
     def node_load(self, node_id: str) -> float:
+        """The load a node last reported, parsed once per record it writes (routing asks per pick)."""
         raw = self.nodes.items.get(keys.node(node_id))
         if raw is None:
             return 0.0
-        return NodeRecord.model_validate_json(raw).cpu_load
+        cached = self._node_load.get(node_id)
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        load = NodeRecord.model_validate_json(raw).cpu_load
+        self._node_load[node_id] = (raw, load)
+        return load
 
     # -- invocation --------------------------------------------------------------------------
 

@@ -9,18 +9,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from faas.core import redis_keys, wire
 from faas.core.election import Election
+from faas.core.hop_server import Request, Response, json_response, relay
 from faas.core.models import MemberRecord
 from faas.core.queue import AsyncEnvelope, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
     Membership,
     etcd_from_settings,
+    hot_routes,
     install_error_handlers,
     redis_from_settings,
 )
@@ -110,39 +111,37 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return {"ok": True, "primary": trigger.election.is_leader}
 
     async def invoke(request: Request) -> Response:
-        # A plain Starlette route on the hot path (see faas/dispatcher/app.py).
+        # A hot route: served by the hop server itself, not through FastAPI.
         trigger: Trigger = app.state.trigger
-        params = request.path_params
+        params = request.params
+        headers = request.headers
         deadline = wire.deadline_from_header(
-            request.headers.get(wire.DEADLINE_MS), cold_start_timeout_s=settings.cold_start_timeout_s
+            headers.get(wire.DEADLINE_MS), cold_start_timeout_s=settings.cold_start_timeout_s
         )
-        request_id = request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex
         resp = await trigger.invoke_sync(
             params["ns"],
             params["name"],
             params["version"],
-            await request.body(),
-            request_id=request_id,
+            await request.body.read(),
+            request_id=headers.get(wire.REQUEST_ID) or uuid.uuid4().hex,
             deadline=deadline,
-            uid=request.headers.get(wire.FUNCTION_UID),
+            uid=headers.get(wire.FUNCTION_UID),
         )
-        return Response(
-            resp.body, status_code=resp.status, headers=wire.passed_headers(resp.headers), media_type="application/json"
-        )
+        return await relay(resp)
 
-    app.add_route(wire.TRIGGER_INVOKE_ROUTE, invoke, methods=["POST"], include_in_schema=False)
+    hot_routes(app).add("POST", wire.TRIGGER_INVOKE_ROUTE, invoke)
 
     async def invoke_async(request: Request) -> Response:
         """Write the event durably to the queue, then answer 202 (only the primary does)."""
         trigger: Trigger = app.state.trigger
         trigger.election.require_serving()
-        params = request.path_params
+        params = request.params
         env = AsyncEnvelope(
             id=request.headers.get(wire.REQUEST_ID) or uuid.uuid4().hex,
             namespace=params["ns"],
             function=params["name"],
             version=params["version"],
-            payload=(await request.body()).decode(),
+            payload=(await request.body.read()).decode(),
             headers={h: request.headers[h] for h in wire.ENVELOPE_HEADERS if h in request.headers},
             trace=trace_context(request.headers.get("traceparent")),
             function_uid=request.headers.get(wire.FUNCTION_UID),
@@ -155,14 +154,14 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             )
             existing = await queue.enqueue_once(env, scope, settings.idempotency_window_s)
             if existing is not None:
-                return JSONResponse({"id": existing, "status": "duplicate"}, status_code=202)
+                return json_response({"id": existing, "status": "duplicate"}, 202)
         else:
             # Idempotent by invocation id: the gateway re-sends a call whose trigger died or froze
             # with the same id, and the first send may have been applied.
             await queue.enqueue_new(env)
-        return JSONResponse({"id": env.id, "status": "queued"}, status_code=202)
+        return json_response({"id": env.id, "status": "queued"}, 202)
 
-    app.add_route(wire.TRIGGER_INVOKE_ASYNC_ROUTE, invoke_async, methods=["POST"], include_in_schema=False)
+    hot_routes(app).add("POST", wire.TRIGGER_INVOKE_ASYNC_ROUTE, invoke_async)
 
     @app.post(wire.TRIGGER_ENQUEUE, status_code=202)
     async def enqueue_events(batch: EnqueueBatch) -> dict[str, Any]:

@@ -39,6 +39,10 @@ class Trigger:
         self.http = HopClient()
         self.tasks = TaskSet("trigger")
         self._addresses: dict[bytes, tuple[bytes, str]] = {}
+        # The dispatcher ranking of each function, for the membership of ``_ranked_generation``.
+        self._ranked: dict[str, list[str]] = {}
+        self._ranked_generation = -1
+        self._members: dict[str, str] = {}
 
     async def start(self) -> None:
         self.dispatchers.start()
@@ -62,25 +66,40 @@ class Trigger:
             out[key.decode().rsplit("/", 1)[-1]] = cached[1]
         return out
 
+    def ranking(self, function_key: str) -> tuple[dict[str, str], list[str]]:
+        """The dispatchers (id -> address) and their order of preference for a function, cached until
+        the membership changes."""
+        generation = self.dispatchers.generation
+        if generation != self._ranked_generation:
+            self._members = self.dispatcher_addresses()
+            self._ranked = {}
+            self._ranked_generation = generation
+        ranked = self._ranked.get(function_key)
+        if ranked is None:
+            if len(self._ranked) > 10_000:
+                self._ranked.clear()
+            ranked = self._ranked[function_key] = rank(self._members, function_key)
+        return self._members, ranked
+
     async def invoke_sync(
         self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
         uid: str | None = None,
     ) -> HopResponse:
         self.election.require_serving()
-        members = self.dispatcher_addresses()
+        members, ranked = self.ranking(f"{ns}/{name}")
         if not members:
             raise Unavailable("no dispatcher is registered")
         headers = {wire.REQUEST_ID: request_id, wire.DEADLINE_MS: wire.deadline_header(deadline)}
         if uid is not None:
             headers[wire.FUNCTION_UID] = uid
         last_error = "no dispatcher answered"
-        for member_id in rank(members, f"{ns}/{name}"):
+        for member_id in ranked:
             remaining = deadline - time.time()
             if remaining <= 0:
                 break
             url = members[member_id] + wire.dispatcher_invoke(ns, name, version)
             try:
-                resp = await self.http.post(url, body=body, headers=headers, timeout_s=remaining + 0.5)
+                resp = await self.http.post(url, body=body, headers=headers, timeout_s=remaining + 0.5, stream=True)
             except HopTimeout as exc:
                 raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline") from exc
             except HopError as exc:
@@ -90,6 +109,7 @@ class Trigger:
                 log.warning(last_error)
                 continue
             if resp.status == 429 and resp.headers.get(wire.SATURATED) == "1":
+                resp.close()
                 last_error = f"dispatcher {member_id} saturated"
                 continue
             return resp

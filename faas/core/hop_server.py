@@ -1,0 +1,593 @@
+"""The platform's HTTP/1.1 server: hot routes straight on asyncio + httptools, the rest through ASGI.
+
+Every platform service runs on it (``faas.core.service.run_service``).  A request whose method and
+path match a ``Router`` route runs its handler directly: no ASGI scope, no middleware, no parameter
+machinery, one ``write`` for a response whose body is bytes.  Any other request goes to the service's
+ASGI app (the FastAPI management API), so the one port serves both.
+
+Guarantees:
+- requests on one connection are answered in order (a pipelined request waits for the one before);
+- request bodies are read on demand (``Request.body``, ``faas.core.body``): a handler that forwards the
+  body chunk by chunk holds at most about ``body.HIGH_WATER`` bytes of it; a response body may be an
+  async iterator of chunks, sent with the handler's ``content-length`` or else chunked, and the
+  handler waits while the peer reads slowly (write flow control);
+- a client that goes away never cancels a handler that is running (an invocation runs to its end, and
+  a dispatcher joins a re-sent call to it by request id); its response is dropped;
+- a ``FaasError`` from a handler is answered in the platform's error shape with its status and
+  headers; any other exception is a 500 ``platform_error``, logged, and the connection stays usable;
+- a request head over ``MAX_HEAD_BYTES`` is answered 431, a malformed request 400, then the
+  connection closes; a connection idle for ``IDLE_TIMEOUT_S`` between requests is closed;
+- ``shutdown`` stops accepting, lets running requests finish within a grace period, then closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import socket
+from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+
+from faas.core import wire
+from faas.core.body import Body, BodyIncomplete, BodyTooLarge
+from faas.core.errors import FaasError, PayloadTooLarge
+from faas.core.http import HopResponse
+
+log = logging.getLogger("faas.server")
+
+MAX_HEAD_BYTES = 64 * 1024
+IDLE_TIMEOUT_S = 75.0
+# How long a connection whose request was answered before its body arrived reads the body away.
+LINGER_S = 5.0
+_WRITE_HIGH_WATER = 256 * 1024
+
+_REASONS = {
+    200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content", 301: b"Moved Permanently",
+    302: b"Found", 304: b"Not Modified", 307: b"Temporary Redirect", 400: b"Bad Request",
+    401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    409: b"Conflict", 410: b"Gone", 413: b"Payload Too Large", 422: b"Unprocessable Entity",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+    507: b"Insufficient Storage",
+}  # fmt: skip
+
+
+class Request:
+    """One request as the handler sees it.  ``headers`` has lowercase names (a repeated header keeps
+    its values joined by ``, ``); ``params`` holds the route's path parameters."""
+
+    __slots__ = ("method", "path", "query", "headers", "raw_headers", "body", "params", "client", "keep_alive")
+
+    def __init__(
+        self, method: str, path: str, query: bytes, raw_headers: list[tuple[bytes, bytes]], body: Body,
+        client: tuple[str, int] | None, keep_alive: bool,
+    ) -> None:  # fmt: skip
+        self.method = method
+        self.path = path
+        self.query = query
+        self.raw_headers = raw_headers
+        headers: dict[str, str] = {}
+        for name, value in raw_headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self.headers = headers
+        self.body = body
+        self.params: dict[str, Any] = {}
+        self.client = client
+        self.keep_alive = keep_alive
+
+
+class Response:
+    """``body`` bytes, or ``stream`` an async iterable of chunks (then ``body`` is ignored)."""
+
+    __slots__ = ("status", "headers", "body", "stream", "content_type")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        *,
+        stream: AsyncIterable[bytes] | None = None,
+        content_type: str | None = "application/json",
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.stream = stream
+        self.content_type = content_type
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(value).encode(), headers)
+
+
+def error_response(exc: FaasError) -> Response:
+    return Response(exc.http_status, json.dumps(exc.to_body()).encode(), exc.response_headers() or None)
+
+
+# A hop's response body up to this size is read whole and answered in one write; a larger one (or one
+# of unknown size) is relayed chunk by chunk as it arrives.
+RELAY_WHOLE_BYTES = 64 * 1024
+
+
+async def relay(resp: HopResponse) -> Response:
+    """Answer with what the next hop answered: its status, the headers a hop passes on
+    (``wire.PASSED_HEADERS``), its content type and its body (streamed through when large)."""
+    passed = wire.passed_headers(resp.headers)
+    content_type = resp.headers.get("content-type", "application/json")
+    length = resp.headers.get("content-length")
+    if not resp.streamed or (length is not None and length.isdigit() and int(length) <= RELAY_WHOLE_BYTES):
+        return Response(resp.status, await resp.read(), passed, content_type=content_type)
+    if length is not None:
+        passed["content-length"] = length
+    return Response(resp.status, headers=passed, stream=resp.stream(), content_type=content_type)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+ASGIApp = Callable[..., Awaitable[None]]  # (scope, receive, send)
+
+
+class Router:
+    """Routes by method and path template (``/v1/invoke/{ns}/{name}/{version:int}``)."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[str, Handler]] = {}
+        self._patterns: list[tuple[re.Pattern[str], tuple[str, ...], dict[str, Handler]]] = []
+
+    def add(self, method: str, template: str, handler: Handler) -> None:
+        if "{" not in template:
+            self._exact.setdefault(template, {})[method] = handler
+            return
+        ints: list[str] = []
+
+        def group(match: re.Match[str]) -> str:
+            name, _, kind = match.group(1).partition(":")
+            if kind == "int":
+                ints.append(name)
+                return f"(?P<{name}>[0-9]{{1,18}})"
+            return f"(?P<{name}>[^/]+)"
+
+        pattern = re.compile("^" + re.sub(r"\{([^}]+)\}", group, template) + "$")
+        for compiled, _, methods in self._patterns:
+            if compiled.pattern == pattern.pattern:
+                methods[method] = handler
+                return
+        self._patterns.append((pattern, tuple(ints), {method: handler}))
+
+    def match(self, path: str) -> tuple[dict[str, Handler], dict[str, Any]] | None:
+        methods = self._exact.get(path)
+        if methods is not None:
+            return methods, {}
+        for pattern, ints, methods in self._patterns:
+            m = pattern.match(path)
+            if m is not None:
+                params: dict[str, Any] = m.groupdict()
+                for name in ints:
+                    params[name] = int(params[name])
+                return methods, params
+        return None
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_current",
+        "_waiting", "_active", "_closed", "_write_paused", "_drain", "_idle", "_lost", "_lingering",
+    )  # fmt: skip
+
+    def __init__(self, server: HopServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client: tuple[str, int] | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._current: Request | None = None  # the request being parsed
+        self._waiting: deque[Request] = deque()  # parsed, waiting for the one before to be answered
+        self._active = False
+        self._closed = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Future[None] | None = None  # set when the connection ends (ASGI disconnect)
+        self._lingering: asyncio.TimerHandle | None = None  # reading away an unanswered body, then closing
+
+    # -- transport events -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            peer = transport.get_extra_info("peername")
+            self.client = (peer[0], peer[1]) if peer else None
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        self.server._connections.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.server._connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._lingering is not None:
+            self._lingering.cancel()
+        lost = ConnectionResetError("the client closed the connection")
+        for request in (self._current, *self._waiting):
+            if request is not None:
+                request.body.fail(lost)
+        self._waiting.clear()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(lost)
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError:
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._reject(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+            else:
+                self._reject(400, "malformed request")
+        except httptools.HttpParserError as exc:
+            self._reject(400, f"malformed request: {exc}")
+
+    def _reject(self, status: int, message: str) -> None:
+        if self._closed or self.transport is None:
+            return
+        if self._current is not None:
+            self._current.body.fail(ConnectionAbortedError(message))
+        if not self._active:
+            kind = "payload_too_large" if status == 431 else "invalid_request"
+            body = json.dumps({"error": {"kind": kind, "type": "BadRequest", "message": message}}).encode()
+            self.transport.write(_head(status, None, "application/json", len(body), False) + body)
+        self.transport.close()
+        self._closed = True
+
+    # -- parser callbacks -------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._lingering is not None:
+            return
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ValueError("head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ValueError("head too large")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._lingering is not None:
+            return
+        raw_path, _, query = self._url.partition(b"?")
+        path = raw_path.decode("latin-1")
+        request = Request(
+            self.parser.get_method().decode(), path, query, self._headers, Body(self.transport), self.client,
+            self.parser.should_keep_alive(),
+        )  # fmt: skip
+        self._current = request
+        if self._active:
+            self._waiting.append(request)
+        else:
+            self._start(request)
+
+    def on_body(self, data: bytes) -> None:
+        if self._current is not None:
+            self._current.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._current is not None:
+            self._current.body.finish()
+            self._current = None
+        if self._lingering is not None:
+            self._close()
+
+    def _close(self) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+        self._closed = True
+
+    # -- running requests -------------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        self._active = True
+        self.server._running += 1
+        asyncio.get_running_loop().create_task(self._run(request))
+
+    async def _run(self, request: Request) -> None:
+        keep_alive = request.keep_alive
+        try:
+            found = self.server.router.match(request.path)
+            if found is None or (request.method not in found[0] and self.server.fallback is not None):
+                if self.server.fallback is None:
+                    response = _not_found(request.path)
+                else:
+                    keep_alive = await self._asgi(request) and keep_alive
+                    return
+            else:
+                handler = found[0].get(request.method)
+                if handler is None:
+                    response = _method_not_allowed(request.method, sorted(found[0]))
+                else:
+                    request.params = found[1]
+                    try:
+                        response = await handler(request)
+                    except FaasError as exc:
+                        response = error_response(exc)
+                    except BodyTooLarge as exc:
+                        response = error_response(PayloadTooLarge(f"request body exceeds {exc.limit} bytes"))
+                        keep_alive = False
+                    except BodyIncomplete:
+                        keep_alive = False
+                        return  # the client went away mid-body: nobody to answer
+                    except Exception as exc:  # noqa: BLE001 - a handler bug answers 500, the server goes on
+                        log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+                        response = error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}"))
+            if not request.body.complete:
+                keep_alive = False  # the rest of the body is still on the wire: do not parse it as a request
+            keep_alive = await self._send(response, keep_alive)
+        except (ConnectionError, BodyIncomplete):
+            keep_alive = False
+        finally:
+            self.server._running -= 1
+            self._active = False
+            self._finished(keep_alive)
+
+    def _finished(self, keep_alive: bool) -> None:
+        if self._closed or self.transport is None:
+            return
+        if not keep_alive:
+            current = self._current
+            if current is not None and not current.body.complete:
+                # Answered before its body arrived (413, an error): read the rest away before closing,
+                # or the peer, still sending, would get a reset instead of the answer.
+                current.body.discard()
+                self._waiting.clear()
+                self._lingering = asyncio.get_running_loop().call_later(LINGER_S, self._close)
+                return
+            self._close()
+            return
+        if self._waiting:
+            self._start(self._waiting.popleft())
+        else:
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self.transport is not None and not self._closed:
+            self._idle = asyncio.get_running_loop().call_later(self.server.idle_timeout_s, self._close_idle)
+
+    def _close_idle(self) -> None:
+        if not self._active and self._current is None and self.transport is not None:
+            self.transport.close()
+            self._closed = True
+
+    async def _send(self, response: Response, keep_alive: bool) -> bool:
+        """Write the response; returns whether the connection may carry another request."""
+        if self._closed or self.transport is None:
+            return False
+        headers = response.headers
+        if headers is not None and headers.get("connection", "").lower() == "close":
+            keep_alive = False
+        if response.stream is None:
+            body = response.body
+            self.transport.write(_head(response.status, headers, response.content_type, len(body), keep_alive) + body)
+            return keep_alive
+        length: int | None = None
+        if headers is not None and "content-length" in headers:
+            length = int(headers["content-length"])
+        self.transport.write(_head(response.status, headers, response.content_type, length, keep_alive))
+        sent = 0
+        async for chunk in response.stream:
+            if not chunk:
+                continue
+            sent += len(chunk)
+            await self._write(chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        if length is None:
+            await self._write(b"0\r\n\r\n")
+        elif sent != length:
+            log.error("a streamed response sent %d bytes for a content-length of %d; closing", sent, length)
+            return False
+        return keep_alive
+
+    async def _write(self, data: bytes) -> None:
+        if self._closed or self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self.transport.write(data)
+        if self._write_paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    # -- ASGI, for everything that is not a hot route ---------------------------------------------
+
+    async def _asgi(self, request: Request) -> bool:
+        """Run the fallback ASGI app for ``request``; returns whether the connection may be kept."""
+        app = self.server.fallback
+        assert app is not None
+        loop = asyncio.get_running_loop()
+        if self._lost is None:
+            self._lost = loop.create_future()
+        sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": "http",
+            "path": unquote(request.path),
+            "raw_path": request.path.encode("latin-1"),
+            "query_string": request.query,
+            "root_path": "",
+            "headers": request.raw_headers,
+            "client": request.client,
+            "server": tuple(sockname[:2]) if isinstance(sockname, tuple) else None,
+            "state": dict(self.server.state),
+        }
+        chunks = request.body.chunks().__aiter__()
+        body_done = False
+        response_done = False
+        started: dict[str, Any] = {}
+        chunked = False
+        keep_alive = request.keep_alive
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_done
+            if not body_done:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    body_done = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                except BodyIncomplete:
+                    return {"type": "http.disconnect"}
+                return {"type": "http.request", "body": chunk, "more_body": True}
+            if not response_done and self._lost is not None:
+                await asyncio.shield(self._lost)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal chunked, response_done, keep_alive
+            kind = message["type"]
+            if kind == "http.response.start":
+                started["status"] = message["status"]
+                started["headers"] = message.get("headers", [])
+                return
+            if kind != "http.response.body" or response_done:
+                return
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if "written" not in started:
+                started["written"] = True
+                raw = started.get("headers", [])
+                names = {bytes(n).lower() for n, _ in raw}
+                if b"connection" in names and any(bytes(n).lower() == b"connection" and bytes(v).lower() == b"close" for n, v in raw):
+                    keep_alive = False
+                lines = [b"HTTP/1.1 %d %s\r\n" % (started["status"], _REASONS.get(started["status"], b"Unknown"))]
+                lines.extend(b"%s: %s\r\n" % (bytes(n), bytes(v)) for n, v in raw)
+                status = started["status"]
+                no_body = status in (204, 304) or request.method == "HEAD"
+                if b"content-length" not in names and not no_body:
+                    if more:
+                        chunked = True
+                        lines.append(b"transfer-encoding: chunked\r\n")
+                    else:
+                        lines.append(b"content-length: %d\r\n" % len(body))
+                lines.append(b"connection: keep-alive\r\n\r\n" if keep_alive else b"connection: close\r\n\r\n")
+                await self._write(b"".join(lines))
+                if no_body:
+                    body = b""
+            if body:
+                await self._write(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+            if not more:
+                response_done = True
+                if chunked:
+                    await self._write(b"0\r\n\r\n")
+
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - the app's own error handlers answer what they know
+            log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+            if "written" not in started and not self._closed:
+                await self._send(error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}")), False)
+            return False
+        if not response_done:
+            return False  # the app ended without finishing its response: the peer cannot frame it
+        return keep_alive and request.body.complete
+
+
+def _head(status: int, headers: dict[str, str] | None, content_type: str | None, length: int | None, keep_alive: bool) -> bytes:
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    if content_type is not None:
+        parts.append(b"content-type: %s\r\n" % content_type.encode("latin-1"))
+    if headers:
+        for name, value in headers.items():
+            if name in ("content-length", "connection", "transfer-encoding"):
+                continue
+            parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    parts.append(b"content-length: %d\r\n" % length if length is not None else b"transfer-encoding: chunked\r\n")
+    parts.append(b"connection: keep-alive\r\n\r\n" if keep_alive else b"connection: close\r\n\r\n")
+    return b"".join(parts)
+
+
+def _not_found(path: str) -> Response:
+    body = {"error": {"kind": "not_found", "type": "NotFound", "message": f"no route {path}"}}
+    return Response(404, json.dumps(body).encode())
+
+
+def _method_not_allowed(method: str, allowed: list[str]) -> Response:
+    body = {"error": {"kind": "invalid_request", "type": "MethodNotAllowed", "message": f"{method} not allowed; use {', '.join(allowed)}"}}
+    return Response(405, json.dumps(body).encode(), {"allow": ", ".join(allowed)})
+
+
+class HopServer:
+    """Serves ``router``'s routes, and everything else through ``fallback`` (an ASGI app), on one socket."""
+
+    def __init__(
+        self, router: Router, fallback: ASGIApp | None = None, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
+        state: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        self.router = router
+        self.fallback = fallback
+        self.idle_timeout_s = idle_timeout_s
+        self.state = state or {}
+        self._connections: set[_Connection] = set()
+        self._running = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        else:
+            self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
+
+    async def shutdown(self, grace_s: float = 3.0) -> None:
+        """Stop accepting, give running requests ``grace_s`` to finish, then close every connection."""
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._running and loop.time() < deadline:  # noqa: ASYNC110 - shutdown only
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.close()
