@@ -13,7 +13,6 @@ Guarantees:
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -36,7 +35,6 @@ from faas.core.http import HopResponse
 from faas.core.models import (
     FunctionRecord,
     FunctionView,
-    MemberRecord,
     VersionConfig,
     VersionSpec,
     name_problem,
@@ -48,6 +46,7 @@ from faas.core.service import (
     etcd_from_settings,
     hot_routes,
     install_error_handlers,
+    member_record,
     redis_from_settings,
 )
 from faas.core.settings import Settings
@@ -74,7 +73,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         redis = redis_from_settings(settings)
         membership = Membership(
             etcd,
-            MemberRecord(role="gateway", member_id=member_id, address=address, pid=os.getpid()),
+            member_record("gateway", member_id, address),
             settings.lease_ttl_s,
         )
         tasks = TaskSet("gateway")

@@ -93,7 +93,7 @@ class TriggerClient:
             leader = await self.leader.wait_for_leader(remaining, not_address=skip)
             request = asyncio.ensure_future(
                 self.http.post(
-                    f"{leader.address}{path}", body=body, headers=headers, timeout_s=remaining + 1.0, stream=True
+                    f"{wire.hop_address(leader)}{path}", body=body, headers=headers, timeout_s=remaining + 1.0, stream=True
                 )
             )
             pending = self._outstanding.setdefault(leader.address, set())

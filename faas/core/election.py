@@ -27,7 +27,7 @@ import logging
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
-from faas.core import keys
+from faas.core import keys, wire
 from faas.core.errors import NotLeader, Unavailable
 from faas.core.etcd import Etcd, Lease, PrefixMirror
 from faas.core.models import LeaderRecord
@@ -49,11 +49,13 @@ class Election:
         address: str,
         ttl_s: int,
         probe_leader: bool = False,
+        local_address: str | None = None,
     ) -> None:
         self.etcd = etcd
         self.role = role
         self.member_id = member_id
         self.address = address
+        self.local_address = local_address
         self.ttl_s = ttl_s
         self.probe_leader = probe_leader
         self.key = keys.election(role)
@@ -110,7 +112,10 @@ class Election:
             lease_id = await lease.grant()
             refusals = 0
             while True:
-                record = LeaderRecord(role=self.role, member_id=self.member_id, address=self.address)
+                record = LeaderRecord(
+                    role=self.role, member_id=self.member_id, address=self.address,
+                    local_address=self.local_address, machine=wire.machine_id(),
+                )  # fmt: skip
                 ok, responses = await self.etcd.txn(
                     [self.etcd.create_revision(self.key) == 0],
                     [self.etcd.op_put(self.key, record.model_dump_json().encode(), lease=lease_id)],

@@ -179,7 +179,7 @@ class Router:
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_current",
-        "_waiting", "_active", "_closed", "_write_paused", "_drain", "_idle", "_lost", "_lingering",
+        "_waiting", "_active", "_closed", "_write_paused", "_drain", "idle_since", "_lost", "_lingering",
     )  # fmt: skip
 
     def __init__(self, server: HopServer) -> None:
@@ -196,7 +196,7 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # loop time since when no request is running or arriving
         self._lost: asyncio.Future[None] | None = None  # set when the connection ends (ASGI disconnect)
         self._lingering: asyncio.TimerHandle | None = None  # reading away an unanswered body, then closing
 
@@ -214,13 +214,11 @@ class _Connection(asyncio.Protocol):
             self.client = (peer[0], peer[1]) if peer else None
         self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self.server._connections.add(self)
-        self._arm_idle()
+        self.idle_since = asyncio.get_running_loop().time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.server._connections.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
         if self._lingering is not None:
             self._lingering.cancel()
         lost = ConnectionResetError("the client closed the connection")
@@ -274,9 +272,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self.idle_since = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -387,16 +383,12 @@ class _Connection(asyncio.Protocol):
         if self._waiting:
             self._start(self._waiting.popleft())
         else:
-            self._arm_idle()
+            self.idle_since = asyncio.get_running_loop().time()
 
-    def _arm_idle(self) -> None:
-        if self.transport is not None and not self._closed:
-            self._idle = asyncio.get_running_loop().call_later(self.server.idle_timeout_s, self._close_idle)
-
-    def _close_idle(self) -> None:
-        if not self._active and self._current is None and self.transport is not None:
-            self.transport.close()
-            self._closed = True
+    def close_if_idle_since(self, before: float) -> None:
+        idle_since = self.idle_since
+        if idle_since is not None and idle_since < before and not self._active and self._current is None:
+            self._close()
 
     async def _send(self, response: Response, keep_alive: bool) -> bool:
         """Write the response; returns whether the connection may carry another request."""
@@ -572,6 +564,7 @@ class HopServer:
         self._connections: set[_Connection] = set()
         self._running = 0
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -579,11 +572,23 @@ class HopServer:
             self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
         else:
             self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
+        self._sweeper = loop.create_task(self._close_idle_connections())
+
+    async def _close_idle_connections(self) -> None:
+        """One sweep every quarter of the idle timeout, rather than a timer per request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.idle_timeout_s / 4)
+            before = loop.time() - self.idle_timeout_s
+            for conn in list(self._connections):
+                conn.close_if_idle_since(before)
 
     async def shutdown(self, grace_s: float = 3.0) -> None:
         """Stop accepting, give running requests ``grace_s`` to finish, then close every connection."""
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         while self._running and loop.time() < deadline:  # noqa: ASYNC110 - shutdown only

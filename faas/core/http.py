@@ -2,7 +2,8 @@
 
 A lean HTTP/1.1 client on asyncio + httptools (measured by ``bench/warm_path.py``: a hop through it
 costs a fraction of aiohttp's CPU); management calls keep httpx.  Guarantees:
-- keep-alive connections per peer (a TCP ``host:port`` or a unix socket), one request at a time on
+- keep-alive connections per peer (a TCP ``host:port``, or a unix socket: ``http+unix://<quoted
+  path>/...`` URLs, or every URL of a client made with ``unix_socket``), one request at a time on
   each; a connection idle longer than ``IDLE_REUSE_S`` (shorter than the servers' idle timeout) is
   not reused, so a request is not written on a connection the peer is closing;
 - every call has a timeout; transport failures come out as exactly three exceptions, which tell a
@@ -22,12 +23,14 @@ import socket
 import time
 from collections.abc import AsyncIterable
 from typing import Any, cast
+from urllib.parse import unquote
 
 import httptools
 
 from faas.core.body import Body, BodyIncomplete
 
 IDLE_REUSE_S = 50.0
+_socket_paths: dict[str, str] = {}  # the quoted authority of an http+unix:// URL -> its socket path
 _WRITE_HIGH_WATER = 256 * 1024
 
 
@@ -211,6 +214,9 @@ class _Connection(asyncio.Protocol):
         self._head = None
         self._body = None
 
+    def time_out(self, url: str, timeout_s: float) -> None:
+        self.abort(HopTimeout(f"no answer from {url} within {timeout_s:.1f} s"))
+
     def abort(self, failure: HopError) -> None:
         self._failure = failure
         if self.transport is not None:
@@ -256,20 +262,28 @@ class HopClient:
     ) -> HopResponse:
         """One request; with ``stream`` the response comes back at its head (read its body with
         ``stream()`` or ``read()``, or ``close()`` it), and ``timeout_s`` bounds only the head."""
+        unix = self._unix
         if url.startswith("http://"):
             authority, slash, path = url[7:].partition("/")
             path = slash + path
+        elif url.startswith("http+unix://"):
+            authority, slash, path = url[12:].partition("/")
+            path = slash + path
+            unix = _socket_paths.get(authority)
+            if unix is None:
+                unix = _socket_paths[authority] = unquote(authority)
+            authority = "localhost"
         else:
             authority, path = "", url
-        key = self._unix or authority
+        key = unix or authority
         loop = asyncio.get_running_loop()
         timeout_s = max(timeout_s, 0.001)
         deadline = loop.time() + timeout_s
         conn = self._take_idle(key)
         if conn is None:
-            conn = await self._connect(key, authority, timeout_s)
+            conn = await self._connect(key, authority, timeout_s, unix)
         head_future = conn.begin()
-        timer = loop.call_at(deadline, conn.abort, HopTimeout(f"no answer from {url} within {timeout_s:.1f} s"))
+        timer = loop.call_at(deadline, conn.time_out, url, timeout_s)
         sender: asyncio.Task[None] | None = None
         try:
             if isinstance(body, bytes | bytearray | memoryview):
@@ -365,12 +379,12 @@ class HopClient:
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
-    async def _connect(self, key: str, authority: str, timeout_s: float) -> _Connection:
+    async def _connect(self, key: str, authority: str, timeout_s: float, unix: str | None) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                if self._unix is not None:
-                    _, conn = await loop.create_unix_connection(lambda: _Connection(key), self._unix)
+                if unix is not None:
+                    _, conn = await loop.create_unix_connection(lambda: _Connection(key), unix)
                 else:
                     host, _, port = authority.rpartition(":")
                     _, conn = await loop.create_connection(

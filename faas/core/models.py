@@ -217,6 +217,9 @@ class MemberRecord(BaseModel):
     pid: int
     started_at: float = Field(default_factory=now)
     info: dict[str, Any] = Field(default_factory=dict)
+    # The same service on a unix socket, for callers on the same machine (``wire.hop_address``).
+    local_address: str | None = None
+    machine: str = ""
 
 
 class NodeRecord(BaseModel):
@@ -237,6 +240,8 @@ class LeaderRecord(BaseModel):
     member_id: str
     address: str
     elected_at: float = Field(default_factory=now)
+    local_address: str | None = None  # as in MemberRecord
+    machine: str = ""
 
 
 class InstanceStatus(BaseModel):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
@@ -25,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from faas.core import keys
+from faas.core import keys, wire
 from faas.core.errors import FaasError, InvalidRequest
 from faas.core.etcd import Etcd, Lease, jittered
 from faas.core.hop_server import HopServer, Router
@@ -196,6 +198,43 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_local_addresses: dict[tuple[str, str], str] = {}
+
+
+def local_address(role: str, member_id: str) -> str | None:
+    """The unix socket address this process serves on besides TCP (bound by ``run_service``), for
+    its member and leader records; None when it has none."""
+    return _local_addresses.get((role, member_id))
+
+
+def member_record(role: str, member_id: str, address: str) -> MemberRecord:
+    """This process's member record: its TCP address, its unix socket and its machine."""
+    return MemberRecord(
+        role=role, member_id=member_id, address=address, pid=os.getpid(),
+        local_address=local_address(role, member_id), machine=wire.machine_id(),
+    )  # fmt: skip
+
+
+def bind_unix_socket(path: Path) -> socket.socket | None:
+    """A listening unix socket at ``path`` only this user may connect to (None if it cannot be made)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by a predecessor with this id
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(2048)
+        sock.set_inheritable(False)
+        return sock
+    except OSError as exc:
+        log.warning("cannot listen on %s (callers use TCP): %s", path, exc)
+        return None
+
+
 def hot_routes(app: FastAPI) -> Router:
     """The routes of ``app`` served straight by the hop server, before (and instead of) FastAPI."""
     router: Router | None = getattr(app.state, "hot_routes", None)
@@ -205,16 +244,19 @@ def hot_routes(app: FastAPI) -> Router:
     return router
 
 
-async def serve(app: FastAPI, sock: socket.socket, *, stop: asyncio.Event, grace_s: float = 3.0) -> None:
-    """Run ``app`` on ``sock`` until ``stop`` is set: its lifespan around a ``HopServer`` serving its
-    hot routes directly and everything else through FastAPI."""
+async def serve(
+    app: FastAPI, socks: list[socket.socket], *, stop: asyncio.Event, grace_s: float = 3.0
+) -> None:
+    """Run ``app`` on ``socks`` until ``stop`` is set: its lifespan around a ``HopServer`` per socket,
+    serving its hot routes directly and everything else through FastAPI."""
     async with app.router.lifespan_context(app) as state:
-        server = HopServer(hot_routes(app), app, state=dict(state or {}))
-        await server.start(sock)
+        servers = [HopServer(hot_routes(app), app, state=dict(state or {})) for _ in socks]
+        for server, sock in zip(servers, socks, strict=True):
+            await server.start(sock)
         try:
             await stop.wait()
         finally:
-            await server.shutdown(grace_s)
+            await asyncio.gather(*(server.shutdown(grace_s) for server in servers))
 
 
 def run_service(
@@ -235,6 +277,13 @@ def run_service(
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     address = f"http://{bound_host}:{bound_port}"
+    socks = [sock]
+    local_path = wire.local_socket_path(settings.run_dir, role, args.id) if settings.local_sockets else None
+    if local_path is not None:
+        local_sock = bind_unix_socket(local_path)
+        if local_sock is not None:
+            socks.append(local_sock)
+            _local_addresses[(role, args.id)] = wire.unix_address(local_path)
     app = build_app(settings, args.id, address)
 
     async def main() -> None:
@@ -243,6 +292,6 @@ def run_service(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info("%s %s listening on %s", role, args.id, address)
-        await serve(app, sock, stop=stop)
+        await serve(app, socks, stop=stop)
 
     uvloop.run(main())

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
 
     # Internal services bind to this host on an ephemeral port and register their address in etcd.
     bind_host: str = "127.0.0.1"
+    # Services also listen on a unix socket under ``<home>/run/hop/`` (mode 0600), which callers on
+    # the same machine use for the invocation hops instead of TCP (cheaper per call).
+    local_sockets: bool = True
 
     # Leases and elections.  A frozen leader is replaced after about this long (a killed one sooner,
     # see faas/core/election.py); 3 s showed no spurious election under load, two CPU hogs included

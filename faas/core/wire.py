@@ -10,8 +10,12 @@ Header names are lowercase, as the servers and clients compare them.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote
 
 # -- headers ---------------------------------------------------------------------------------------
 
@@ -37,6 +41,54 @@ ENVELOPE_HEADERS = ("traceparent", "tracestate", "user-agent")
 def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers of an invocation's response that a hop passes on to its caller."""
     return {h: headers[h] for h in PASSED_HEADERS if h in headers}
+
+
+# -- addresses -------------------------------------------------------------------------------------
+#
+# A service listens on TCP (``address``) and, on the machine it runs on, on a unix socket too
+# (``local_address``, ``http+unix://<quoted socket path>``): a hop between two processes of one
+# machine costs less through it.  Records carry the machine they were written on.
+
+
+def machine_id() -> str:
+    """This machine, as far as a unix socket path reaches: the host name and the kernel's boot id
+    (two containers of one kernel have distinct host names and file systems)."""
+    global _MACHINE
+    if _MACHINE is None:
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = ""
+        _MACHINE = f"{socket.gethostname()}/{boot}"
+    return _MACHINE
+
+
+_MACHINE: str | None = None
+# A unix socket path is at most 107 bytes; a longer one is not used (the service is reached on TCP).
+MAX_SOCKET_PATH = 100
+
+
+def local_socket_path(run_dir: Path, role: str, member_id: str) -> Path | None:
+    path = run_dir.resolve() / "hop" / f"{role}-{member_id}.sock"
+    return path if len(str(path)) <= MAX_SOCKET_PATH else None
+
+
+def unix_address(path: Path) -> str:
+    return "http+unix://" + quote(str(path), safe="")
+
+
+class Addressed(Protocol):
+    address: str
+    local_address: str | None
+    machine: str
+
+
+def hop_address(record: Addressed) -> str:
+    """Where to send a hop to the service of ``record``: its unix socket when it runs on this
+    machine, else its TCP address."""
+    if record.local_address and record.machine == machine_id():
+        return record.local_address
+    return record.address
 
 
 # -- paths -----------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +11,6 @@ from fastapi import FastAPI
 from faas.core import keys, wire
 from faas.core.etcd import PrefixMirror
 from faas.core.hop_server import Request, Response
-from faas.core.models import MemberRecord
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
@@ -20,6 +18,7 @@ from faas.core.service import (
     etcd_from_settings,
     hot_routes,
     install_error_handlers,
+    member_record,
     redis_from_settings,
 )
 from faas.core.settings import Settings
@@ -36,7 +35,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         redis = redis_from_settings(settings)
         dispatcher = Dispatcher(settings=settings, etcd=etcd, catalog=Catalog(etcd), redis=redis)
         membership = Membership(
-            etcd, MemberRecord(role="dispatcher", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+            etcd, member_record("dispatcher", member_id, address), settings.lease_ttl_s
         )
         tasks = TaskSet("dispatcher-app")
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)

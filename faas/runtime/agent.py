@@ -34,8 +34,8 @@ from fastapi import FastAPI
 from faas.core import keys
 from faas.core.errors import FaasError, NotFound, Unavailable
 from faas.core.etcd import Etcd, Lease
-from faas.core.models import InstanceRecord, MemberRecord, NodeRecord
-from faas.core.service import Backoff, Membership, etcd_from_settings, install_error_handlers
+from faas.core.models import InstanceRecord, NodeRecord
+from faas.core.service import Backoff, Membership, etcd_from_settings, install_error_handlers, member_record
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 from faas.runtime.backend import InstanceExit, InstanceSpec, InstanceStatus, RuntimeBackend
@@ -315,7 +315,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             settings=settings, etcd=etcd, backend=backend, node_id=member_id, address=address, lease=lease
         )
         membership = Membership(
-            etcd, MemberRecord(role="node", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+            etcd, member_record("node", member_id, address), settings.lease_ttl_s
         )
         tasks = TaskSet("agent-app")
         await agent.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -11,9 +10,15 @@ from fastapi import FastAPI, Query
 
 from faas.core.codestore import CodeStore
 from faas.core.election import Election
-from faas.core.models import InstanceRecord, MemberRecord
+from faas.core.models import InstanceRecord
 from faas.core.registry import Catalog
-from faas.core.service import Membership, etcd_from_settings, install_error_handlers
+from faas.core.service import (
+    Membership,
+    etcd_from_settings,
+    install_error_handlers,
+    local_address,
+    member_record,
+)
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
 from faas.scheduler.service import Scheduler
@@ -26,13 +31,13 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         await etcd.connect()
         election = Election(
             etcd, role="scheduler", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s,
-            probe_leader=True,
+            probe_leader=True, local_address=local_address("scheduler", member_id),
         )
         scheduler = Scheduler(
             settings=settings, etcd=etcd, election=election, catalog=Catalog(etcd), code_store=CodeStore(settings)
         )
         membership = Membership(
-            etcd, MemberRecord(role="scheduler", member_id=member_id, address=address, pid=os.getpid()), settings.lease_ttl_s
+            etcd, member_record("scheduler", member_id, address), settings.lease_ttl_s
         )
         tasks = TaskSet("scheduler-app")
         await scheduler.start()

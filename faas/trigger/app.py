@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +14,6 @@ from pydantic import BaseModel, Field
 from faas.core import redis_keys, wire
 from faas.core.election import Election
 from faas.core.hop_server import Request, Response, json_response, relay
-from faas.core.models import MemberRecord
 from faas.core.queue import AsyncEnvelope, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
@@ -23,6 +21,8 @@ from faas.core.service import (
     etcd_from_settings,
     hot_routes,
     install_error_handlers,
+    local_address,
+    member_record,
     redis_from_settings,
 )
 from faas.core.settings import Settings
@@ -60,12 +60,12 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         await etcd.connect()
         election = Election(
             etcd, role="trigger", member_id=member_id, address=address, ttl_s=settings.lease_ttl_s,
-            probe_leader=True,
+            probe_leader=True, local_address=local_address("trigger", member_id),
         )
         trigger = Trigger(settings=settings, etcd=etcd, election=election)
         membership = Membership(
             etcd,
-            MemberRecord(role="trigger", member_id=member_id, address=address, pid=os.getpid()),
+            member_record("trigger", member_id, address),
             settings.lease_ttl_s,
         )
         redis = redis_from_settings(settings)

@@ -61,7 +61,7 @@ class Trigger:
             cached = self._addresses.get(key)
             if cached is None or cached[0] is not raw:
                 record = MemberRecord.model_validate_json(raw)
-                cached = (raw, record.address)
+                cached = (raw, wire.hop_address(record))
                 self._addresses[key] = cached
             out[key.decode().rsplit("/", 1)[-1]] = cached[1]
         return out
