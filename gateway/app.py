@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from faas.core import redis_keys, wire
 from faas.core.body import BodyTooLarge
+from faas.core.clients import TriggerClient
 from faas.core.codestore import CodeStore
 from faas.core.election import LeaderWatch
 from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable
@@ -55,7 +56,6 @@ from faas.core.tasks import TaskSet
 from gateway.archive import check_archive
 from gateway.events_api import install_event_routes
 from gateway.http_events import build_event, build_response
-from gateway.invoker import TriggerClient
 
 NamespaceQuery = Annotated[str | None, Query(description="namespace (default: the platform's default)")]
 

@@ -23,6 +23,7 @@ from fastapi import Body, FastAPI, Query, Request, Response
 from redis.exceptions import RedisError
 
 from faas.core import redis_keys, wire
+from faas.core.clients import TriggerClient
 from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, error_from_body
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
@@ -37,7 +38,6 @@ from faas.core.subscriptions import (
     subscription_from_request,
 )
 from gateway.cloudevents import event_matches, parse_http
-from gateway.invoker import TriggerClient
 from gateway.object_events import record_matches, records_from_minio, records_from_seaweedfs
 
 log = logging.getLogger("faas.gateway.events")

@@ -33,10 +33,10 @@ import logging
 import time
 from typing import Any, NoReturn
 
-import httpx
 import redis.asyncio as aioredis
 
 from faas.core import keys, redis_keys, wire
+from faas.core.clients import NodeClient, SchedulerClient
 from faas.core.election import LeaderWatch
 from faas.core.errors import (
     DeadlineExceeded,
@@ -44,7 +44,6 @@ from faas.core.errors import (
     FunctionTimeout,
     InstanceStartError,
     TooManyRequests,
-    error_from_body,
 )
 from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.http import ConnectionBroken, HopTimeout, NotDelivered, for_address
@@ -114,8 +113,9 @@ class Dispatcher:
         self._placed: dict[bytes, VersionKey] = {}
         self.instances = PrefixMirror(etcd, keys.instances_prefix(), on_change=self._on_instance_change)
         self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
-        self.scheduler = LeaderWatch(etcd, "scheduler")
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.cold_start_timeout_s, connect=3.0))
+        self.scheduler_leader = LeaderWatch(etcd, "scheduler")
+        self.scheduler = SchedulerClient(self.scheduler_leader)
+        self.node_agents = NodeClient(timeout_s=settings.cold_start_timeout_s)
         self.logs = LogSink(redis, settings.logs_per_function)
         self.tasks = TaskSet("dispatcher")
         self._calls: dict[str, asyncio.Future[InvocationResult]] = {}  # in flight, by request id
@@ -125,6 +125,7 @@ class Dispatcher:
         self.catalog.start()
         self.instances.start()
         self.nodes.start()
+        self.scheduler_leader.start()
         self.scheduler.start()
         self.tasks.spawn(self.logs.run_forever(), name="logs", long_lived=True)
         self.tasks.spawn(self._sweep_pools_forever(), name="sweep-pools", long_lived=True)
@@ -134,12 +135,13 @@ class Dispatcher:
         await self.tasks.cancel_all()
         await self.instances.stop()
         await self.nodes.stop()
-        await self.scheduler.stop()
+        await self.scheduler.close()
+        await self.scheduler_leader.stop()
         await self.catalog.stop()
         for pool in self.pools.values():
             for inst in pool.instances.values():
                 await inst.client.close()
-        await self.http.aclose()
+        await self.node_agents.close()
 
     # -- instance table ----------------------------------------------------------------------
 
@@ -306,7 +308,7 @@ class Dispatcher:
 
     async def _request_instance(self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float) -> None:
         try:
-            record = await self._ask_scheduler(key, deadline)
+            record = await self.scheduler.acquire(key, deadline)
         except TooManyRequests:
             return  # at max instances: waiters get slots as calls finish
         except FaasError as exc:
@@ -320,56 +322,6 @@ class Dispatcher:
         if pool.wants_start(spec.concurrency, spec.max_instances):
             pool.pending_starts += 1
             self.tasks.spawn(self._request_instance(pool, key, spec, deadline), name=f"acquire:{spec.function}")
-
-    async def _ask_scheduler(self, key: VersionKey, deadline: float) -> InstanceRecord:
-        ns, name, version, uid = key
-        tried_address: str | None = None
-        while True:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"the scheduler did not start an instance of {name!r} before the deadline")
-            leader = await self.scheduler.wait_for_leader(min(remaining, 10.0), not_address=tried_address)
-            try:
-                resp = await self._unless_leader_changes(
-                    self.http.post(
-                        leader.address + wire.scheduler_acquire(ns, name, version),
-                        params={"uid": uid},
-                        timeout=max(remaining, 0.01),
-                    ),
-                    leader.address,
-                )
-            except _LeaderChanged:
-                # The leader we asked froze or died and another was elected: ask the new one.  A frozen
-                # one that wakes up later cannot record its start (fenced) and stops that instance.
-                log.warning("scheduler leader changed while starting %s; asking the new one", name)
-                continue
-            except httpx.TimeoutException as exc:
-                raise DeadlineExceeded(f"starting an instance of {name!r} took longer than the deadline") from exc
-            except httpx.HTTPError:
-                tried_address = leader.address
-                await asyncio.sleep(0.1)
-                continue
-            if resp.status_code == 200:
-                return InstanceRecord.model_validate_json(resp.content)
-            exc2 = error_from_body(_json(resp), resp.status_code)
-            if resp.status_code == 503 and exc2.kind == "not_leader":
-                await asyncio.sleep(0.1)  # a standby or a just-elected leader: ask again shortly
-                continue
-            raise exc2
-
-    async def _unless_leader_changes(self, request: Any, address: str) -> httpx.Response:
-        """Await ``request`` to the scheduler leader at ``address``; ``_LeaderChanged`` if another is elected first."""
-        sent = asyncio.ensure_future(request)
-        changed = asyncio.ensure_future(self.scheduler.wait_for_other_leader(address))
-        try:
-            await asyncio.wait({sent, changed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            changed.cancel()
-            if not sent.done():
-                sent.cancel()
-        if sent.cancelled() or not sent.done():
-            raise _LeaderChanged()
-        return sent.result()
 
     async def _call(
         self, inst: WarmInstance, spec: VersionSpec, body: bytes, *, request_id: str, deadline: float
@@ -415,13 +367,9 @@ class Dispatcher:
         if raw is not None:
             node = NodeRecord.model_validate_json(raw)
             try:
-                resp = await self.http.get(
-                    node.address + wire.node_instance_exit(inst.instance_id), params={"wait_s": 2.0}, timeout=5.0
-                )
-                if resp.status_code == 200:
-                    exit_info = resp.json()
-            except httpx.HTTPError as exc:
-                log.warning("could not ask node %s why %s ended: %r", node.node_id, inst.instance_id, exc)
+                exit_info = await self.node_agents.instance_exit(node, inst.instance_id, wait_s=2.0)
+            except FaasError as exc:
+                log.warning("could not ask node %s why %s ended: %s", node.node_id, inst.instance_id, exc)
         if exit_info.get("oom_killed"):
             error = {
                 "kind": "out_of_memory",
@@ -452,13 +400,7 @@ class Dispatcher:
 
     async def _report_broken(self, inst: WarmInstance) -> None:
         await self._close_when_drained(inst)
-        leader = self.scheduler.current()
-        if leader is None:
-            return
-        try:
-            await self.http.post(leader.address + wire.scheduler_retire(inst.instance_id), timeout=10.0)
-        except httpx.HTTPError as exc:
-            log.warning("could not report %s to the scheduler: %r", inst.instance_id, exc)
+        await self.scheduler.retire(inst.instance_id)
 
     def _finish(
         self, spec: VersionSpec, inst: WarmInstance, status: int, payload: dict[str, Any], *,
@@ -496,15 +438,3 @@ class Dispatcher:
             },
         )
         return InvocationResult(status, body, headers)
-
-
-class _LeaderChanged(Exception):
-    """Another scheduler leader was elected while a request to the previous one was outstanding."""
-
-
-def _json(resp: httpx.Response) -> object:
-    try:
-        return resp.json()
-    except ValueError:
-        return resp.text
-

@@ -33,9 +33,8 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
-import httpx
-
-from faas.core import keys, wire
+from faas.core import keys
+from faas.core.clients import NodeClient, NodeUnreachable
 from faas.core.codestore import CodeStore
 from faas.core.election import Election
 from faas.core.errors import (
@@ -45,7 +44,6 @@ from faas.core.errors import (
     NotLeader,
     TooManyRequests,
     Unavailable,
-    error_from_body,
 )
 from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.models import (
@@ -76,7 +74,7 @@ class Scheduler:
         self.instances = PrefixMirror(etcd, keys.instances_prefix())
         self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
         self.book = StartBook()
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.cold_start_timeout_s, connect=3.0))
+        self.node_agents = NodeClient(timeout_s=settings.cold_start_timeout_s)
         self.tasks = TaskSet("scheduler")
         self._orphan_suspects: set[str] = set()
         self._starting_mb: dict[str, int] = defaultdict(int)  # memory of starts under way, per node
@@ -95,7 +93,7 @@ class Scheduler:
         await self.instances.stop()
         await self.nodes.stop()
         await self.catalog.stop()
-        await self.http.aclose()
+        await self.node_agents.close()
 
     # -- views -------------------------------------------------------------------------------
 
@@ -169,7 +167,7 @@ class Scheduler:
             if chosen is not None:
                 try:
                     return await self._start_on(chosen, spec)
-                except _NodeUnreachable as exc:
+                except NodeUnreachable as exc:
                     unreachable[chosen.node_id] = str(exc)
                     continue
             if loop.time() >= give_up_at:
@@ -222,15 +220,7 @@ class Scheduler:
     async def _launch_and_record(
         self, node: NodeRecord, spec: VersionSpec, instance_id: str, body: dict[str, object]
     ) -> InstanceRecord:
-        try:
-            resp = await self.http.post(node.address + wire.NODE_INSTANCES, json=body)
-        except httpx.ConnectError as exc:
-            raise _NodeUnreachable(f"node agent {node.node_id} at {node.address} refused the connection") from exc
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"node agent {node.node_id} at {node.address} failed: {exc!r}") from exc
-        if resp.status_code != 200:
-            raise error_from_body(_json(resp), resp.status_code)
-        address = resp.json()["address"]
+        address = await self.node_agents.start_instance(node, body)
         record = InstanceRecord(
             instance_id=instance_id,
             namespace=spec.namespace,
@@ -263,9 +253,9 @@ class Scheduler:
 
     async def _stop_on_node(self, node: NodeRecord, instance_id: str) -> None:
         try:
-            await self.http.delete(node.address + wire.node_instance(instance_id), timeout=5.0)
-        except httpx.HTTPError as exc:
-            log.warning("could not stop %s on %s: %r", instance_id, node.node_id, exc)
+            await self.node_agents.stop_instance(node, instance_id)
+        except FaasError as exc:
+            log.warning("could not stop %s on %s: %s", instance_id, node.node_id, exc)
 
     async def retire(self, instance_id: str) -> None:
         """Remove an instance a dispatcher found broken (record first, then the process)."""
@@ -345,14 +335,12 @@ class Scheduler:
         reachable_nodes: set[str] = set()
         for node in nodes.values():
             try:
-                resp = await self.http.get(node.address + wire.NODE_INSTANCES, timeout=5.0)
-                resp.raise_for_status()
-            except httpx.HTTPError as exc:
-                log.warning("node %s unreachable for the reaper: %r", node.node_id, exc)
+                listed = await self.node_agents.instances(node)
+            except FaasError as exc:
+                log.warning("node %s unreachable for the reaper: %s", node.node_id, exc)
                 continue
             reachable_nodes.add(node.node_id)
-            for item in resp.json():
-                status = InstanceStatus.model_validate(item)
+            for status in listed:
                 statuses[status.instance_id] = status
                 located[status.instance_id] = node
         recorded = {r.instance_id for r in records}
@@ -424,14 +412,3 @@ class Scheduler:
             for _ in range(max(0, deficit)):
                 ticket = self.book.open(key, capacity=0)
                 self.tasks.spawn(self._fulfil(key, spec, ticket), name=f"min:{record.name}:{version}")
-
-
-class _NodeUnreachable(Exception):
-    """The node agent did not take the connection: nothing was started there."""
-
-
-def _json(resp: httpx.Response) -> object:
-    try:
-        return resp.json()
-    except ValueError:
-        return resp.text

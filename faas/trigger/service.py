@@ -18,10 +18,11 @@ import logging
 import time
 
 from faas.core import keys, wire
+from faas.core.clients import DispatcherClient
 from faas.core.election import Election
 from faas.core.errors import DeadlineExceeded, Unavailable
 from faas.core.etcd import Etcd, PrefixMirror
-from faas.core.http import HopClient, HopError, HopResponse, HopTimeout
+from faas.core.http import HopError, HopResponse, HopTimeout
 from faas.core.models import MemberRecord
 from faas.core.rendezvous import rank
 from faas.core.settings import Settings
@@ -36,7 +37,7 @@ class Trigger:
         self.settings = settings
         self.election = election
         self.dispatchers = PrefixMirror(etcd, keys.members_prefix("dispatcher"))
-        self.http = HopClient()
+        self.dispatcher_client = DispatcherClient()
         self.tasks = TaskSet("trigger")
         self._addresses: dict[bytes, tuple[bytes, str]] = {}
         # The dispatcher ranking of each function, for the membership of ``_ranked_generation``.
@@ -53,7 +54,7 @@ class Trigger:
         await self.tasks.cancel_all()
         await self.election.resign()
         await self.dispatchers.stop()
-        await self.http.close()
+        await self.dispatcher_client.close()
 
     def dispatcher_addresses(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -89,17 +90,16 @@ class Trigger:
         members, ranked = self.ranking(f"{ns}/{name}")
         if not members:
             raise Unavailable("no dispatcher is registered")
-        headers = {wire.REQUEST_ID: request_id, wire.DEADLINE_MS: wire.deadline_header(deadline)}
-        if uid is not None:
-            headers[wire.FUNCTION_UID] = uid
         last_error = "no dispatcher answered"
         for member_id in ranked:
             remaining = deadline - time.time()
             if remaining <= 0:
                 break
-            url = members[member_id] + wire.dispatcher_invoke(ns, name, version)
             try:
-                resp = await self.http.post(url, body=body, headers=headers, timeout_s=remaining + 0.5, stream=True)
+                resp = await self.dispatcher_client.invoke(
+                    members[member_id], ns, name, version, body, request_id=request_id, deadline=deadline,
+                    function_uid=uid,
+                )  # fmt: skip
             except HopTimeout as exc:
                 raise DeadlineExceeded(f"invocation of {name!r} did not finish before its deadline") from exc
             except HopError as exc:

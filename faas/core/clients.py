@@ -1,0 +1,274 @@
+"""Typed clients of the platform's internal calls: the one place that knows how to reach each service.
+
+Every internal call goes through here, built from ``faas.core.wire`` (paths, headers, deadlines), on
+the hop client (``faas.core.http``).  What each guarantees:
+
+``LeaderClient`` (the base of ``TriggerClient`` and ``SchedulerClient``) calls whoever holds a
+role's election, through its unix socket when it runs on this machine (``wire.hop_address``):
+- when the leader answers 503 ``not_leader`` or cannot be reached, the call waits (within its
+  deadline) for the next leader and is sent there, so a failover shows up as added latency;
+- a call still outstanding on a leader when another is elected (the old one froze, or died with the
+  connection left hanging) is re-sent to the new one at once, with the same request: a trigger's
+  dispatcher joins a re-sent sync call to the running one by request id, an async call is queued at
+  most once per id, a scheduler that woke up after its term cannot record its start (fenced);
+- no call waits past its deadline: a hop that times out is ``DeadlineExceeded``.
+Caveat: a sync call a dead trigger forwarded, whose dispatcher already finished it, runs again
+(at-least-once across a trigger crash).
+
+``DispatcherClient`` and ``NodeClient`` call one given member (the trigger ranks dispatchers
+itself; node agents are addressed by their node record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from faas.core import wire
+from faas.core.election import LeaderWatch
+from faas.core.errors import DeadlineExceeded, FaasError, Unavailable, error_from_body
+from faas.core.http import HopClient, HopError, HopResponse, HopTimeout, NotDelivered
+from faas.core.models import InstanceRecord, InstanceStatus, NodeRecord, VersionKey
+
+log = logging.getLogger("faas.clients")
+
+_JSON = {"content-type": "application/json"}
+
+
+def response_json(resp: HopResponse) -> object:
+    try:
+        return json.loads(resp.body)
+    except ValueError:
+        return resp.body.decode(errors="replace")
+
+
+def raise_for_error(resp: HopResponse) -> None:
+    """The platform's error a non-2xx answer carries (its kind, type and message), raised."""
+    if resp.status >= 300:
+        raise error_from_body(response_json(resp), resp.status)
+
+
+class LeaderClient:
+    """Calls the elected leader of ``leader.role``; ``start`` it before the first call."""
+
+    def __init__(self, leader: LeaderWatch, *, http: HopClient | None = None) -> None:
+        self.leader = leader
+        self.http = http or HopClient()
+        # Requests outstanding on each leader's address, cancelled when another leader is elected.
+        self._outstanding: dict[str, set[asyncio.Future[HopResponse]]] = {}
+        self._follower: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._follower = asyncio.get_running_loop().create_task(
+            self._follow_leader(), name=f"{self.leader.role}-client:follow"
+        )
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+        await self.http.close()
+
+    async def _follow_leader(self) -> None:
+        """On every new leader, re-send the calls outstanding on any other one."""
+        while True:
+            current = self.leader.current()
+            leader = await self.leader.wait_for_other_leader(current.address if current else "")
+            for address, pending in list(self._outstanding.items()):
+                if address != leader.address:
+                    for request in list(pending):
+                        request.cancel()
+
+    async def call(
+        self, method: str, path: str, *, body: bytes = b"", headers: dict[str, str], deadline: float,
+        what: str, stream: bool = False,
+    ) -> HopResponse:  # fmt: skip
+        """Send ``method path`` to the leader until one answers other than ``not_leader``, within
+        ``deadline`` (epoch seconds); with ``stream`` the body of the answer is still to be read."""
+        skip: str | None = None
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{what} did not finish before its deadline")
+            leader = await self.leader.wait_for_leader(remaining, not_address=skip)
+            request = asyncio.ensure_future(
+                self.http.request(
+                    method, wire.hop_address(leader) + path, body=body, headers=headers,
+                    timeout_s=remaining + 1.0, stream=True,
+                )
+            )  # fmt: skip
+            pending = self._outstanding.setdefault(leader.address, set())
+            pending.add(request)
+            try:
+                resp = await asyncio.shield(request)
+            except asyncio.CancelledError:
+                if not request.cancelled():
+                    request.cancel()
+                    raise  # our caller was cancelled, not the request
+                log.warning("%s leader changed during %s; sending it to the new one", self.leader.role, what)
+                skip = leader.address  # another leader was elected while this one held the call
+                continue
+            except HopTimeout as exc:
+                raise DeadlineExceeded(f"{what} did not finish before its deadline") from exc
+            except HopError:
+                # The leader went away (refused, or a pooled connection reset by a dead process): send
+                # the call to the next one.
+                skip = leader.address
+                await asyncio.sleep(0.05)
+                continue
+            finally:
+                pending.discard(request)
+            if resp.status == 503 or not stream:
+                await resp.read()
+            if resp.status == 503 and error_from_body(response_json(resp), 503).kind == "not_leader":
+                # A standby, or a member elected a moment ago that does not know it yet: ask again
+                # shortly, without excluding it (the election key tells who leads).
+                await asyncio.sleep(0.1)
+                continue
+            return resp
+
+
+class TriggerClient(LeaderClient):
+    """The gateway's path to the primary trigger."""
+
+    async def invoke(
+        self,
+        ns: str,
+        name: str,
+        version: int,
+        body: bytes,
+        *,
+        request_id: str,
+        deadline: float,
+        function_uid: str,
+        asynchronous: bool = False,
+        extra_headers: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> HopResponse:
+        """Send a call to the primary, sync (the result) or ``asynchronous`` (enqueued: 202), for
+        ``version`` of the function with ``function_uid``; with ``stream`` the response comes back at
+        its head, its body still to be read."""
+        headers = {
+            wire.REQUEST_ID: request_id,
+            wire.DEADLINE_MS: wire.deadline_header(deadline),
+            wire.FUNCTION_UID: function_uid,
+            **(extra_headers or {}),
+        }
+        path = (wire.trigger_invoke_async if asynchronous else wire.trigger_invoke)(ns, name, version)
+        return await self.call(
+            "POST", path, body=body, headers=headers, deadline=deadline, what=f"invocation of {name!r}", stream=stream
+        )
+
+    async def enqueue(self, events: list[dict[str, object]], *, deadline: float) -> HopResponse:
+        """Queue events for several functions in one transaction on the primary (all or none)."""
+        headers = {wire.DEADLINE_MS: wire.deadline_header(deadline), **_JSON}
+        body = json.dumps({"events": events}).encode()
+        return await self.call(
+            "POST", wire.TRIGGER_ENQUEUE, body=body, headers=headers, deadline=deadline, what="enqueueing events"
+        )
+
+
+class SchedulerClient(LeaderClient):
+    """A dispatcher's path to the scheduler leader."""
+
+    async def acquire(self, key: VersionKey, deadline: float) -> InstanceRecord:
+        """A new instance of ``key``'s version, started and recorded by the scheduler leader."""
+        ns, name, version, uid = key
+        resp = await self.call(
+            "POST", f"{wire.scheduler_acquire(ns, name, version)}?uid={uid}", headers={},
+            deadline=deadline, what=f"starting an instance of {name!r}",
+        )  # fmt: skip
+        raise_for_error(resp)
+        return InstanceRecord.model_validate_json(resp.body)
+
+    async def retire(self, instance_id: str) -> None:
+        """Tell the leader an instance is broken (best effort: it also finds out by itself)."""
+        try:
+            resp = await self.call(
+                "POST", wire.scheduler_retire(instance_id), headers={}, deadline=time.time() + 10.0,
+                what=f"retiring {instance_id}",
+            )  # fmt: skip
+            raise_for_error(resp)
+        except FaasError as exc:
+            log.warning("could not report %s to the scheduler: %s", instance_id, exc)
+
+
+class DispatcherClient:
+    """The trigger's calls to a dispatcher it chose (at its ``wire.hop_address``)."""
+
+    def __init__(self, http: HopClient | None = None) -> None:
+        self.http = http or HopClient()
+
+    async def invoke(
+        self, address: str, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
+        function_uid: str | None,
+    ) -> HopResponse:  # fmt: skip
+        """One sync call, answered at its head (``HopResponse.stream``); ``HopError`` as it comes."""
+        headers = {wire.REQUEST_ID: request_id, wire.DEADLINE_MS: wire.deadline_header(deadline)}
+        if function_uid is not None:
+            headers[wire.FUNCTION_UID] = function_uid
+        return await self.http.post(
+            address + wire.dispatcher_invoke(ns, name, version), body=body, headers=headers,
+            timeout_s=deadline - time.time() + 0.5, stream=True,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+class NodeUnreachable(Unavailable):
+    """The node agent refused the connection: it never saw the request."""
+
+
+class NodeClient:
+    """Calls to node agents, addressed by their node records."""
+
+    def __init__(self, *, timeout_s: float, http: HopClient | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.http = http or HopClient()
+
+    async def _request(
+        self, node: NodeRecord, method: str, path: str, *, body: object = None, timeout_s: float | None = None
+    ) -> HopResponse:
+        data = b"" if body is None else json.dumps(body).encode()
+        try:
+            return await self.http.request(
+                method, node.address + path, body=data, headers=_JSON if body is not None else {},
+                timeout_s=timeout_s or self.timeout_s,
+            )  # fmt: skip
+        except NotDelivered as exc:
+            raise NodeUnreachable(f"node agent {node.node_id} at {node.address} refused the connection") from exc
+        except HopError as exc:
+            raise Unavailable(f"node agent {node.node_id} at {node.address} failed: {exc}") from exc
+
+    async def start_instance(self, node: NodeRecord, body: dict[str, Any]) -> str:
+        """Start an instance on ``node``; its address."""
+        resp = await self._request(node, "POST", wire.NODE_INSTANCES, body=body)
+        raise_for_error(resp)
+        return str(json.loads(resp.body)["address"])
+
+    async def stop_instance(self, node: NodeRecord, instance_id: str) -> None:
+        resp = await self._request(node, "DELETE", wire.node_instance(instance_id), timeout_s=5.0)
+        if resp.status != 404:
+            raise_for_error(resp)
+
+    async def instances(self, node: NodeRecord) -> list[InstanceStatus]:
+        resp = await self._request(node, "GET", wire.NODE_INSTANCES, timeout_s=5.0)
+        raise_for_error(resp)
+        return [InstanceStatus.model_validate(item) for item in json.loads(resp.body)]
+
+    async def instance_exit(self, node: NodeRecord, instance_id: str, *, wait_s: float) -> dict[str, Any]:
+        """How an instance ended, as its node agent saw it ({} if it did not see it end)."""
+        resp = await self._request(
+            node, "GET", f"{wire.node_instance_exit(instance_id)}?wait_s={wait_s}", timeout_s=wait_s + 3.0
+        )
+        if resp.status != 200:
+            return {}
+        found = json.loads(resp.body)
+        return found if isinstance(found, dict) else {}
+
+    async def close(self) -> None:
+        await self.http.close()
