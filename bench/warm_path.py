@@ -48,6 +48,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ TARGET_C1_VS_INSTANCE = 2.0
 TARGET_C16_RPS = 4000.0
 TARGET_C16_VS_NAIVE = 1.5
 TARGET_CPU_MS = 0.15
+NOISY_CORES = 0.25  # other processes' average load during a target's rounds that makes a run "noisy"
 
 BenchError = il.BenchError
 log = il.log
@@ -100,13 +102,15 @@ _LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    rounds: int  # measured wrk runs per target and concurrency, interleaved with the other targets'
     duration_s: int  # wrk -d of each measured run
-    warmup_s: int  # an unmeasured wrk run of the same shape just before
+    warmup_s: int  # an unmeasured wrk run per target and concurrency before the rounds
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
         return cls(
-            duration_s=args.duration or (3 if args.quick else 10),
+            rounds=args.rounds or (2 if args.quick else 3),
+            duration_s=args.duration or (2 if args.quick else 4),
             warmup_s=1 if args.quick else 2,
         )
 
@@ -272,30 +276,79 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
-class Run:
-    endpoint: Endpoint
-    connections: int
+class Round:
+    """One measured wrk run and the CPU every process used meanwhile."""
+
     result: wrk.WrkResult
     usage: il.CpuUsage
-    served_by: frozenset[int]  # the roots and their descendants at the end of the run
     wrk_cpu_s: float  # wrk's own user + system time (it is waited for, so RUSAGE_CHILDREN has it)
 
+
+@dataclass(slots=True)
+class Run:
+    """One target at one concurrency: its rounds, interleaved with the other targets' rounds."""
+
+    endpoint: Endpoint
+    connections: int
+    rounds: list[Round] = field(default_factory=list)
+    served_by: set[int] = field(default_factory=set)  # the roots and their descendants seen after a round
+
+    @property
+    def answers(self) -> int:
+        return sum(r.result.requests for r in self.rounds)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.result.errors for r in self.rounds)
+
+    @property
+    def duration_s(self) -> float:
+        return sum(r.result.duration_s for r in self.rounds)
+
+    @property
+    def ok_rps(self) -> float:
+        ok = sum(r.result.ok_requests for r in self.rounds)
+        return ok / self.duration_s if self.duration_s > 0 else math.nan
+
+    def percentile_ms(self, q: float) -> float:
+        """The median over the rounds of each round's percentile (wrk prints no histogram to merge)."""
+        values = [r.result.percentile_ms(q) for r in self.rounds]
+        return statistics.median(values) if values else math.nan
+
+    @property
+    def p50_ms(self) -> float:
+        return self.percentile_ms(50.0)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.percentile_ms(99.0)
+
+    def cpu_s(self, pid: int) -> float:
+        return sum(r.usage.per_pid.get(pid, 0.0) for r in self.rounds)
+
     def ms_per_call(self, cpu_s: float) -> float:
-        calls = self.result.requests
-        return 1000 * cpu_s / calls if calls else math.nan
+        return 1000 * cpu_s / self.answers if self.answers else math.nan
 
     @property
     def target_cpu_ms(self) -> float:
         """CPU per call of every process serving the target (not wrk's)."""
-        return self.ms_per_call(sum(self.usage.per_pid.get(pid, 0.0) for pid in self.served_by))
+        return self.ms_per_call(sum(self.cpu_s(pid) for pid in self.served_by))
 
     def role_cpu_ms(self, role: str) -> float:
         pid = self.endpoint.roles.get(role)
-        return math.nan if pid is None else self.ms_per_call(self.usage.per_pid.get(pid, 0.0))
+        return math.nan if pid is None else self.ms_per_call(self.cpu_s(pid))
 
     @property
     def wrk_cpu_ms(self) -> float:
-        return self.ms_per_call(self.wrk_cpu_s)
+        return self.ms_per_call(sum(r.wrk_cpu_s for r in self.rounds))
+
+    @property
+    def other_cores(self) -> float:
+        """Cores busy with processes outside this run, on average over the rounds: the noise."""
+        elapsed = sum(r.usage.elapsed_s for r in self.rounds)
+        # wrk has exited when the round's second snapshot is taken: its CPU is not in ours_s.
+        other = sum(max(0.0, r.usage.machine_s - r.usage.ours_s - r.wrk_cpu_s) for r in self.rounds)
+        return other / elapsed if elapsed > 0 else math.nan
 
 
 def _children_cpu_s() -> float:
@@ -303,34 +356,43 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def measure(wrk_path: str, endpoint: Endpoint, connections: int, plan: Plan) -> Run:
+async def measure(
+    wrk_path: str, endpoints: dict[str, Endpoint], connections: int, plan: Plan
+) -> dict[str, Run]:
+    """Warm each target up, then ``plan.rounds`` rounds of one wrk run per target, the order rotating,
+    so that every target meets about the same noise from the rest of the machine."""
     threads = 1 if connections == 1 else 2
-    label = f"{COLUMNS[endpoint.target]} c={connections}"
 
-    async def load(duration_s: int) -> wrk.WrkResult:
+    async def load(endpoint: Endpoint, duration_s: int) -> wrk.WrkResult:
         return await wrk.run(
             wrk_path, endpoint.url, script=endpoint.script, threads=threads, connections=connections,
             duration_s=duration_s,
         )  # fmt: skip
 
-    warm = await load(plan.warmup_s)
-    if warm.ok_requests == 0:
-        raise BenchError(f"{label}: no successful answer while warming up ({warm.errors} errors)")
-    log(f"{label}: wrk -t{threads} -c{connections} -d{plan.duration_s}s {endpoint.url}")
-    before, wrk_before = il.CpuSnapshot.take(), _children_cpu_s()
-    result = await load(plan.duration_s)
-    after, wrk_after = il.CpuSnapshot.take(), _children_cpu_s()
-    served_by: frozenset[int] = frozenset().union(
-        *(il.descendants(after.procs, pid) for pid in endpoint.roots)
-    )
-    run = Run(
-        endpoint, connections, result, il.CpuUsage.between(before, after), served_by, wrk_after - wrk_before
-    )
+    runs = {target: Run(endpoint, connections) for target, endpoint in endpoints.items()}
+    for target, endpoint in endpoints.items():
+        warm = await load(endpoint, plan.warmup_s)
+        if warm.ok_requests == 0:
+            raise BenchError(f"{COLUMNS[target]} c={connections}: no successful answer while warming up")
     log(
-        f"{label}: {result.ok_rps:,.0f} req/s, p50 {result.p50_ms:.3f} ms, p99 {result.p99_ms:.3f} ms"
-        + (f", {result.errors} errors" if result.errors else "")
+        f"c={connections}: {plan.rounds} rounds of wrk -t{threads} -c{connections} -d{plan.duration_s}s per target"
     )
-    return run
+    order = list(endpoints)
+    for number in range(plan.rounds):
+        for target in order[number % len(order) :] + order[: number % len(order)]:
+            run = runs[target]
+            before, wrk_before = il.CpuSnapshot.take(), _children_cpu_s()
+            result = await load(run.endpoint, plan.duration_s)
+            after, wrk_after = il.CpuSnapshot.take(), _children_cpu_s()
+            run.rounds.append(Round(result, il.CpuUsage.between(before, after), wrk_after - wrk_before))
+            for root in run.endpoint.roots:
+                run.served_by |= il.descendants(after.procs, root)
+            log(
+                f"  {COLUMNS[target]} c={connections} round {number + 1}: {result.ok_rps:,.0f} req/s, "
+                f"p50 {result.p50_ms:.3f} ms, p99 {result.p99_ms:.3f} ms"
+                + (f", {result.errors} errors" if result.errors else "")
+            )
+    return runs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +420,8 @@ def rows(c1: dict[str, Run], c16: dict[str, Run]) -> list[Row]:
     def each(pick: Callable[[Run], float], runs: dict[str, Run]) -> dict[str, float]:
         return {target: pick(run) for target, run in runs.items()}
 
-    p50 = each(lambda r: r.result.p50_ms, c1)
-    rps16 = each(lambda r: r.result.ok_rps, c16)
+    p50 = each(lambda r: r.p50_ms, c1)
+    rps16 = each(lambda r: r.ok_rps, c16)
     out = [
         Row(
             "warm c=1 p50, ms", p50, 3, f"<= {TARGET_C1_P50_MS:g} and <= {TARGET_C1_VS_INSTANCE:g}x instance",
@@ -368,8 +430,8 @@ def rows(c1: dict[str, Run], c16: dict[str, Run]) -> list[Row]:
                 ratio(p50["platform"], p50["instance"]) <= TARGET_C1_VS_INSTANCE,
             ),
         ),
-        Row("warm c=1 p99, ms", each(lambda r: r.result.p99_ms, c1), 3),
-        Row("warm c=1 req/s", each(lambda r: r.result.ok_rps, c1), 0),
+        Row("warm c=1 p99, ms", each(lambda r: r.p99_ms, c1), 3),
+        Row("warm c=1 req/s", each(lambda r: r.ok_rps, c1), 0),
         Row(
             f"c={CONCURRENCY} req/s (one instance, concurrency {CONCURRENCY})", rps16, 0,
             f">= {TARGET_C16_RPS:,.0f} and >= {TARGET_C16_VS_NAIVE:g}x naive",
@@ -378,8 +440,8 @@ def rows(c1: dict[str, Run], c16: dict[str, Run]) -> list[Row]:
                 ratio(rps16["platform"], rps16["naive"]) >= TARGET_C16_VS_NAIVE,
             ),
         ),
-        Row(f"c={CONCURRENCY} p50, ms", each(lambda r: r.result.p50_ms, c16), 2),
-        Row(f"c={CONCURRENCY} p99, ms", each(lambda r: r.result.p99_ms, c16), 2),
+        Row(f"c={CONCURRENCY} p50, ms", each(lambda r: r.p50_ms, c16), 2),
+        Row(f"c={CONCURRENCY} p99, ms", each(lambda r: r.p99_ms, c16), 2),
         Row(f"c={CONCURRENCY} cpu ms per call, all its processes", each(lambda r: r.target_cpu_ms, c16), 3),
     ]  # fmt: skip
     for role in ROLES:
@@ -431,15 +493,16 @@ def table(all_rows: list[Row]) -> list[str]:
 def run_notes(runs: Iterable[Run]) -> list[str]:
     notes = []
     for run in runs:
-        result = run.result
-        errors = (
-            f"{result.non_2xx} non-2xx, socket errors {dict(result.socket_errors)}"
-            if result.errors
-            else "no errors"
-        )
+        errors = [
+            f"round {k + 1}: {r.result.non_2xx} non-2xx, socket errors {dict(r.result.socket_errors)}"
+            for k, r in enumerate(run.rounds)
+            if r.result.errors
+        ]
+        rounds = " / ".join(f"{r.result.ok_rps:,.0f}" for r in run.rounds)
         notes.append(
-            f"  {COLUMNS[run.endpoint.target]} c={run.connections}: {result.requests} answers in "
-            f"{result.duration_s:.2f} s, {errors}; wrk's cpu {run.wrk_cpu_ms:.3f} ms per call; {run.usage.summary()}"
+            f"  {COLUMNS[run.endpoint.target]} c={run.connections}: {run.answers} answers in {run.duration_s:.1f} s "
+            f"(req/s by round {rounds}), {'; '.join(errors) if errors else 'no errors'}; wrk's cpu "
+            f"{run.wrk_cpu_ms:.3f} ms per call; other processes busy {run.other_cores:.2f} cores on average"
         )
     return notes
 
@@ -451,6 +514,17 @@ def report(
     c1_roles = ", ".join(f"{role} {c1['platform'].role_cpu_ms(role):.3f}" for role in ROLES)
     naive = c16["naive"]
     hops = ", ".join(f"{role} {naive.role_cpu_ms(role):.3f}" for role in naive.endpoint.roles)
+    runs = [*c1.values(), *c16.values()]
+    noise = max(run.other_cores for run in runs)
+    warning = (
+        [
+            f"NOISY: other processes kept up to {noise:.2f} of {os.cpu_count()} cores busy during a target's "
+            "rounds; the absolute figures are not clean, the ratios (same rounds, interleaved) less affected.",
+            "",
+        ]
+        if noise >= NOISY_CORES
+        else []
+    )
     notes = [
         "",
         "platform = POST /v1/functions/{name}/invoke on the gateway (gateway -> trigger -> dispatcher -> host), "
@@ -459,19 +533,21 @@ def report(
         "version, and the dispatcher's headers.",
         f"naive chain = {PROXY_HOPS} aiohttp proxies (one ClientSession each, keep-alive) in front of a raw ASGI "
         "endpoint under uvicorn (uvloop, httptools); bench/naive_chain.py.",
-        f"wrk -t1 -c1 (c=1) and -t2 -c{CONCURRENCY}, -d{plan.duration_s}s each after a {plan.warmup_s} s warm-up, "
-        "body {}; req/s counts 2xx answers only; latencies from wrk --latency.",
+        f"wrk -t1 -c1 (c=1) and -t2 -c{CONCURRENCY}: after a {plan.warmup_s} s warm-up per target, {plan.rounds} "
+        f"rounds of -d{plan.duration_s}s per target, the targets interleaved; body {{}}. req/s counts 2xx answers "
+        "of all rounds; p50/p99 are the median over the rounds of wrk's --latency percentiles.",
         "platform/instance, platform/naive: for latencies and cpu, how many times the platform's; for req/s, the "
         "fraction of the other's throughput the platform delivers.",
-        "cpu ms per call = utime + stime from /proc over the measured run / answers wrk counted. 'all its "
+        "cpu ms per call = utime + stime from /proc over the measured rounds / answers wrk counted. 'all its "
         "processes': platform = every platform process (etcd, Valkey, SeaweedFS, services, hosts); "
         "instance = the host; naive = the endpoint and the proxies.",
         f"  platform at c=1, cpu ms per call: {c1_roles}",
         f"  naive chain at c={CONCURRENCY}, cpu ms per call: {hops}",
-        "runs (the 'other processes' share shows how noisy the machine was):",
-        *run_notes([*c1.values(), *c16.values()]),
+        "runs:",
+        *run_notes(runs),
     ]
-    return "\n".join([*machine_lines(argv, code), "", *table(all_rows), *notes]), all_rows
+    text = [*machine_lines(argv, code), "", *warning, *table(all_rows), *notes]
+    return "\n".join(text), all_rows
 
 
 def machine_lines(argv: Sequence[str], code: str) -> list[str]:
@@ -484,21 +560,27 @@ def as_json(
     plan: Plan, c1: dict[str, Run], c16: dict[str, Run], all_rows: list[Row], code: str
 ) -> dict[str, Any]:
     def figures(run: Run) -> dict[str, Any]:
-        result = run.result
         return {
-            "p50_ms": result.p50_ms,
-            "p99_ms": result.p99_ms,
-            "percentiles_ms": {f"{q:g}": v for q, v in result.percentiles_ms.items()},
-            "req_per_s": result.ok_rps,
-            "answers": result.requests,
-            "non_2xx": result.non_2xx,
-            "socket_errors": dict(result.socket_errors),
-            "duration_s": result.duration_s,
+            "p50_ms": run.p50_ms,
+            "p99_ms": run.p99_ms,
+            "req_per_s": run.ok_rps,
+            "answers": run.answers,
+            "errors": run.errors,
+            "duration_s": run.duration_s,
             "cpu_ms_per_call": run.target_cpu_ms,
             "cpu_ms_per_call_by_process": {role: run.role_cpu_ms(role) for role in run.endpoint.roles},
             "wrk_cpu_ms_per_call": run.wrk_cpu_ms,
-            "machine_cores_busy": run.usage.cores(run.usage.machine_s),
-            "this_run_cores_busy": run.usage.cores(run.usage.ours_s),
+            "other_processes_cores": run.other_cores,
+            "rounds": [
+                {
+                    "req_per_s": r.result.ok_rps,
+                    "percentiles_ms": {f"{q:g}": v for q, v in r.result.percentiles_ms.items()},
+                    "answers": r.result.requests,
+                    "non_2xx": r.result.non_2xx,
+                    "socket_errors": dict(r.result.socket_errors),
+                }
+                for r in run.rounds
+            ],
         }
 
     def clean(value: Any) -> Any:  # NaN is not JSON
@@ -514,7 +596,12 @@ def as_json(
         {
             "code": code,
             "nproc": len(os.sched_getaffinity(0)),
-            "plan": {"duration_s": plan.duration_s, "warmup_s": plan.warmup_s, "concurrency": CONCURRENCY},
+            "plan": {
+                "rounds": plan.rounds,
+                "duration_s": plan.duration_s,
+                "warmup_s": plan.warmup_s,
+                "concurrency": CONCURRENCY,
+            },
             "c1": {target: figures(run) for target, run in c1.items()},
             f"c{CONCURRENCY}": {target: figures(run) for target, run in c16.items()},
             "table": [
@@ -609,14 +696,15 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
                     ),
                 }
 
-            c1: dict[str, Run] = {}
-            targets = endpoints(C1_FUNCTION, await il.warm_path(cluster, etcd, C1_FUNCTION))
-            for target in TARGETS:
-                c1[target] = await measure(wrk_path, targets[target], 1, plan)
-            c16: dict[str, Run] = {}
-            targets = endpoints(C16_FUNCTION, await il.warm_path(cluster, etcd, C16_FUNCTION))
-            for target in TARGETS:
-                c16[target] = await measure(wrk_path, targets[target], CONCURRENCY, plan)
+            c1 = await measure(
+                wrk_path, endpoints(C1_FUNCTION, await il.warm_path(cluster, etcd, C1_FUNCTION)), 1, plan
+            )
+            c16 = await measure(
+                wrk_path,
+                endpoints(C16_FUNCTION, await il.warm_path(cluster, etcd, C16_FUNCTION)),
+                CONCURRENCY,
+                plan,
+            )
             if len(await il.instances_of(etcd, C16_FUNCTION)) != 1:
                 raise BenchError(f"{C16_FUNCTION} does not run on exactly one instance")
 
@@ -642,8 +730,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Warm calls under wrk: the platform against the function host alone and a naive proxy chain."
     )
-    parser.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s (a smoke run)")
-    parser.add_argument("--duration", type=int, default=0, help="seconds of each measured wrk run")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (a smoke run)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="measured runs per target and concurrency (default 3, --quick 2)",
+    )
+    parser.add_argument(
+        "--duration", type=int, default=0, help="seconds of each measured wrk run (default 4, --quick 2)"
+    )
     parser.add_argument("--json", default="", help="also write the figures to this file")
     parser.add_argument(
         "--max-seconds", type=float, default=600.0, help="abort the whole run after this long"
