@@ -715,11 +715,13 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
                 await asyncio.to_thread(Path(args.json).write_text, figures)
                 log(f"figures written to {args.json}")
     finally:
-        children.stop_all()
-        await gw.aclose()
-        await etcd.close()
-        log("stopping the platform")
-        await cluster.stop()
+        try:
+            children.stop_all()
+        finally:
+            await gw.aclose()
+            await etcd.close()
+            log("stopping the platform")
+            await cluster.stop()
         if args.keep_home:
             log(f"platform home (logs) kept in {home}")
         else:
