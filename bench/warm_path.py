@@ -541,7 +541,8 @@ def report(
         "cpu ms per call = utime + stime from /proc over the measured rounds / answers wrk counted. 'all its "
         "processes': platform = every platform process (etcd, Valkey, SeaweedFS, services, hosts); "
         "instance = the host; naive = the endpoint and the proxies.",
-        f"  platform at c=1, cpu ms per call: {c1_roles}",
+        f"  at c=1, cpu ms per call: platform {c1_roles}; instance alone host "
+        f"{c1['instance'].role_cpu_ms('host'):.3f}; naive chain all its processes {c1['naive'].target_cpu_ms:.3f}",
         f"  naive chain at c={CONCURRENCY}, cpu ms per call: {hops}",
         "runs:",
         *run_notes(runs),
