@@ -2,7 +2,7 @@
 
 Run from the repository root (``bench/README.md`` explains every figure)::
 
-    .venv/bin/python bench/warm_path.py            # full run, about 2-3 minutes (or: make bench-warm)
+    .venv/bin/python bench/warm_path.py            # full run, about 2 minutes (or: make bench-warm)
     .venv/bin/python bench/warm_path.py --quick    # smoke run, about 1 minute
     .venv/bin/python bench/warm_path.py --json /tmp/warm.json
 
@@ -21,8 +21,9 @@ a Python client.  Three targets are measured in the same run, each at concurrenc
 - **naive chain**: three aiohttp proxies in front of a raw ASGI endpoint under uvicorn
   (``bench/naive_chain.py``): the three hops built the obvious way.
 
-and, from ``/proc``, the CPU each process spent per call (utime + stime over the measured run,
-divided by the answers wrk counted).
+and, from ``/proc``, the CPU each process spent per call (utime + stime over the measured runs,
+divided by the answers wrk counted).  After a warm-up per target, the targets are measured in rounds
+(one wrk run per target each, the order rotating), so that all three meet about the same noise.
 
 Caveats:
 - wrk, the platform, the host and the chain share the machine's cores: at c=16 the cores are
