@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup up down status test test-fast lint bench chaos clean
+.PHONY: setup up down status test test-fast lint bench bench-warm chaos clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/invoke_latency.py
+
+bench-warm: setup
+	$(BIN)/python bench/warm_path.py
 
 chaos: setup
 	$(BIN)/python -m bench.chaos --fault all

@@ -460,8 +460,10 @@ async def host_pid(record: InstanceRecord) -> int:
     return int(resp.json()["pid"])
 
 
-async def warm_path(cluster: EmbeddedCluster, etcd: Etcd) -> dict[str, tuple[str, int]]:
-    """role -> (name, pid) of each process a warm call of ``WARM_FUNCTION`` goes through."""
+async def warm_path(
+    cluster: EmbeddedCluster, etcd: Etcd, function: str = WARM_FUNCTION
+) -> dict[str, tuple[str, int]]:
+    """role -> (name, pid) of each process a warm call of ``function`` goes through (its first instance)."""
     pids = {rec.name: rec.pid for rec in cluster.records}
     leader = await etcd.get(keys.election("trigger"))
     if leader is None:
@@ -469,13 +471,13 @@ async def warm_path(cluster: EmbeddedCluster, etcd: Etcd) -> dict[str, tuple[str
     trigger = LeaderRecord.model_validate_json(leader.value).member_id
     kvs, _ = await etcd.get_prefix(keys.members_prefix("dispatcher"))
     members = [kv.key.decode().rsplit("/", 1)[-1] for kv in kvs]
-    dispatcher = rank(members, f"{NAMESPACE}/{WARM_FUNCTION}")[0]  # the trigger's choice (rendezvous)
+    dispatcher = rank(members, f"{NAMESPACE}/{function}")[0]  # the trigger's choice (rendezvous)
     out = {
         "gateway": ("gateway-1", pids["gateway-1"]),
         "trigger": (trigger, pids[trigger]),
         "dispatcher": (dispatcher, pids[dispatcher]),
     }
-    records = await instances_of(etcd, WARM_FUNCTION)
+    records = await instances_of(etcd, function)
     if records:
         out["host"] = (records[0].instance_id, await host_pid(records[0]))
     return out

@@ -603,8 +603,11 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes], bool]:
 class FunctionHost:
     """State of one host process; all of it lives on the event loop thread."""
 
-    def __init__(self, *, socket_path: str, cache_dir: str, instance_id: str) -> None:
-        self.socket_path = socket_path
+    def __init__(
+        self, *, socket_path: str, cache_dir: str, instance_id: str, tcp_port: int | None = None
+    ) -> None:
+        self.socket_path = socket_path  # "" when serving on tcp_port instead
+        self.tcp_port = tcp_port
         self.cache_dir = cache_dir
         self.instance_id = instance_id
         self.state = "generic"
@@ -628,12 +631,19 @@ class FunctionHost:
         # (a module importing for minutes, a handler blocking the loop), so SIGTERM always ends us.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        server = await asyncio.start_unix_server(self._serve_connection, path=self.socket_path)
-        try:
-            os.chmod(self.socket_path, 0o600)
-        except OSError:
-            pass
-        _diag(f"generic host {self.instance_id} listening on {self.socket_path}")
+        if self.tcp_port is not None:
+            # For benchmarks only (load generators that speak TCP, not unix sockets): loopback, never
+            # another interface, since the host has no authentication of its own.
+            server = await asyncio.start_server(self._serve_connection, host="127.0.0.1", port=self.tcp_port)
+            where = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        else:
+            server = await asyncio.start_unix_server(self._serve_connection, path=self.socket_path)
+            try:
+                os.chmod(self.socket_path, 0o600)
+            except OSError:
+                pass
+            where = self.socket_path
+        _diag(f"generic host {self.instance_id} listening on {where}")
         async with server:
             await server.serve_forever()
 
@@ -649,10 +659,11 @@ class FunctionHost:
                     stream.flush()
             except (OSError, ValueError, RuntimeError):  # RuntimeError: a reentrant flush
                 pass
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
+        if self.socket_path:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
         os._exit(code)
 
     # -- connections --------------------------------------------------------------------------------
@@ -1031,7 +1042,11 @@ def _drop_script_dir_from_path() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="FaaS function host")
-    parser.add_argument("--socket", required=True)
+    listen = parser.add_mutually_exclusive_group(required=True)
+    listen.add_argument("--socket", help="unix socket path to serve on (how the platform runs hosts)")
+    listen.add_argument(
+        "--tcp-port", type=int, help="serve on 127.0.0.1:PORT instead (benchmarks; 0 picks a free port)"
+    )
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--instance-id", required=True)
     args = parser.parse_args(argv)
@@ -1040,7 +1055,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout = _CapturingStream(sys.stdout)
     sys.stderr = _CapturingStream(sys.stderr)
     host = FunctionHost(
-        socket_path=args.socket, cache_dir=os.path.abspath(args.cache_dir), instance_id=args.instance_id
+        socket_path=args.socket or "",
+        cache_dir=os.path.abspath(args.cache_dir),
+        instance_id=args.instance_id,
+        tcp_port=args.tcp_port,
     )
     try:
         asyncio.run(host.serve())
