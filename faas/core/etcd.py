@@ -46,10 +46,13 @@ GRPC_OPTIONS: dict[str, int] = {
     "grpc.max_reconnect_backoff_ms": 1000,
     # A member that is frozen or cut off keeps its TCP connection open: pings notice it in ~4 s, and
     # gRPC then moves to the next endpoint.  etcd must accept pings this often
-    # (``--grpc-keepalive-min-time``, which the launcher sets to 1 s).
+    # (``--grpc-keepalive-min-time``, which the launcher sets to 1 s).  Only while a call is open (a
+    # watch, a lease keepalive): etcd refuses pings on a connection without one ("too_many_pings",
+    # it does not permit them without a stream), and an idle client learns of a dead member at its
+    # next call anyway.
     "grpc.keepalive_time_ms": 2000,
     "grpc.keepalive_timeout_ms": 2000,
-    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.keepalive_permit_without_calls": 0,
     "grpc.http2.max_pings_without_data": 0,
 }
 
