@@ -104,6 +104,16 @@ class Body:
         self._resume()
         return data
 
+    def take(self) -> bytes:
+        """The whole body of a ``complete`` one, without waiting."""
+        assert self._complete
+        self.consumed = True
+        data = self._chunks.pop() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._resume()
+        return data
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body piece by piece, as it arrives (reading the next piece resumes the transport)."""
         while True:

@@ -30,6 +30,7 @@ import httptools
 from faas.core.body import Body, BodyIncomplete
 
 IDLE_REUSE_S = 50.0
+_HOP_BY_HOP = frozenset(("host", "connection", "transfer-encoding"))
 _socket_paths: dict[str, str] = {}  # the quoted authority of an http+unix:// URL -> its socket path
 _WRITE_HIGH_WATER = 256 * 1024
 
@@ -255,7 +256,7 @@ class HopClient:
         method: str,
         url: str,
         *,
-        body: bytes | AsyncIterable[bytes] = b"",
+        body: bytes | AsyncIterable[bytes] = b"",  # bytes (not bytearray) or chunks
         headers: dict[str, str] | None = None,
         timeout_s: float,
         stream: bool = False,
@@ -286,8 +287,13 @@ class HopClient:
         timer = loop.call_at(deadline, conn.time_out, url, timeout_s)
         sender: asyncio.Task[None] | None = None
         try:
-            if isinstance(body, bytes | bytearray | memoryview):
-                await self._send(conn, method, path, authority, headers, body)
+            if isinstance(body, bytes):
+                # The whole request in one write (the usual case: no await, the kernel takes it).
+                lines, _ = self._head(method, path, authority, headers, len(body))
+                lines.append("\r\n")
+                if conn.closed or conn.transport is None:
+                    raise ConnectionBroken("the connection closed before the request was sent")
+                conn.transport.write("".join(lines).encode("latin-1") + body)
             else:
                 # A streamed body is sent while the response is read (full duplex): a peer may answer,
                 # or stream its response, before it has read the whole request.
@@ -308,7 +314,7 @@ class HopClient:
                 resp._release = release
                 return resp
             try:
-                data = await resp_body.read()
+                data = resp_body.take() if resp_body.complete else await resp_body.read()
             except BodyIncomplete as exc:
                 raise conn._failure or ConnectionBroken(str(exc)) from exc
         except BaseException:
@@ -325,26 +331,30 @@ class HopClient:
             conn.abort(ConnectionBroken("not reusable"))
         return HopResponse(status, resp_headers, data)
 
-    async def _send(
-        self, conn: _Connection, method: str, path: str, authority: str, headers: dict[str, str] | None,
-        body: bytes | AsyncIterable[bytes],
-    ) -> None:  # fmt: skip
+    @staticmethod
+    def _head(
+        method: str, path: str, authority: str, headers: dict[str, str] | None, length: int | None
+    ) -> tuple[list[str], bool]:
+        """The request head's lines (without the blank line) and whether the caller gave a length."""
         lines = [f"{method} {path} HTTP/1.1\r\nhost: {authority or 'localhost'}\r\n"]
         length_given = False
         if headers:
             for name, value in headers.items():
                 lower = name.lower()
-                if lower in ("host", "connection", "transfer-encoding"):
+                if lower in _HOP_BY_HOP:
                     continue
                 if lower == "content-length":
                     length_given = True
                 lines.append(f"{name}: {value}\r\n")
-        if isinstance(body, bytes | bytearray | memoryview):
-            if not length_given:
-                lines.append(f"content-length: {len(body)}\r\n")
-            lines.append("\r\n")
-            await conn.write("".join(lines).encode("latin-1") + bytes(body))
-            return
+        if length is not None and not length_given:
+            lines.append(f"content-length: {length}\r\n")
+        return lines, length_given
+
+    async def _send(
+        self, conn: _Connection, method: str, path: str, authority: str, headers: dict[str, str] | None,
+        body: AsyncIterable[bytes],
+    ) -> None:  # fmt: skip
+        lines, length_given = self._head(method, path, authority, headers, None)
         if not length_given:
             lines.append("transfer-encoding: chunked\r\n")
         lines.append("\r\n")
