@@ -68,3 +68,30 @@ async def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(interval_s)
+
+
+class HostAnswer:
+    """A function host's answer to ``POST /_/invoke`` read back into one dict (``json()``): ``result``
+    (200) or ``error``, with the ``logs`` the host put before the body (``X-Faas-Logs-Bytes``) and
+    ``duration_ms``, so tests read every part of the wire format the dispatcher reads."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self.text = response.text
+
+    def json(self) -> dict[str, Any]:
+        logs_bytes = int(self.headers["x-faas-logs-bytes"])
+        content = self.response.content
+        final = json.loads(content[logs_bytes:])
+        out: dict[str, Any] = {
+            "logs": content[:logs_bytes].decode(),
+            "duration_ms": float(self.headers["x-faas-duration-ms"]),
+        }
+        if self.status_code == 200:
+            out["result"] = final
+        else:
+            assert set(final) == {"error"} and self.headers["x-faas-error-kind"] == final["error"]["kind"]
+            out["error"] = final["error"]
+        return out

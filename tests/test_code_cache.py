@@ -31,6 +31,7 @@ from faas.runtime.backend import InstanceSpec
 from faas.runtime.code_cache import STAGING_MAX_AGE_S, CodeCache
 from faas.runtime.process_backend import ProcessBackend
 from tests.code_server import CodeServer
+from tests.helpers import HostAnswer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -204,9 +205,9 @@ def uds_client(address: str) -> httpx.AsyncClient:
     )
 
 
-async def invoke(address: str, event: dict[str, Any] | None = None) -> httpx.Response:
+async def invoke(address: str, event: dict[str, Any] | None = None) -> HostAnswer:
     async with uds_client(address) as client:
-        return await client.post("/_/invoke", json=event or {}, headers={"X-Faas-Request-Id": uuid.uuid4().hex})
+        return HostAnswer(await client.post("/_/invoke", json=event or {}, headers={"X-Faas-Request-Id": uuid.uuid4().hex}))
 
 
 async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:

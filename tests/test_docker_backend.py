@@ -27,6 +27,7 @@ from faas.runtime.docker_backend import DockerBackend
 from faas.runtime.image import DEFAULT_TAG, ensure_runtime_image
 from tests.code_server import CodeServer
 from tests.conftest import missing_service
+from tests.helpers import HostAnswer
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(60)]
 
@@ -204,9 +205,9 @@ def uds_client(address: str) -> httpx.AsyncClient:
     )
 
 
-async def invoke(address: str, event: dict[str, Any]) -> httpx.Response:
+async def invoke(address: str, event: dict[str, Any]) -> HostAnswer:
     async with uds_client(address) as client:
-        return await client.post("/_/invoke", json=event, headers={"X-Faas-Request-Id": uuid.uuid4().hex})
+        return HostAnswer(await client.post("/_/invoke", json=event, headers={"X-Faas-Request-Id": uuid.uuid4().hex}))
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:

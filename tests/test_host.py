@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ import pytest
 
 from faas.runtime.process_backend import HOST_SCRIPT
 from tests.code_server import CodeServer
-from tests.helpers import make_zip
+from tests.helpers import HostAnswer, make_zip
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,8 +66,8 @@ class Host:
         body.update(overrides)
         return await self.client.post("/_/specialize", json=body)
 
-    async def invoke(self, event: Any = None, **headers: str) -> httpx.Response:
-        return await self.client.post("/_/invoke", json=event if event is not None else {}, headers=headers)
+    async def invoke(self, event: Any = None, **headers: str) -> HostAnswer:
+        return HostAnswer(await self.client.post("/_/invoke", json=event if event is not None else {}, headers=headers))
 
     async def exited(self, within_s: float = 5.0) -> int:
         return await asyncio.wait_for(self.process.wait(), within_s)
@@ -217,7 +218,13 @@ async def test_sync_handler_sees_event_context_and_environment(
     response = await host.invoke(
         {"n": 1}, **{"X-Faas-Request-Id": "req-1", "X-Faas-Deadline-Ms": str(deadline_ms)}
     )
-    assert response.status_code == 200, response.text
+    assert response.status_code == 200, response.response.text
+    # On the wire: the output first, X-Faas-Logs-Bytes long, then the body the caller gets, untouched.
+    raw = response.response.content
+    logs_bytes = int(response.headers["x-faas-logs-bytes"])
+    assert raw[:logs_bytes].decode().startswith("hello from handler")
+    assert json.loads(raw[logs_bytes:])["event"] == {"n": 1}
+    assert "x-faas-error-kind" not in response.headers
     body = response.json()
     result = body["result"]
     assert result["event"] == {"n": 1}
@@ -254,7 +261,7 @@ async def test_async_handler_in_a_package(
     assert response.json()["result"] == {"event": {"a": [1, 2]}, "request_id": "r-async"}
     assert response.json()["logs"] == "async hello\n"
     # An empty body is the event {} (as a Lambda invoke without payload).
-    empty = await host.client.post("/_/invoke", content=b"")
+    empty = HostAnswer(await host.client.post("/_/invoke", content=b""))
     assert empty.json()["result"]["event"] == {}
 
 
@@ -313,7 +320,7 @@ async def test_handler_exception_is_a_function_error_and_host_stays(
     assert unserialisable.json()["error"]["type"] == "TypeError"
     assert "not JSON serialisable" in unserialisable.json()["error"]["message"]
 
-    bad_event = await host.client.post("/_/invoke", content=b"{not json")
+    bad_event = HostAnswer(await host.client.post("/_/invoke", content=b"{not json"))
     assert bad_event.status_code == 400
     assert bad_event.json()["error"]["kind"] == "invalid_request"
 

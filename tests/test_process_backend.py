@@ -19,6 +19,7 @@ from faas.core.errors import InstanceStartError
 from faas.runtime.backend import InstanceExit
 from faas.runtime.process_backend import ProcessBackend
 from tests.code_server import CodeServer
+from tests.helpers import HostAnswer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -125,7 +126,7 @@ async def test_launch_specialises_a_pooled_host_and_refills(
     socket_path = address.removeprefix("unix://")
     assert Path(socket_path).name in pooled  # the warm host was used, not a new one
     async with uds_client(socket_path) as client:
-        response = await client.post("/_/invoke", json={"x": 1}, headers={"X-Faas-Request-Id": "r1"})
+        response = HostAnswer(await client.post("/_/invoke", json={"x": 1}, headers={"X-Faas-Request-Id": "r1"}))
     assert response.status_code == 200
     assert response.json()["result"] == {"echo": {"x": 1}, "instance_function": "echo"}
     assert response.json()["logs"] == "invoked echo\n"

@@ -46,7 +46,7 @@ from faas.core.errors import (
     TooManyRequests,
 )
 from faas.core.etcd import Etcd, PrefixMirror
-from faas.core.http import ConnectionBroken, HopTimeout, NotDelivered, for_address
+from faas.core.http import ConnectionBroken, HopResponse, HopTimeout, NotDelivered, for_address
 from faas.core.models import InstanceRecord, NodeRecord, VersionKey, VersionSpec
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
@@ -258,12 +258,9 @@ class Dispatcher:
                 continue
             ended = time.perf_counter()
             pool.observe(ended - called)
-            status, payload, retire = outcome
-            if retire:
+            if outcome.retire:
                 self._drop(pool, inst, reason="instance retired itself")
-            return self._finish(
-                spec, inst, status, payload, request_id=request_id, cold=cold, total_ms=(ended - started) * 1000
-            )
+            return self._finish(spec, inst, outcome, request_id=request_id, cold=cold, total_ms=(ended - started) * 1000)
 
     async def _acquire(
         self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float
@@ -325,7 +322,7 @@ class Dispatcher:
 
     async def _call(
         self, inst: WarmInstance, spec: VersionSpec, body: bytes, *, request_id: str, deadline: float
-    ) -> tuple[int, dict[str, Any], bool] | None:
+    ) -> _Outcome | None:
         """Send one invocation; None means it was not delivered (safe to retry elsewhere)."""
         timeout = min(spec.timeout_s + TIMEOUT_GRACE_S, max(deadline - time.time(), 0.001))
         pool = self._pool(spec.key)
@@ -343,7 +340,7 @@ class Dispatcher:
         except HopTimeout:
             self._drop(pool, inst, reason="did not answer within its timeout")
             err = FunctionTimeout(f"function exceeded its timeout of {spec.timeout_s:g} s")
-            return 504, {**err.to_body(), "logs": ""}, False
+            return _Outcome.of_error(504, err.to_body())
         except ConnectionBroken as exc:
             self._drop(pool, inst, reason=f"connection broke during an invocation ({exc})")
             return await self._crash_outcome(inst, spec)
@@ -354,13 +351,9 @@ class Dispatcher:
                 self._drop(pool, inst, reason="instance is retiring")
             await asyncio.sleep(0.005)
             return None
-        try:
-            payload = json.loads(resp.body)
-        except ValueError:
-            payload = {"error": {"kind": "platform_error", "type": "BadResponse", "message": "instance sent invalid JSON"}}
-        return resp.status, payload, resp.headers.get("x-faas-retire") == "1"
+        return _Outcome.of_host(resp)
 
-    async def _crash_outcome(self, inst: WarmInstance, spec: VersionSpec) -> tuple[int, dict[str, Any], bool]:
+    async def _crash_outcome(self, inst: WarmInstance, spec: VersionSpec) -> _Outcome:
         """The error for a call whose instance died under it: ask its node agent why it ended."""
         exit_info: dict[str, Any] = {}
         raw = self.nodes.items.get(keys.node(inst.record.node_id))
@@ -376,7 +369,7 @@ class Dispatcher:
                 "type": "MemoryError",
                 "message": f"function ran out of memory (limit {spec.memory_mb} MB); its instance was replaced",
             }
-            return 500, {"error": error, "logs": ""}, False
+            return _Outcome.of_error(500, {"error": error})
         if exit_info:
             # The node agent saw the host exit on its own during the call: the function's doing
             # (os._exit, a crash in a native extension), so it counts against its async retries.
@@ -390,7 +383,7 @@ class Dispatcher:
             crash = InstanceStartError(
                 "the instance stopped answering during the invocation", error_type="InstanceCrashed", fault="platform"
             )
-        return 502, {**crash.to_body(), "logs": ""}, False
+        return _Outcome.of_error(502, crash.to_body())
 
     def _drop(self, pool: FunctionPool, inst: WarmInstance, *, reason: str) -> None:
         if pool.remove(inst.instance_id) is None:
@@ -403,27 +396,23 @@ class Dispatcher:
         await self.scheduler.retire(inst.instance_id)
 
     def _finish(
-        self, spec: VersionSpec, inst: WarmInstance, status: int, payload: dict[str, Any], *,
-        request_id: str, cold: bool, total_ms: float,
+        self, spec: VersionSpec, inst: WarmInstance, outcome: _Outcome, *, request_id: str, cold: bool,
+        total_ms: float,
     ) -> InvocationResult:
         headers = {
             wire.REQUEST_ID: request_id,
             wire.VERSION: str(spec.version),
             wire.INSTANCE: inst.instance_id,
             wire.COLD: "1" if cold else "0",
-            wire.DURATION_MS: f"{float(payload.get('duration_ms', 0.0)):.3f}",
+            wire.DURATION_MS: outcome.duration_ms,
         }
-        if status == 200:
-            body = json.dumps(payload.get("result")).encode()
-            outcome = "ok"
-        else:
-            error = payload.get("error") or {}
-            outcome = str(error.get("kind", "error"))
-            if outcome in ("function_error", "out_of_memory", "function_timeout"):
+        status = outcome.status
+        kind = outcome.error_kind or "ok"
+        if status != 200:
+            if kind in ("function_error", "out_of_memory", "function_timeout"):
                 headers[wire.FUNCTION_ERROR] = "Unhandled"
             if status == 507:
                 status = 500
-            body = json.dumps({"error": error}).encode()
         self.logs.add(
             spec.namespace,
             spec.function,
@@ -432,9 +421,52 @@ class Dispatcher:
                 "request_id": request_id,
                 "version": spec.version,
                 "instance_id": inst.instance_id,
-                "status": outcome,
+                "status": kind,
                 "duration_ms": round(total_ms, 3),
-                "output": payload.get("logs", ""),
+                "output": outcome.logs,
             },
         )
-        return InvocationResult(status, body, headers)
+        return InvocationResult(status, outcome.body, headers)
+
+
+class _Outcome:
+    """What an instance answered to one invocation: the caller's body untouched (the result's JSON,
+    or ``{"error": ...}``), and beside it the captured output, the duration and the error's kind."""
+
+    __slots__ = ("status", "body", "logs", "duration_ms", "error_kind", "retire")
+
+    def __init__(
+        self, status: int, body: bytes, *, logs: str = "", duration_ms: str = "0.000",
+        error_kind: str | None = None, retire: bool = False,
+    ) -> None:  # fmt: skip
+        self.status = status
+        self.body = body
+        self.logs = logs
+        self.duration_ms = duration_ms
+        self.error_kind = error_kind
+        self.retire = retire
+
+    @classmethod
+    def of_host(cls, resp: HopResponse) -> _Outcome:
+        """The host's answer: ``X-Faas-Logs-Bytes`` of output, then the body (docs/contracts.md)."""
+        headers = resp.headers
+        body = resp.body
+        try:
+            logs_bytes = int(headers.get("x-faas-logs-bytes", "0"))
+        except ValueError:
+            logs_bytes = -1
+        if not 0 <= logs_bytes <= len(body):
+            error = {"kind": "platform_error", "type": "BadResponse", "message": "the instance sent a malformed answer"}
+            return cls.of_error(502, {"error": error})
+        logs = body[:logs_bytes].decode("utf-8", "replace") if logs_bytes else ""
+        return cls(
+            resp.status, body[logs_bytes:] if logs_bytes else body, logs=logs,
+            duration_ms=headers.get("x-faas-duration-ms", "0.000"),
+            error_kind=headers.get("x-faas-error-kind") if resp.status != 200 else None,
+            retire=headers.get("x-faas-retire") == "1",
+        )  # fmt: skip
+
+    @classmethod
+    def of_error(cls, status: int, error_body: dict[str, Any]) -> _Outcome:
+        """An error of the platform's own making (the instance timed out, or died)."""
+        return cls(status, json.dumps(error_body).encode(), error_kind=str(error_body["error"]["kind"]))

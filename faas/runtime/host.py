@@ -541,7 +541,7 @@ def _apply_memory_limit(memory_mb: int, concurrency: int) -> None:
 
 
 class _Response:
-    __slots__ = ("status", "body", "retire", "close", "exit_code", "admitted")
+    __slots__ = ("status", "body", "retire", "close", "exit_code", "admitted", "headers")
 
     def __init__(
         self,
@@ -552,8 +552,10 @@ class _Response:
         close: bool = False,
         exit_code: int | None = None,
         body: bytes | None = None,
+        headers: bytes = b"",
     ) -> None:
         self.status = status
+        self.headers = headers  # extra header lines, each ending in CRLF
         self.body = body if body is not None else json.dumps(payload).encode()
         self.retire = retire
         self.close = close or retire or exit_code is not None
@@ -565,6 +567,13 @@ def _error(status: int, kind: str, error_type: str, message: str, **extra: Any) 
     payload: dict[str, Any] = {"error": {"kind": kind, "type": error_type, "message": message}}
     payload.update(extra)
     return _Response(status, payload)
+
+
+def _invoke_error(status: int, kind: str, error_type: str, message: str) -> _Response:
+    """An invocation refused before its handler ran: no output, no duration."""
+    body = json.dumps({"error": {"kind": kind, "type": error_type, "message": message}}).encode()
+    headers = b"X-Faas-Duration-Ms: 0.000\r\nX-Faas-Logs-Bytes: 0\r\nX-Faas-Error-Kind: %s\r\n" % kind.encode()
+    return _Response(status, None, body=body, headers=headers)
 
 
 class _BadRequest(Exception):
@@ -731,10 +740,11 @@ class FunctionHost:
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, response: _Response, keep_alive: bool) -> None:
-        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s" % (
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s%s" % (
             response.status,
             _REASONS.get(response.status, b"Unknown"),
             len(response.body),
+            response.headers,
             b"X-Faas-Retire: 1\r\n" if response.retire else b"",
             b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
         )
@@ -833,40 +843,32 @@ class FunctionHost:
     async def _invoke(self, headers: dict[bytes, bytes], body: bytes) -> _Response:
         spec = self.spec
         if spec is None:
-            return _error(
-                409, "conflict", "NotSpecialized", "this host is not specialised", logs="", duration_ms=0.0
-            )
+            return _invoke_error(409, "conflict", "NotSpecialized", "this host is not specialised")
         if self.retiring:
-            response = _error(
+            response = _invoke_error(
                 429,
                 "too_many_requests",
                 "TooManyRequests",
                 "this instance is retiring",
-                logs="",
-                duration_ms=0.0,
             )
             response.retire = True
             response.close = True
             return response
         if self.inflight >= spec.concurrency:
-            return _error(
+            return _invoke_error(
                 429,
                 "too_many_requests",
                 "TooManyRequests",
                 f"all {spec.concurrency} concurrency slots of this instance are busy",
-                logs="",
-                duration_ms=0.0,
             )
         try:
             event = json.loads(body) if body.strip() else {}
         except ValueError as exc:
-            return _error(
+            return _invoke_error(
                 400,
                 "invalid_request",
                 "InvalidRequest",
                 f"event is not valid JSON: {exc}",
-                logs="",
-                duration_ms=0.0,
             )
 
         budget = spec.timeout_s
@@ -876,24 +878,20 @@ class FunctionHost:
             try:
                 remaining = int(raw_deadline) / 1000 - time.time()
             except ValueError:
-                return _error(
+                return _invoke_error(
                     400,
                     "invalid_request",
                     "InvalidRequest",
                     "bad X-Faas-Deadline-Ms",
-                    logs="",
-                    duration_ms=0.0,
                 )
             if remaining < budget:
                 budget, deadline_bound = remaining, True
         if budget <= 0:
-            return _error(
+            return _invoke_error(
                 504,
                 "function_timeout",
                 "TimeoutError",
                 "the invocation deadline passed before the function started",
-                logs="",
-                duration_ms=0.0,
             )
 
         request_id = headers.get(b"x-faas-request-id", b"").decode(errors="replace") or uuid.uuid4().hex
@@ -937,29 +935,26 @@ class FunctionHost:
             status, payload = self._outcome(ok, value)
         else:
             status, payload = self._timed_out(future, slot, budget, deadline_bound, spec.timeout_s)
-        payload["logs"] = logs.getvalue()
-        payload["duration_ms"] = duration_ms
+        return self._answer(status, payload, logs.getvalue(), duration_ms)
+
+    def _answer(self, status: int, payload: dict[str, Any], logs: str, duration_ms: float) -> _Response:
+        """An invocation's answer: the body the caller gets (the result's JSON, or ``{"error": ...}``),
+        after the invocation's captured output (``X-Faas-Logs-Bytes`` long)."""
         try:
-            body = json.dumps(payload, allow_nan=False).encode()
+            final = json.dumps(payload["result"] if status == 200 else payload, allow_nan=False).encode()
         except MemoryError:
             status, payload = self._out_of_memory()
-            payload["logs"] = logs.getvalue()
-            payload["duration_ms"] = duration_ms
-            body = json.dumps(payload).encode()
+            final = json.dumps(payload).encode()
         except (TypeError, ValueError, RecursionError) as exc:
-            status = 500
-            body = json.dumps(
-                {
-                    "error": {
-                        "kind": "function_error",
-                        "type": type(exc).__name__,
-                        "message": f"the function's result is not JSON serialisable: {exc}",
-                    },
-                    "logs": payload["logs"],
-                    "duration_ms": duration_ms,
-                }
-            ).encode()
-        response = _Response(status, None, body=body, retire=self.retiring)
+            status, payload = 500, _function_error(
+                type(exc).__name__, f"the function's result is not JSON serialisable: {exc}"
+            )
+            final = json.dumps(payload).encode()
+        prefix = logs.encode("utf-8", "replace")
+        head = b"X-Faas-Duration-Ms: %.3f\r\nX-Faas-Logs-Bytes: %d\r\n" % (duration_ms, len(prefix))
+        if status != 200:
+            head += b"X-Faas-Error-Kind: %s\r\n" % payload["error"]["kind"].encode()
+        response = _Response(status, None, body=prefix + final if prefix else final, retire=self.retiring, headers=head)
         response.admitted = True
         return response
 
