@@ -18,6 +18,10 @@ Guarantees:
   invocation record's ``attempts`` counts function attempts, ``platform_retries`` the others, and
   its ``error`` (the last one) carries ``fault`` (``function`` or ``platform``), as the dead letter's
   does;
+- starts and outcomes (``mark_running``, ``succeed``, ``retry_later``, ``dead_letter``) of a queue made
+  with ``group_records`` share transactions with those of other events recorded at the same moment
+  (``GroupCommit``): each event's outcome and acknowledgement are still in one transaction, which
+  now holds several events' records (all applied, or none when it fails as a whole);
 - every command that fails because the connection did (Redis restarted, unreachable, too slow)
   raises ``Unavailable`` and adds one to ``connection_losses``; a consumer that sees the count move
   re-reads its own pending events, since a reply lost with the connection may have handed it events
@@ -26,7 +30,10 @@ Guarantees:
 Caveats: a transaction whose reply is lost with the connection may or may not have been applied; the
 caller cannot tell, and treats the event as still pending (an outcome recorded twice at worst, never
 an event lost); an enqueue that failed so may have queued its event, which a re-send with the same id
-or scope does not queue again.
+or scope does not queue again.  A command that fails on its own inside a transaction or script (a
+key of the wrong type, written by someone else) does not undo the rest of it (Redis does not roll
+back): ``_finish`` logs a failed step of its caller's, and raises ``Unavailable`` when a command of
+the outcome itself failed (the rest of the outcome, the acknowledgement included, may be applied).
 
 Envelopes are versioned (``v``); a consumer refuses versions it does not know.  Fields added since
 version 1 have defaults, so envelopes written before them stay readable.  An envelope names the
@@ -36,8 +43,10 @@ events queued before uids existed have None and run on whichever function has th
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +55,7 @@ from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.commands.core import DataAccessCommands
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -121,6 +131,22 @@ end
 return holders
 """
 
+# Record the starts and outcomes of several events in one atomic script (one fsync).  ARGV[1] is JSON:
+# the commands, each a list of strings.  Every command runs (pcall): one that fails does not stop the
+# others, as inside EXEC.  Returns the failed ones, {index, error} each.  The keys are named in the
+# commands, not in KEYS: the platform's Valkey is a single server, not a cluster.
+_RECORD_BATCH = """
+local failed = {}
+for i, command in ipairs(cjson.decode(ARGV[1])) do
+  local reply = redis.pcall(unpack(command))
+  if type(reply) == 'table' and reply.err then
+    failed[#failed + 1] = {i, reply.err}
+  end
+end
+return failed
+"""
+
+
 class AsyncEnvelope(BaseModel):
     v: int = ENVELOPE_VERSION
     id: str
@@ -144,6 +170,10 @@ class AsyncEnvelope(BaseModel):
 PipeStep = Callable[[Any], None]
 """Extra commands a caller adds to the transaction that records an outcome (destinations, source acks)."""
 
+StepError = tuple[int, ResponseError]
+"""A command of a recorded transaction that failed on its own: the index of its step, its error."""
+
+
 @dataclass(frozen=True, slots=True)
 class EnqueueRequest:
     """One event of ``enqueue_batch``: queued once per invocation id, or once per ``scope`` (when
@@ -155,12 +185,25 @@ class EnqueueRequest:
 
 
 class InvocationQueue:
-    def __init__(self, redis: aioredis.Redis, *, status_ttl_s: int) -> None:
+    """The queue's reads and writes.  ``group_records`` > 0: starts and outcomes are written in shared
+    transactions of up to that many events, by a writer the owner runs (``write_records_forever``)."""
+
+    def __init__(self, redis: aioredis.Redis, *, status_ttl_s: int, group_records: int = 0) -> None:
         self.redis = redis
         self.status_ttl_s = status_ttl_s
         self.connection_losses = 0
         self._move_due = redis.register_script(_MOVE_DUE)
         self._enqueue_batch = redis.register_script(_ENQUEUE_BATCH)
+        self._record_batch = redis.register_script(_RECORD_BATCH)
+        self._records: GroupCommit[Sequence[PipeStep], list[StepError] | Exception] | None = (
+            GroupCommit(self.record_batch, max_batch=group_records, name="queue records") if group_records else None
+        )
+
+    async def write_records_forever(self) -> NoReturn:
+        """The writer of the shared record transactions (a queue made with ``group_records``)."""
+        if self._records is None:
+            raise RuntimeError("this queue writes each record on its own: it has no record writer")
+        await self._records.run_forever()
 
     async def _run(self, what: str, coro: Any) -> Any:
         try:
@@ -188,7 +231,7 @@ class InvocationQueue:
 
     def _status(self, pipe: Any, env: AsyncEnvelope, **fields: Any) -> None:
         key = redis_keys.invocation(env.id)
-        pipe.hset(key, mapping={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+        pipe.hset(key, mapping={k: _field(v) for k, v in fields.items()})
         pipe.expire(key, self.status_ttl_s)
 
     @staticmethod
@@ -343,39 +386,98 @@ class InvocationQueue:
         )
         return int(moved)
 
-    async def mark_running(self, env: AsyncEnvelope) -> None:
-        async def _do() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                self._status(
-                    pipe, env, status="running", attempts=env.attempt, platform_retries=env.platform_retries,
-                    started_at=time.time(),
-                )  # fmt: skip
-                # Every start counts, including a second run of an event reclaimed from a dead dispatcher.
-                pipe.hincrby(redis_keys.invocation(env.id), "runs", 1)
-                await pipe.execute()
+    async def record_batch(self, units: Sequence[Sequence[PipeStep]]) -> list[list[StepError] | Exception]:
+        """Run the steps of several events' records in one atomic script (one fsync).
 
-        await self._run("record a start", _do())
+        The steps' commands are collected (``_Commands``) and sent as one argument of
+        ``_RECORD_BATCH``: redis-py reads two replies per command of a MULTI, which cost a
+        dispatcher more CPU than the rest of an event's bookkeeping.  Returns, per unit, the
+        commands that failed on their own (the others are applied, as inside EXEC), each as the
+        index of its step and the error; a unit whose steps raised is left out of the script, and is
+        that exception."""
+        commands: list[list[str]] = []
+        spans: list[tuple[int, list[int]] | Exception] = []  # per unit: its first command, its steps' ends
+        for steps in units:
+            collected = _Commands()
+            ends: list[int] = []
+            try:
+                for step in steps:
+                    step(collected)
+                    ends.append(len(collected.commands))
+            except Exception as exc:  # a bug in one event's steps: the others are recorded
+                spans.append(exc)
+                continue
+            spans.append((len(commands), ends))
+            commands += collected.commands
+        failed: list[Any] = []
+        if commands:
+            what = "record starts and outcomes" if len(units) > 1 else "record an outcome"
+            failed = await self._run(
+                what, self._record_batch(args=[json.dumps(commands, ensure_ascii=False, separators=(",", ":"))])
+            )
+        errors = {int(index) - 1: ResponseError(_text(message)) for index, message in failed}
+        out: list[list[StepError] | Exception] = []
+        for span in spans:
+            if isinstance(span, Exception):
+                out.append(span)
+                continue
+            first, ends = span
+            count = ends[-1] if ends else 0
+            out.append([
+                (bisect.bisect_right(ends, i - first), errors[i]) for i in range(first, first + count) if i in errors
+            ])  # fmt: skip
+        return out
+
+    async def _record(self, steps: Sequence[PipeStep]) -> list[StepError]:
+        """Run ``steps`` in one transaction (a shared one when the queue groups its records); the
+        commands that failed on their own."""
+        if self._records is not None:
+            errors = await self._records.submit(steps)
+        else:
+            errors = (await self.record_batch([steps]))[0]
+        if isinstance(errors, Exception):
+            raise errors
+        return errors
+
+    async def _record_all(self, what: str, steps: Sequence[PipeStep]) -> None:
+        """``_record``, failing if any of the commands failed (the others are applied all the same)."""
+        for _, error in await self._record(steps):
+            raise Unavailable(f"queue (Redis) failed to {what}: {error}") from error
+
+    async def mark_running(self, env: AsyncEnvelope) -> None:
+        started = {"status": "running", "attempts": env.attempt, "platform_retries": env.platform_retries,
+                   "started_at": time.time()}  # fmt: skip
+
+        def start(pipe: Any) -> None:
+            self._status(pipe, env, **started)
+            # Every start counts, including a second run of an event reclaimed from a dead dispatcher.
+            pipe.hincrby(redis_keys.invocation(env.id), "runs", 1)
+
+        await self._record_all("record a start", [start])
 
     async def _finish(
         self, msg_id: str, env: AsyncEnvelope, steps: Sequence[PipeStep | None], **fields: Any
     ) -> None:
-        async def _do() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for step in steps:
-                    if step is not None:
-                        step(pipe)
-                self._status(pipe, env, **{"attempts": env.attempt, "platform_retries": env.platform_retries,
-                                           "finished_at": time.time(), **fields})  # fmt: skip
-                pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
-                pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
-                # A command of the caller's steps can fail on its own (a destination key of the wrong
-                # type, a source stream deleted by its owner): EXEC still applies the rest, so the
-                # outcome is recorded; the failed step is logged, not raised.
-                for result in await pipe.execute(raise_on_error=False):
-                    if isinstance(result, Exception):
-                        log.warning("event %s: a step of its outcome failed: %s", env.id, result)
+        outcome = {"attempts": env.attempt, "platform_retries": env.platform_retries, "finished_at": time.time(),
+                   **fields}  # fmt: skip
 
-        await self._run("record an outcome", _do())
+        def settle(pipe: Any) -> None:
+            self._status(pipe, env, **outcome)
+            pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
+            pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
+
+        # A command of the caller's steps can fail on its own (a destination key of the wrong type, a
+        # source stream deleted by its owner): the rest is applied all the same, so the outcome is
+        # recorded; the failed step is logged, not raised.  The outcome's own commands must not fail.
+        extra = [step for step in steps if step is not None]
+        own_error: ResponseError | None = None
+        for index, error in await self._record([*extra, settle]):
+            if index < len(extra):
+                log.warning("event %s: a step of its outcome failed: %s", env.id, error)
+            else:
+                own_error = own_error or error
+        if own_error is not None:
+            raise Unavailable(f"queue (Redis) failed to record an outcome: {own_error}") from own_error
 
     async def succeed(
         self, msg_id: str, env: AsyncEnvelope, result_json: str, *, also: PipeStep | None = None
@@ -419,17 +521,15 @@ class InvocationQueue:
         await self._finish(msg_id, env, [to_dlq, also], status="dead-lettered", error=error)
 
     async def drop_unreadable(self, msg_id: str) -> None:
-        async def _do() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(
-                    redis_keys.DEAD_LETTERS,
-                    {"raw_id": msg_id, "error": json.dumps({"kind": "unreadable", "fault": "platform"})},
-                )
-                pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
-                pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
-                await pipe.execute()
+        def set_aside(pipe: Any) -> None:
+            pipe.xadd(
+                redis_keys.DEAD_LETTERS,
+                {"raw_id": msg_id, "error": json.dumps({"kind": "unreadable", "fault": "platform"})},
+            )
+            pipe.xack(redis_keys.ASYNC_STREAM, redis_keys.ASYNC_GROUP, msg_id)
+            pipe.xdel(redis_keys.ASYNC_STREAM, msg_id)
 
-        await self._run("set aside an unreadable event", _do())
+        await self._record_all("set aside an unreadable event", [set_aside])
 
     async def status(self, invocation_id: str) -> dict[str, Any] | None:
         raw = await self._run("read a status", self.redis.hgetall(redis_keys.invocation(invocation_id)))
@@ -527,6 +627,42 @@ class EnqueueBatcher:
     async def enqueue_once(self, env: AsyncEnvelope, scope: str, window_s: int) -> str | None:
         """As ``InvocationQueue.enqueue_once``: None when queued, else the id holding ``scope``."""
         return await self._commit.submit(EnqueueRequest(env, scope, window_s))
+
+
+class _Commands(DataAccessCommands):
+    """Collects the commands that ``PipeStep`` s issue, through redis-py's own command builders
+    (``pipe.xadd(...)`` and the like), as lists of strings to run in a script."""
+
+    _event_dispatcher: Any = None  # part of redis-py's client protocol; no command used here reads it
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append([_arg(arg) for arg in args])
+
+
+def _arg(value: Any) -> str:
+    """A command argument as redis-py would send it (numbers as ``repr``), as text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)
+    raise TypeError(f"a Redis command argument cannot be a {type(value).__name__}")
+
+
+def _field(value: Any) -> str:
+    """A status field's value as stored: strings as they are, the rest as JSON (numbers without
+    ``json.dumps``, which costs a microsecond or two per call on the hot path)."""
+    if isinstance(value, str):
+        return value
+    if type(value) is int:
+        return str(value)
+    if type(value) is float and math.isfinite(value):
+        return repr(value)
+    return json.dumps(value)
 
 
 def _text(value: Any) -> str:
