@@ -12,9 +12,10 @@ a no-op function and a "ledger" function, and measures in order:
 1. the floor: ``XADD`` of an envelope of a real event's size to a bench-only stream on the platform's
    own Valkey (appendonly yes, appendfsync always), from ``--concurrency`` connections, one command per
    round trip, for ``--duration`` seconds, through a minimal RESP client (redis-py would make it a
-   floor of the client's CPU); then the trigger's whole write (``MULTI``, ``XADD``, ``HSET``,
-   ``EXPIRE``, ``EXEC``) through the same client, and through redis-py as the trigger sends it, to
-   tell Valkey's cost from the client library's and the hops'.  The bench keys are deleted afterwards;
+   floor of the client's CPU); then one transaction per event (``MULTI``, ``XADD``, ``HSET``,
+   ``EXPIRE``, ``EXEC``) through the same client, and the trigger's write as the trigger sends it
+   (``EnqueueBatcher``: concurrent callers share one ``enqueue_batch`` script, redis-py), to tell
+   Valkey's cost from the client library's and the hops'.  The bench keys are deleted afterwards;
 2. accepted/s: a closed loop of ``--concurrency`` callers on ``POST /v1/functions/{name}/invoke-async``
    for ``--duration`` seconds, counting 202 answers (the dispatchers consume meanwhile, as they would);
 3. completions/s: ``--events`` events submitted as fast as the same callers can, timed from the first
@@ -68,7 +69,6 @@ from urllib.parse import urlparse
 
 import httpx
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 # bench/ is sys.path[0] when this file is run as a script; make sure of it when imported otherwise.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,7 +78,7 @@ from faas.core import redis_keys  # noqa: E402
 from faas.core.errors import FaasError  # noqa: E402
 from faas.core.etcd import Etcd  # noqa: E402
 from faas.core.http import HopClient, HopError  # noqa: E402
-from faas.core.queue import AsyncEnvelope  # noqa: E402
+from faas.core.queue import AsyncEnvelope, EnqueueBatcher, InvocationQueue  # noqa: E402
 from faas.core.settings import Settings  # noqa: E402
 from faas.launcher.embedded import (  # noqa: E402
     EmbeddedCluster,
@@ -119,6 +119,7 @@ STATUS_POLL_S = 0.5
 HTTP_TIMEOUT_S = 30.0
 MEMBER_WAIT_S = 30.0
 BENCH_KEY_PREFIX = f"bench:async-queue:{os.getpid()}"  # never a platform key (those start with faas:)
+BENCH_DB = 15  # the group-commit floor's database on the platform's Valkey: no dispatcher reads it
 
 log = il.log
 BenchError = il.BenchError
@@ -461,31 +462,34 @@ async def raw_floor(
             await conn.close()
 
 
-async def redis_py_floor(redis_url: str, envelope: bytes, plan: Plan, keys: BenchKeys) -> Rate:
-    """The trigger's write as the trigger sends it: a redis-py ``pipeline(transaction=True)``."""
-    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=plan.concurrency, timeout=10)
-    client = aioredis.Redis(connection_pool=pool)
+async def group_commit_floor(redis_url: str, plan: Plan) -> Rate:
+    """The trigger's write as the trigger sends it: ``plan.concurrency`` callers on one ``EnqueueBatcher``
+    (group commit: one ``enqueue_batch`` script per batch, through redis-py), on a bench-only database
+    of the platform's Valkey (same server, same fsync; no dispatcher reads it), emptied afterwards."""
+    client = aioredis.Redis.from_url(
+        urlparse(redis_url)._replace(path=f"/{BENCH_DB}").geturl(), socket_timeout=10, socket_connect_timeout=5
+    )
+    if await client.dbsize():
+        await client.aclose()
+        raise BenchError(f"database {BENCH_DB} of the platform's Valkey is not empty: not the bench's to use")
+    batcher = EnqueueBatcher(InvocationQueue(client, status_ttl_s=3600))
 
     async def one(_: int) -> None:
-        key = keys.next_hash()
-        fields: dict[Any, Any] = queued_fields(time.time())
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.stream, {"e": envelope})
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, 3600)
-            await pipe.execute()
-
-    async def connect() -> None:
-        await client.ping()
+        env = AsyncEnvelope(
+            id=uuid.uuid4().hex, namespace=NAMESPACE, function=NOOP_FUNCTION, version=1, payload=EVENT.decode()
+        )
+        await batcher.enqueue_new(env)
 
     try:
-        async with asyncio.TaskGroup() as group:  # open every connection before the clock starts
-            for _ in range(plan.concurrency):
-                group.create_task(connect())
-        return await timed_workers(plan.concurrency, plan.load_s, one, (RedisError,))
+        async with asyncio.TaskGroup() as group:
+            writer = group.create_task(batcher.run_forever())
+            try:
+                return await timed_workers(plan.concurrency, plan.load_s, one, (FaasError,))
+            finally:
+                writer.cancel()
     finally:
+        await client.flushdb()
         await client.aclose()
-        await pool.disconnect()
 
 
 async def delete_bench_keys(redis: aioredis.Redis, keys: BenchKeys) -> None:
@@ -575,8 +579,8 @@ class Accepted:
     floor_xadd_cpu: il.CpuUsage
     floor_tx: Rate
     floor_tx_cpu: il.CpuUsage
-    floor_redis_py: Rate
-    floor_redis_py_cpu: il.CpuUsage
+    floor_group_commit: Rate
+    floor_group_commit_cpu: il.CpuUsage
     envelope_bytes: int
     gateway_sent: Submitted
     gateway_cpu: il.CpuUsage
@@ -627,7 +631,7 @@ async def measure_accepted(
         for label, floor in (
             ("XADD", lambda: raw_floor(url, envelope, plan, keys, transaction=False)),
             ("MULTI/XADD+HSET+EXPIRE/EXEC", lambda: raw_floor(url, envelope, plan, keys, transaction=True)),
-            ("the same through redis-py", lambda: redis_py_floor(url, envelope, plan, keys)),
+            ("the trigger's group commit through redis-py", lambda: group_commit_floor(url, plan)),
         ):
             log(f"floor: {label} ({len(envelope)} byte envelope), c={plan.concurrency}, {plan.load_s:g} s")
             floors.append(await il.with_cpu(floor()))
@@ -986,16 +990,16 @@ def report(
     row("    XADD latency p50, ms", pct(acc.floor_xadd.latencies, 50), 2)
     row("    XADD latency p99, ms", pct(acc.floor_xadd.latencies, 99), 2)
     row(
-        "  the trigger's write (MULTI/XADD+HSET+EXPIRE/EXEC), /s",
+        "  one transaction per event (MULTI/XADD+HSET+EXPIRE/EXEC), /s",
         acc.floor_tx.per_s,
         0,
         times(acc.floor_tx.per_s, floor, "of XADD"),
     )
     row(
-        "  the same write through redis-py, /s",
-        acc.floor_redis_py.per_s,
+        "  the trigger's group commit through redis-py, /s",
+        acc.floor_group_commit.per_s,
         0,
-        times(acc.floor_redis_py.per_s, floor, "of XADD"),
+        times(acc.floor_group_commit.per_s, floor, "of XADD"),
     )
     row(
         f"2 accepted through the gateway, c={c}, 202/s",
@@ -1038,7 +1042,7 @@ def report(
     floor_errors = {
         "XADD": acc.floor_xadd.errors,
         "transaction": acc.floor_tx.errors,
-        "redis-py": acc.floor_redis_py.errors,
+        "group commit": acc.floor_group_commit.errors,
     }
     notes = [
         "",
@@ -1050,20 +1054,21 @@ def report(
         f"{acc.envelope_bytes} bytes.",
         f"1 floor: {plan.load_s:g} s per row, {c} connections to the platform's Valkey, one request per round trip, "
         "bench-only keys deleted afterwards. XADD and the transaction row use a minimal RESP client (Valkey's "
-        "floor); the redis-py row sends the trigger's write the way the trigger does. Errors: "
+        f"floor); the group-commit row sends the trigger's write the way the trigger does (concurrent callers share "
+        f"one enqueue_batch script per batch, redis-py), to database {BENCH_DB} of the same Valkey. Errors: "
         + "; ".join(f"{k} {errors_text(v)}" for k, v in floor_errors.items())
         + ".",
         f"  cpu, XADD:         {acc.floor_xadd_cpu.summary()}",
         f"    ms per XADD:     {cpu_per_event(acc.floor_xadd_cpu, acc.floor_xadd.done, clusters)}",
         f"  cpu, transaction:  {acc.floor_tx_cpu.summary()}",
         f"    ms per write:    {cpu_per_event(acc.floor_tx_cpu, acc.floor_tx.done, clusters)}",
-        f"  cpu, redis-py:     {acc.floor_redis_py_cpu.summary()}",
-        f"    ms per write:    {cpu_per_event(acc.floor_redis_py_cpu, acc.floor_redis_py.done, clusters)}",
+        f"  cpu, group commit: {acc.floor_group_commit_cpu.summary()}",
+        f"    ms per write:    {cpu_per_event(acc.floor_group_commit_cpu, acc.floor_group_commit.done, clusters)}",
         f"2 accepted: {c} callers back to back on POST /v1/functions/{NOOP_FUNCTION}/invoke-async for "
         f"{plan.load_s:g} s after {plan.warmup_s:g} s of warm-up: {acc.gateway.done} events, non-202: "
         f"{acc.gateway_sent.error_report()}. The dispatchers ran the events meanwhile; the backlog "
         f"({acc.backlog_total} events with the warm-up) drained {acc.backlog_drain_s:.1f} s after the last 202, "
-        f"{acc.backlog_succeeded} succeeded. Against the redis-py row: {times(acc.gateway.per_s, acc.floor_redis_py.per_s, 'of it')}.",
+        f"{acc.backlog_succeeded} succeeded. Against the group-commit row: {times(acc.gateway.per_s, acc.floor_group_commit.per_s, 'of it')}.",
         f"  cpu: {acc.gateway_cpu.summary()}",
         f"    ms per event (accepting and running it): {cpu_per_event(acc.gateway_cpu, acc.gateway.done, clusters)}",
         f"3 completions: {burst.events} events by {c} callers back to back, all answered in {burst.submit_s:.1f} s "

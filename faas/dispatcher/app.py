@@ -23,7 +23,7 @@ from faas.core.service import (
 )
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
-from faas.dispatcher.consumer import AsyncConsumer
+from faas.dispatcher.consumer import RECORDS_PER_TRANSACTION, AsyncConsumer
 from faas.dispatcher.service import Dispatcher
 
 
@@ -48,7 +48,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
         consumer = AsyncConsumer(
             settings=settings,
-            queue=InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s),
+            queue=InvocationQueue(
+                redis, status_ttl_s=settings.invocation_ttl_s, group_records=RECORDS_PER_TRANSACTION
+            ),
             dispatcher=dispatcher,
             consumer_id=member_id,
             live_consumers=live_consumers,

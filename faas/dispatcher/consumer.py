@@ -33,7 +33,14 @@ Guarantees:
   transaction raised ``Unavailable``: the event stayed pending and is run again), without waiting
   for ``async_visibility_s``.  Every source of events skips the ones this consumer holds, so none
   runs twice at once here;
-- at most ``_MAX_IN_FLIGHT`` events run at once per dispatcher.
+- events are read in batches (one XREADGROUP for as many as there are free slots) and at most
+  ``_MAX_IN_FLIGHT`` run at once per dispatcher; an event beyond its function's free instance slots
+  waits in the dispatcher's pool for one (and asks for an instance);
+- starts and outcomes recorded at the same moment share one transaction (the queue is made with
+  ``group_records``; this consumer runs its writer): each event's outcome and acknowledgement are in
+  the same transaction, which may hold other events' records too.  A transaction that fails as a
+  whole (Redis down, an error reply) records none of them: each of its events stays pending, as
+  when its own transaction failed.
 
 Caveats: "gone from the membership" means its lease lapsed, not that it died: a dispatcher cut off
 from etcd for longer than its lease while still running has its in-flight events run a second time
@@ -66,6 +73,8 @@ from faas.dispatcher.service import Dispatcher
 log = logging.getLogger("faas.consumer")
 
 _MAX_IN_FLIGHT = 64
+_READ_AT_LEAST = 8
+RECORDS_PER_TRANSACTION = 2 * _MAX_IN_FLIGHT  # a start and an outcome per event at most
 _READ_BLOCK_MS = 1000
 _ORPHAN_SCAN_S = 2.0
 _DUE_MOVE_S = 0.25  # how often retries that came due move back onto the stream
@@ -84,8 +93,9 @@ class AsyncConsumer:
         self.queue = queue
         self.dispatcher = dispatcher
         self.consumer_id = consumer_id
-        self.slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self.tasks = TaskSet(f"consumer:{consumer_id}")
+        self._running = 0  # events handed to a task and not finished
+        self._slot_freed = asyncio.Event()
         # Message ids taken and not finished (in the backlog or running): a re-read skips them.
         self._held: set[str] = set()
         self._losses_seen = 0  # queue.connection_losses when this consumer last re-read its pending
@@ -94,6 +104,7 @@ class AsyncConsumer:
         await self.tasks.cancel_all()
 
     async def run_forever(self) -> NoReturn:
+        self.tasks.spawn(self.queue.write_records_forever(), name="records", long_lived=True)
         while True:
             try:
                 await self.queue.ensure_group()
@@ -108,30 +119,39 @@ class AsyncConsumer:
         next_orphan_scan = next_due_move = next_reclaim = 0.0
         while True:
             try:
+                free = await self._free_slots()
                 if self.queue.connection_losses != self._losses_seen:
                     backlog += self._take(await self._resync())
                 now = time.monotonic()
                 if now >= next_due_move:
                     next_due_move = now + _DUE_MOVE_S
                     await self.queue.move_due()
-                batch, backlog = backlog[:16], backlog[16:]
-                if not batch and now >= next_orphan_scan:
+                if not backlog and now >= next_orphan_scan:
                     next_orphan_scan = now + _ORPHAN_SCAN_S
-                    batch = self._take(await self._orphans())
-                if not batch and now >= next_reclaim:
+                    backlog = self._take(await self._orphans())
+                if not backlog and now >= next_reclaim:
                     found = await self.queue.reclaim(
-                        self.consumer_id, min_idle_s=self.settings.async_visibility_s, count=16
+                        self.consumer_id, min_idle_s=self.settings.async_visibility_s, count=free
                     )
-                    next_reclaim = now + (0.0 if len(found) == 16 else _RECLAIM_S)  # more may be idle
-                    batch = self._take(found)
-                if not batch:
-                    batch = self._take(await self.queue.read(self.consumer_id, count=16, block_ms=_READ_BLOCK_MS))
+                    next_reclaim = now + (0.0 if len(found) == free else _RECLAIM_S)  # more may be idle
+                    backlog = self._take(found)
+                if not backlog:
+                    backlog = self._take(await self.queue.read(self.consumer_id, count=free, block_ms=_READ_BLOCK_MS))
+                batch, backlog = backlog[:free], backlog[free:]
                 for msg_id, env in batch:
-                    await self.slots.acquire()
+                    self._running += 1
                     self.tasks.spawn(self._handle(msg_id, env), name=f"event:{msg_id}")
             except FaasError as exc:
                 log.warning("queue consumer: %s", exc)
                 await asyncio.sleep(1.0)
+
+    async def _free_slots(self) -> int:
+        """How many more events may run now; waits until ``_READ_AT_LEAST`` may (at full load, a read
+        per finished event would cost more round trips than the events)."""
+        while self._running > _MAX_IN_FLIGHT - _READ_AT_LEAST:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        return _MAX_IN_FLIGHT - self._running
 
     def _take(self, found: list[tuple[str, AsyncEnvelope | None]]) -> list[tuple[str, AsyncEnvelope | None]]:
         """The events of ``found`` this consumer does not hold yet, now held (until ``_handle`` ends)."""
@@ -208,7 +228,8 @@ class AsyncConsumer:
                     log.warning("event %s: %s", msg_id, again)
         finally:
             self._held.discard(msg_id)
-            self.slots.release()
+            self._running -= 1
+            self._slot_freed.set()
 
     async def _run(self, msg_id: str, env: AsyncEnvelope) -> None:
         try:

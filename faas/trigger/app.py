@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from faas.core import redis_keys, wire
 from faas.core.election import Election
 from faas.core.hop_server import Request, Response, json_response, relay
-from faas.core.queue import AsyncEnvelope, InvocationQueue
+from faas.core.queue import AsyncEnvelope, EnqueueBatcher, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
     Membership,
@@ -70,6 +70,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         )
         redis = redis_from_settings(settings)
         app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)
+        app.state.enqueuer = EnqueueBatcher(app.state.queue)  # async invocations' group commit
         catalog = Catalog(etcd)
         catalog.start()
         subscriptions = SubscriptionIndex(etcd)
@@ -85,6 +86,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         tasks = TaskSet("trigger-app")
         # Registers as soon as etcd answers; the copies below wait for etcd as long as it is away.
         tasks.spawn(membership.keep_forever(), name="membership", long_lived=True)
+        tasks.spawn(app.state.enqueuer.run_forever(), name="enqueue-batcher", long_lived=True)
         await trigger.start()
         await catalog.wait_ready(timeout_s=None)
         await subscriptions.wait_ready(timeout_s=None)
@@ -146,7 +148,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             trace=trace_context(request.headers.get("traceparent")),
             function_uid=request.headers.get(wire.FUNCTION_UID),
         )
-        queue: InvocationQueue = app.state.queue
+        queue: EnqueueBatcher = app.state.enqueuer
         idempotency_key = request.headers.get(wire.IDEMPOTENCY_KEY)
         if idempotency_key:
             scope = redis_keys.idempotency_scope(
