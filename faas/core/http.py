@@ -241,7 +241,7 @@ class HopClient:
 
     def __init__(self, *, unix_socket: str | None = None, max_connections: int = 0) -> None:
         self._unix = unix_socket
-        self._max_idle = max(max_connections, 32)
+        self._max_idle = max(max_connections, 256)  # idle connections kept per peer (beyond: closed)
         self._idle: dict[str, list[_Connection]] = {}
         self._closed = False
 
