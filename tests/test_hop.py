@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
 from faas.core.body import HIGH_WATER
 from faas.core.errors import NotFound
@@ -243,3 +244,92 @@ async def test_transport_failures_say_whether_the_request_may_have_arrived(tmp_p
         await client.post(f"{base}/die", body=b"x", headers={}, timeout_s=0.2)
     await server.shutdown(0)
     await client.close()
+
+
+async def test_a_body_left_unread_does_not_stall_the_next_request_on_the_connection() -> None:
+    router = Router()
+
+    async def ignore_body(request: Request) -> Response:
+        return Response(503, b'{"error": {"kind": "not_leader"}}')
+
+    async def small(request: Request) -> Response:
+        return Response(200, await request.body.read())
+
+    router.add("POST", "/ignore", ignore_body)
+    router.add("POST", "/small", small)
+    async with serving(router) as base:
+        client = HopClient()
+        # More than the server buffers before it stops reading, all of it sent before the answer.
+        first = await client.post(f"{base}/ignore", body=os.urandom(3 * HIGH_WATER), headers={}, timeout_s=5)
+        assert first.status == 503
+        second = await client.post(f"{base}/small", body=b"next", headers={}, timeout_s=2)
+        assert second.status == 200 and second.body == b"next"
+        await client.close()
+
+
+async def test_a_relayed_body_that_breaks_off_ends_the_downstream_connection_and_a_stalled_one_times_out() -> None:
+    upstream_router = Router()
+    stall = asyncio.Event()
+
+    async def half(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"x" * 100_000
+            if request.path == "/stall":
+                await stall.wait()  # never set: the peer stops in the middle of a body
+            raise RuntimeError("upstream died mid-body")
+
+        return Response(200, headers={"content-length": "200000"}, stream=body())
+
+    upstream_router.add("GET", "/break", half)
+    upstream_router.add("GET", "/stall", half)
+    async with serving(upstream_router) as upstream:
+        relay_client = HopClient()
+        router = Router()
+
+        async def forward(request: Request) -> Response:
+            return await relay(await relay_client.request("GET", f"{upstream}/break", timeout_s=5, stream=True))
+
+        router.add("GET", "/relay", forward)
+        async with serving(router) as base:
+            client = HopClient()
+            with pytest.raises(ConnectionBroken):
+                await client.request("GET", f"{base}/relay", timeout_s=5)  # cut short, not a hang
+            await client.close()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(HopTimeout):
+            resp = await relay_client.request("GET", f"{upstream}/stall", timeout_s=0.5, stream=True)
+            await resp.read()
+        assert asyncio.get_running_loop().time() - started < 2
+        stall.set()  # let the stalled upstream handler end
+        await asyncio.sleep(0.05)
+        await relay_client.close()
+
+
+async def test_upgrade_and_head_requests_are_answered_and_keep_the_framing() -> None:
+    fallback = FastAPI()
+
+    @fallback.api_route("/stream", methods=["GET", "HEAD"])
+    async def stream() -> StreamingResponse:
+        async def parts() -> AsyncIterator[bytes]:
+            yield b"one"
+            yield b"two"
+
+        return StreamingResponse(parts())
+
+    async with serving(echo_router(), fallback) as base:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /items/a/1 HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # answered as HTTP/1.1, then closed
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'"q": ""}')
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HEAD /stream HTTP/1.1\r\nhost: x\r\n\r\nGET /items/b/2 HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        while not data.endswith(b'"q": ""}'):
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            assert chunk, data
+            data += chunk
+        head_answer, _, rest = data.partition(b"\r\n\r\n")
+        assert head_answer.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200")  # no body after HEAD
+        writer.close()

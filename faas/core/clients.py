@@ -73,10 +73,16 @@ class LeaderClient:
         await self.http.close()
 
     async def _follow_leader(self) -> None:
-        """On every new leader, re-send the calls outstanding on any other one."""
+        """On every new leader, re-send the calls outstanding on any other one (for as long as the
+        client runs: a failure is logged and the watch goes on)."""
         while True:
-            current = self.leader.current()
-            leader = await self.leader.wait_for_other_leader(current.address if current else "")
+            try:
+                current = self.leader.current()
+                leader = await self.leader.wait_for_other_leader(current.address if current else "")
+            except Exception:
+                log.exception("following the %s leader failed; going on", self.leader.role)
+                await asyncio.sleep(0.5)
+                continue
             for address, pending in list(self._outstanding.items()):
                 if address != leader.address:
                     for request in list(pending):
@@ -105,17 +111,23 @@ class LeaderClient:
             try:
                 resp = await asyncio.shield(request)
             except asyncio.CancelledError:
-                if not request.cancelled():
+                task = asyncio.current_task()
+                if not request.cancelled() or (task is not None and task.cancelling()):
                     request.cancel()
-                    raise  # our caller was cancelled, not the request
+                    raise  # our caller was cancelled, not (only) the request
                 log.warning("%s leader changed during %s; sending it to the new one", self.leader.role, what)
                 skip = leader.address  # another leader was elected while this one held the call
                 continue
             except HopTimeout as exc:
                 raise DeadlineExceeded(f"{what} did not finish before its deadline") from exc
+            except NotDelivered:
+                # It never saw the call: ask again (the same leader, until the election names another:
+                # a dead leader's lease is revoked within about a second).
+                await asyncio.sleep(0.05)
+                continue
             except HopError:
-                # The leader went away (refused, or a pooled connection reset by a dead process): send
-                # the call to the next one.
+                # The connection broke with the call on it (a pooled connection reset by a dead
+                # process): send the call to the next leader.
                 skip = leader.address
                 await asyncio.sleep(0.05)
                 continue
@@ -163,7 +175,10 @@ class TriggerClient(LeaderClient):
         )
 
     async def enqueue(self, events: list[dict[str, object]], *, deadline: float) -> HopResponse:
-        """Queue events for several functions in one transaction on the primary (all or none)."""
+        """Queue events for several functions in one transaction on the primary (all or none).
+
+        Caveat: a batch re-sent after a trigger failover may be queued twice (its events carry no
+        ids the trigger could de-duplicate by); a single async call is queued at most once per id."""
         headers = {wire.DEADLINE_MS: wire.deadline_header(deadline), **_JSON}
         body = json.dumps({"events": events}).encode()
         return await self.call(

@@ -87,7 +87,7 @@ class Request:
 class Response:
     """``body`` bytes, or ``stream`` an async iterable of chunks (then ``body`` is ignored)."""
 
-    __slots__ = ("status", "headers", "body", "stream", "content_type")
+    __slots__ = ("status", "headers", "body", "stream", "content_type", "on_close")
 
     def __init__(
         self,
@@ -97,12 +97,15 @@ class Response:
         *,
         stream: AsyncIterable[bytes] | None = None,
         content_type: str | None = "application/json",
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.headers = headers
         self.stream = stream
         self.content_type = content_type
+        # Called once the response is sent or given up (a relayed stream frees its upstream connection).
+        self.on_close = on_close
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -128,7 +131,7 @@ async def relay(resp: HopResponse) -> Response:
         return Response(resp.status, await resp.read(), passed, content_type=content_type)
     if length is not None:
         passed["content-length"] = length
-    return Response(resp.status, headers=passed, stream=resp.stream(), content_type=content_type)
+    return Response(resp.status, headers=passed, stream=resp.stream(), content_type=content_type, on_close=resp.close)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -180,6 +183,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_current",
         "_waiting", "_active", "_closed", "_write_paused", "_drain", "idle_since", "_lost", "_lingering",
+        "_force_close",
     )  # fmt: skip
 
     def __init__(self, server: HopServer) -> None:
@@ -199,6 +203,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since: float | None = None  # loop time since when no request is running or arriving
         self._lost: asyncio.Future[None] | None = None  # set when the connection ends (ASGI disconnect)
         self._lingering: asyncio.TimerHandle | None = None  # reading away an unanswered body, then closing
+        self._force_close = False  # the connection ends after the current request
 
     # -- transport events -------------------------------------------------------------------------
 
@@ -243,7 +248,11 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject(400, "protocol upgrades are not supported")
+            # The request (already parsed and running) is served as HTTP/1.1; what follows the
+            # upgrade request is not HTTP, so the connection ends after the answer.
+            self._force_close = True
+            if self.transport is not None:
+                self.transport.pause_reading()
         except httptools.HttpParserCallbackError:
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
@@ -328,7 +337,8 @@ class _Connection(asyncio.Protocol):
         asyncio.get_running_loop().create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
-        keep_alive = request.keep_alive
+        keep_alive = request.keep_alive and not self._force_close
+        response: Response | None = None
         try:
             found = self.server.router.match(request.path)
             if found is None or (request.method not in found[0] and self.server.fallback is not None):
@@ -361,7 +371,19 @@ class _Connection(asyncio.Protocol):
             keep_alive = await self._send(response, keep_alive)
         except (ConnectionError, BodyIncomplete):
             keep_alive = False
+        except BaseException as exc:
+            # A failure after the head went out (a relayed body whose upstream broke): the response is
+            # cut short, so the connection must end for the client to see it.
+            keep_alive = False
+            if not isinstance(exc, asyncio.CancelledError):
+                log.warning("a response to %s %s broke off: %r", request.method, request.path, exc)
+            if not isinstance(exc, Exception):
+                raise
         finally:
+            if response is not None and response.on_close is not None:
+                response.on_close()
+            # Whatever of the body the handler left unread is dropped (and reading resumes).
+            request.body.discard()
             self.server._running -= 1
             self._active = False
             self._finished(keep_alive)
@@ -369,7 +391,7 @@ class _Connection(asyncio.Protocol):
     def _finished(self, keep_alive: bool) -> None:
         if self._closed or self.transport is None:
             return
-        if not keep_alive:
+        if not keep_alive or self._force_close:
             current = self._current
             if current is not None and not current.body.complete:
                 # Answered before its body arrived (413, an error): read the rest away before closing,
@@ -459,7 +481,8 @@ class _Connection(asyncio.Protocol):
         response_done = False
         started: dict[str, Any] = {}
         chunked = False
-        keep_alive = request.keep_alive
+        keep_alive = request.keep_alive and not self._force_close
+        no_body = request.method == "HEAD"
 
         async def receive() -> dict[str, Any]:
             nonlocal body_done
@@ -477,7 +500,7 @@ class _Connection(asyncio.Protocol):
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
-            nonlocal chunked, response_done, keep_alive
+            nonlocal chunked, response_done, keep_alive, no_body
             kind = message["type"]
             if kind == "http.response.start":
                 started["status"] = message["status"]
@@ -496,7 +519,9 @@ class _Connection(asyncio.Protocol):
                 lines = [b"HTTP/1.1 %d %s\r\n" % (started["status"], _REASONS.get(started["status"], b"Unknown"))]
                 lines.extend(b"%s: %s\r\n" % (bytes(n), bytes(v)) for n, v in raw)
                 status = started["status"]
-                no_body = status in (204, 304) or request.method == "HEAD"
+                no_body = no_body or status in (204, 304)
+                # A body still arriving when the answer goes out is read away, then the connection ends.
+                keep_alive = keep_alive and request.body.complete
                 if b"content-length" not in names and not no_body:
                     if more:
                         chunked = True
@@ -505,13 +530,13 @@ class _Connection(asyncio.Protocol):
                         lines.append(b"content-length: %d\r\n" % len(body))
                 lines.append(b"connection: keep-alive\r\n\r\n" if keep_alive else b"connection: close\r\n\r\n")
                 await self._write(b"".join(lines))
-                if no_body:
-                    body = b""
+            if no_body:
+                body = b""
             if body:
                 await self._write(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
             if not more:
                 response_done = True
-                if chunked:
+                if chunked and not no_body:
                     await self._write(b"0\r\n\r\n")
 
         try:

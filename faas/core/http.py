@@ -79,6 +79,8 @@ class HopResponse:
             async for chunk in self._stream.chunks():
                 yield chunk
         except BodyIncomplete as exc:
+            if isinstance(exc.__cause__, HopError):
+                raise exc.__cause__ from exc  # a HopTimeout, or how the connection broke
             raise ConnectionBroken(f"the connection broke during the response body: {exc}") from exc
         finally:
             if self._release is not None:
@@ -91,8 +93,13 @@ class HopResponse:
             return self.body
         try:
             data = await self._stream.read(limit)
-        except BodyIncomplete as exc:
-            raise ConnectionBroken(f"the connection broke during the response body: {exc}") from exc
+        except BaseException as exc:
+            self.close()  # too large, broken or cancelled: the connection is not reused
+            if isinstance(exc, BodyIncomplete):
+                if isinstance(exc.__cause__, HopError):
+                    raise exc.__cause__ from exc
+                raise ConnectionBroken(f"the connection broke during the response body: {exc}") from exc
+            raise
         if self._release is not None:
             self._release()
             self._release = None
@@ -262,7 +269,8 @@ class HopClient:
         stream: bool = False,
     ) -> HopResponse:
         """One request; with ``stream`` the response comes back at its head (read its body with
-        ``stream()`` or ``read()``, or ``close()`` it), and ``timeout_s`` bounds only the head."""
+        ``stream()`` or ``read()``, or ``close()`` it).  ``timeout_s`` bounds the whole exchange, the
+        body of a streamed response included."""
         unix = self._unix
         if url.startswith("http://"):
             authority, slash, path = url[7:].partition("/")
@@ -292,7 +300,7 @@ class HopClient:
                 lines, _ = self._head(method, path, authority, headers, len(body))
                 lines.append("\r\n")
                 if conn.closed or conn.transport is None:
-                    raise ConnectionBroken("the connection closed before the request was sent")
+                    raise NotDelivered("the connection closed before the request was sent")
                 conn.transport.write("".join(lines).encode("latin-1") + body)
             else:
                 # A streamed body is sent while the response is read (full duplex): a peer may answer,
@@ -301,11 +309,13 @@ class HopClient:
                 sender.add_done_callback(conn.sent)
             status, resp_headers, resp_body = await head_future
             if stream:
-                timer.cancel()
+                # The timer stays armed until the body was read (or given up): a peer that stops in
+                # the middle of a body does not hold the caller past its timeout.
                 resp = HopResponse(status, resp_headers)
                 resp._stream = resp_body
 
                 def release(abandon: bool = False) -> None:
+                    timer.cancel()
                     if abandon or not conn.reusable(sender):
                         conn.abort(ConnectionBroken("response abandoned"))
                     else:

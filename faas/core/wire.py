@@ -10,12 +10,13 @@ Header names are lowercase, as the servers and clients compare them.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 # -- headers ---------------------------------------------------------------------------------------
 
@@ -85,10 +86,19 @@ class Addressed(Protocol):
 
 def hop_address(record: Addressed) -> str:
     """Where to send a hop to the service of ``record``: its unix socket when it runs on this
-    machine, else its TCP address."""
-    if record.local_address and record.machine == machine_id():
-        return record.local_address
+    machine and the socket is in this file system (two containers may share a host name and a
+    kernel, not their files), else its TCP address."""
+    local = record.local_address
+    if local and record.machine == machine_id():
+        reachable = _reachable.get(local)
+        if reachable is None:
+            reachable = _reachable[local] = os.path.exists(unquote(local.removeprefix("http+unix://")))
+        if reachable:
+            return local
     return record.address
+
+
+_reachable: dict[str, bool] = {}  # local address -> whether its socket file is in this file system
 
 
 # -- paths -----------------------------------------------------------------------------------------

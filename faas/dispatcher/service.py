@@ -466,7 +466,7 @@ class _Outcome:
         return cls(
             resp.status, body[logs_bytes:] if logs_bytes else body, logs=logs,
             duration_ms=headers.get("x-faas-duration-ms", "0.000"),
-            error_kind=headers.get("x-faas-error-kind") if resp.status != 200 else None,
+            error_kind=headers.get("x-faas-error-kind", "error") if resp.status != 200 else None,
             retire=headers.get("x-faas-retire") == "1",
         )  # fmt: skip
 
