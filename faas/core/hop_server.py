@@ -1,6 +1,7 @@
 """The platform's HTTP/1.1 server: hot routes straight on asyncio + httptools, the rest through ASGI.
 
-Every platform service runs on it (``faas.core.service.run_service``).  A request whose method and
+Every platform service runs on it (``faas.core.service.run_service``).  A connection that opens
+with ``faas.core.mux.PREFACE`` speaks the multiplexed protocol instead of HTTP, with the same routes.  A request whose method and
 path match a ``Router`` route runs its handler directly: no ASGI scope, no middleware, no parameter
 machinery, one ``write`` for a response whose body is bytes.  Any other request goes to the service's
 ASGI app (the FastAPI management API), so the one port serves both.
@@ -34,8 +35,8 @@ from urllib.parse import unquote
 
 import httptools
 
-from faas.core import wire
-from faas.core.body import Body, BodyIncomplete, BodyTooLarge
+from faas.core import mux, wire
+from faas.core.body import Body, BodyIncomplete, BodyTooLarge, complete_body
 from faas.core.errors import FaasError, PayloadTooLarge
 from faas.core.http import HopResponse
 
@@ -183,7 +184,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_current",
         "_waiting", "_active", "_closed", "_write_paused", "_drain", "idle_since", "_lost", "_lingering",
-        "_force_close",
+        "_force_close", "_sniffed", "_sniff_buffer", "_mux",
     )  # fmt: skip
 
     def __init__(self, server: HopServer) -> None:
@@ -204,6 +205,9 @@ class _Connection(asyncio.Protocol):
         self._lost: asyncio.Future[None] | None = None  # set when the connection ends (ASGI disconnect)
         self._lingering: asyncio.TimerHandle | None = None  # reading away an unanswered body, then closing
         self._force_close = False  # the connection ends after the current request
+        self._sniffed = False
+        self._sniff_buffer = b""
+        self._mux: _MuxServer | None = None
 
     # -- transport events -------------------------------------------------------------------------
 
@@ -245,6 +249,22 @@ class _Connection(asyncio.Protocol):
             self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._mux is not None:
+            self._mux.feed(data)
+            return
+        if not self._sniffed:
+            # A client of the multiplexed protocol (faas.core.mux) starts with its preface.
+            sniff = self._sniff_buffer + data
+            if len(sniff) < len(mux.PREFACE) and mux.PREFACE.startswith(sniff):
+                self._sniff_buffer = sniff
+                return
+            self._sniffed = True
+            self._sniff_buffer = b""
+            if sniff.startswith(mux.PREFACE) and self.transport is not None:
+                self._mux = _MuxServer(self, self.transport)
+                self._mux.feed(sniff[len(mux.PREFACE) :])
+                return
+            data = sniff
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -408,6 +428,8 @@ class _Connection(asyncio.Protocol):
             self.idle_since = asyncio.get_running_loop().time()
 
     def close_if_idle_since(self, before: float) -> None:
+        if self._mux is not None:
+            return  # a multiplexed connection is its client's for as long as it runs
         idle_since = self.idle_since
         if idle_since is not None and idle_since < before and not self._active and self._current is None:
             self._close()
@@ -573,6 +595,130 @@ def _not_found(path: str) -> Response:
 def _method_not_allowed(method: str, allowed: list[str]) -> Response:
     body = {"error": {"kind": "invalid_request", "type": "MethodNotAllowed", "message": f"{method} not allowed; use {', '.join(allowed)}"}}
     return Response(405, json.dumps(body).encode(), {"allow": ", ".join(allowed)})
+
+
+async def _respond(server: HopServer, request: Request) -> Response | None:
+    """The response of ``request``'s hot route, or None when it is the fallback's."""
+    found = server.router.match(request.path)
+    if found is None or (request.method not in found[0] and server.fallback is not None):
+        return _not_found(request.path) if server.fallback is None else None
+    handler = found[0].get(request.method)
+    if handler is None:
+        return _method_not_allowed(request.method, sorted(found[0]))
+    request.params = found[1]
+    try:
+        return await handler(request)
+    except FaasError as exc:
+        return error_response(exc)
+    except BodyTooLarge as exc:
+        return error_response(PayloadTooLarge(f"request body exceeds {exc.limit} bytes"))
+    except Exception as exc:  # noqa: BLE001 - a handler bug answers 500, the server goes on
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+        return error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+async def _asgi_collect(app: ASGIApp, request: Request, state: dict[str, Any]) -> Response:
+    """Run the fallback app for a request whose body is whole, and collect its whole response."""
+    scope: dict[str, Any] = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": request.method, "scheme": "http", "path": unquote(request.path),
+        "raw_path": request.path.encode("latin-1"), "query_string": request.query, "root_path": "",
+        "headers": request.raw_headers, "client": None, "server": None, "state": dict(state),
+    }  # fmt: skip
+    body = await request.body.read()
+    sent = False
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    status = 500
+    headers: dict[str, str] = {}
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await never  # the caller stays for the whole response
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            for name, value in message.get("headers", []):
+                headers[bytes(name).decode("latin-1").lower()] = bytes(value).decode("latin-1")
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:  # noqa: BLE001 - the app's own error handlers answer what they know
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+        return error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}"))
+    finally:
+        never.cancel()
+    return Response(status, b"".join(chunks), headers, content_type=None)
+
+
+class _MuxServer:
+    """The server side of a multiplexed connection (``faas.core.mux``): each request frame runs as
+    the same route it would over HTTP, its response goes back in one frame."""
+
+    __slots__ = ("conn", "reader", "writer")
+
+    def __init__(self, conn: _Connection, transport: asyncio.Transport) -> None:
+        self.conn = conn
+        self.reader = mux.FrameReader()
+        self.writer = mux.Coalescer(transport)
+
+    def feed(self, data: bytes) -> None:
+        try:
+            for kind, stream, payload in self.reader.feed(data):
+                if kind != mux.REQUEST:
+                    raise mux.FrameError(f"unexpected frame type {kind}")
+                lines, body = mux.split_head(payload)
+                method, target = lines[0].split(b" ", 1)
+                raw_path, _, query = target.partition(b"?")
+                request = Request(
+                    method.decode("latin-1"), raw_path.decode("latin-1"), query, mux.parse_headers(lines[1:]),
+                    complete_body(body), None, True,
+                )  # fmt: skip
+                self.conn.server._running += 1
+                asyncio.get_running_loop().create_task(self._run(stream, request))
+        except (mux.FrameError, ValueError) as exc:
+            log.warning("closing a multiplexed connection: %s", exc)
+            self.writer.transport.abort()
+
+    async def _run(self, stream: int, request: Request) -> None:
+        server = self.conn.server
+        response: Response | None = None
+        try:
+            response = await _respond(server, request)
+            if response is None:
+                assert server.fallback is not None
+                response = await _asgi_collect(server.fallback, request, server.state)
+            if response.stream is None:
+                body = response.body
+            else:
+                body = b"".join([chunk async for chunk in response.stream])
+            parts = [b"%d\r\n" % response.status]
+            if response.content_type is not None:
+                parts.append(b"content-type: %s\r\n" % response.content_type.encode("latin-1"))
+            if response.headers:
+                for name, value in response.headers.items():
+                    if name not in ("content-length", "connection", "transfer-encoding"):
+                        parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+            parts.append(b"\r\n")
+            parts.append(body)
+            if not self.conn._closed:
+                self.writer.write(mux.frame(mux.RESPONSE, stream, b"".join(parts)))
+        except Exception as exc:  # noqa: BLE001 - e.g. a relayed body that broke: the caller's call breaks
+            log.warning("a multiplexed call to %s failed: %r", request.path, exc)
+            if not self.conn._closed:
+                self.writer.transport.abort()
+        finally:
+            if response is not None and response.on_close is not None:
+                response.on_close()
+            server._running -= 1
 
 
 class HopServer:

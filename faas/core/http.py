@@ -246,8 +246,12 @@ class _Connection(asyncio.Protocol):
 class HopClient:
     """A keep-alive client to one unix socket (``unix_socket``) or to TCP peers named by absolute URLs."""
 
-    def __init__(self, *, unix_socket: str | None = None, max_connections: int = 0) -> None:
+    def __init__(self, *, unix_socket: str | None = None, max_connections: int = 0, multiplex: bool = True) -> None:
         self._unix = unix_socket
+        # Calls to http+unix:// services go over faas.core.mux (whole bodies only; a streamed body
+        # takes an HTTP connection); a client made with ``unix_socket`` (a function host) never does.
+        self._multiplex = multiplex
+        self._mux: Any = None
         self._max_idle = max(max_connections, 256)  # idle connections kept per peer (beyond: closed)
         self._idle: dict[str, list[_Connection]] = {}
         self._closed = False
@@ -282,6 +286,13 @@ class HopClient:
             if unix is None:
                 unix = _socket_paths[authority] = unquote(authority)
             authority = "localhost"
+            if self._multiplex and isinstance(body, bytes):
+                # A platform service on this machine: many calls share one framed connection.
+                if self._mux is None:
+                    from faas.core.mux import MuxClient
+
+                    self._mux = MuxClient()
+                return await self._mux.request(unix, method, path, headers, body, max(timeout_s, 0.001))
         else:
             authority, path = "", url
         key = unix or authority
@@ -418,6 +429,8 @@ class HopClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._mux is not None:
+            await self._mux.close()
         for idle in self._idle.values():
             for conn in idle:
                 conn.abort(ConnectionBroken("client closed"))

@@ -1,0 +1,238 @@
+"""A multiplexed, framed protocol for the hops between the platform's services on one machine.
+
+A client opens one unix-socket connection to a service and sends ``PREFACE``; the service's hop
+server (``faas.core.hop_server``) recognises it and reads frames from then on.  Many calls share the
+connection, each a stream: one ``REQUEST`` frame (an HTTP/1.1-like head and the whole body) and one
+``RESPONSE`` frame back.  Frames written in one turn of the event loop go out in one ``send``, so under
+load one system call and one wake-up carry many calls (write coalescing) instead of one each.
+
+Frame: a 9-byte header (payload length u32, type u8, stream id u32, big-endian) and the payload.
+Payload of a request: ``METHOD PATH[?QUERY]\\r\\n`` then ``name: value\\r\\n`` lines, a blank line,
+the body; of a response: ``STATUS\\r\\n``, the header lines, a blank line, the body.
+
+Guarantees (the client, ``MuxClient``):
+- the same three failures as the HTTP hop client: ``NotDelivered`` when the connection could not be
+  opened or broke before the request's frame was handed to the kernel (the service never saw it),
+  ``ConnectionBroken`` when it broke after, ``HopTimeout`` past the call's timeout (the connection
+  stays: other calls on it go on; the service, as over HTTP, runs a call whose caller left to its end);
+- bodies are whole: a call's body and answer are at most ``MAX_FRAME`` bytes each (the platform's
+  payload limits are far below); a peer that sends a larger or malformed frame loses the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any, cast
+
+from faas.core.http import ConnectionBroken, HopResponse, HopTimeout, NotDelivered
+
+PREFACE = b"FAAS-MUX/1\r\n\r\n"
+HEADER = struct.Struct(">IBI")
+REQUEST = 1
+RESPONSE = 2
+MAX_FRAME = 64 * 1024 * 1024
+
+
+class FrameError(Exception):
+    pass
+
+
+class FrameReader:
+    """Cuts a byte stream into frames."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        offset = 0
+        size = len(buffer)
+        while size - offset >= HEADER.size:
+            length, kind, stream = HEADER.unpack_from(buffer, offset)
+            if length > MAX_FRAME:
+                raise FrameError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+            end = offset + HEADER.size + length
+            if end > size:
+                break
+            frames.append((kind, stream, bytes(buffer[offset + HEADER.size : end])))
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+
+def frame(kind: int, stream: int, payload: bytes) -> bytes:
+    return HEADER.pack(len(payload), kind, stream) + payload
+
+
+def split_head(payload: bytes) -> tuple[list[bytes], bytes]:
+    """The head's lines and the body of a frame's payload."""
+    head, sep, body = payload.partition(b"\r\n\r\n")
+    if not sep:
+        raise FrameError("a frame without a head")
+    return head.split(b"\r\n"), body
+
+
+def parse_headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise FrameError("a malformed header line")
+        headers.append((name.strip().lower(), value.strip()))
+    return headers
+
+
+class Coalescer:
+    """Writes queued in one turn of the event loop go to the transport in one ``write``."""
+
+    __slots__ = ("transport", "_out", "_scheduled", "on_flush")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._out: list[bytes] = []
+        self._scheduled = False
+        self.on_flush: Any = None  # called after each flush (the client marks its streams sent)
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        if not self.transport.is_closing():
+            self.transport.write(data)
+        if self.on_flush is not None:
+            self.on_flush()
+
+
+class _MuxConnection(asyncio.Protocol):
+    """One client connection and the calls outstanding on it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reader = FrameReader()
+        self.writer: Coalescer | None = None
+        # stream id -> (the caller's future, whether its request frame reached the kernel)
+        self.pending: dict[int, list[Any]] = {}
+        self._unsent: list[int] = []
+        self._next = 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.writer = Coalescer(self.transport)
+        self.writer.on_flush = self._flushed
+        self.transport.write(PREFACE)
+
+    def _flushed(self) -> None:
+        for stream in self._unsent:
+            entry = self.pending.get(stream)
+            if entry is not None:
+                entry[1] = True
+        self._unsent.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        why = f"the connection to the service closed ({exc or 'closed by the peer'})"
+        for future, sent in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionBroken(why) if sent else NotDelivered(why))
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for kind, stream, payload in self.reader.feed(data):
+                if kind != RESPONSE:
+                    raise FrameError(f"unexpected frame type {kind}")
+                entry = self.pending.pop(stream, None)
+                if entry is None or entry[0].done():
+                    continue  # a call that timed out or was given up
+                lines, body = split_head(payload)
+                headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in parse_headers(lines[1:])}
+                entry[0].set_result(HopResponse(int(lines[0]), headers, body))
+        except (FrameError, ValueError) as exc:
+            if self.transport is not None:
+                self.transport.abort()
+            self.connection_lost(ConnectionError(f"malformed frame from the service: {exc}"))
+
+    def send(self, head: str, body: bytes) -> tuple[int, asyncio.Future[HopResponse]]:
+        stream = self._next
+        self._next = stream + 1 if stream < 0xFFFFFFFF else 1
+        future: asyncio.Future[HopResponse] = asyncio.get_running_loop().create_future()
+        self.pending[stream] = [future, False]
+        self._unsent.append(stream)
+        assert self.writer is not None
+        self.writer.write(frame(REQUEST, stream, head.encode("latin-1") + body))
+        return stream, future
+
+
+class MuxClient:
+    """Calls to services over one multiplexed connection per unix socket."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, _MuxConnection] = {}
+        self._connecting: dict[str, asyncio.Future[_MuxConnection]] = {}
+
+    async def _connection(self, path: str, timeout_s: float) -> _MuxConnection:
+        conn = self._connections.get(path)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(path)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(path, timeout_s))
+            self._connecting[path] = pending
+            pending.add_done_callback(lambda _: self._connecting.pop(path, None))
+        return await asyncio.shield(pending)
+
+    async def _connect(self, path: str, timeout_s: float) -> _MuxConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, conn = await loop.create_unix_connection(_MuxConnection, path)
+        except TimeoutError as exc:
+            raise NotDelivered(f"could not connect to {path} within {timeout_s:.1f} s") from exc
+        except OSError as exc:
+            raise NotDelivered(f"cannot connect to {path}: {exc}") from exc
+        self._connections[path] = conn
+        return conn
+
+    async def request(
+        self, path: str, method: str, target: str, headers: dict[str, str] | None, body: bytes, timeout_s: float
+    ) -> HopResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        conn = await self._connection(path, timeout_s)
+        lines = [f"{method} {target}\r\n"]
+        if headers:
+            lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines.append("\r\n")
+        stream, future = conn.send("".join(lines), body)
+        timer = loop.call_at(deadline, _time_out, future, path, timeout_s)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            conn.pending.pop(stream, None)
+
+    async def close(self) -> None:
+        for conn in self._connections.values():
+            if conn.transport is not None:
+                conn.transport.close()
+        self._connections.clear()
+
+
+def _time_out(future: asyncio.Future[HopResponse], path: str, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(HopTimeout(f"no answer from {path} within {timeout_s:.1f} s"))
