@@ -333,3 +333,21 @@ async def test_upgrade_and_head_requests_are_answered_and_keep_the_framing() -> 
         head_answer, _, rest = data.partition(b"\r\n\r\n")
         assert head_answer.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200")  # no body after HEAD
         writer.close()
+
+
+async def test_a_request_that_stops_arriving_is_dropped_and_shutdown_closes_idle_connections() -> None:
+    sock = _listening()
+    server = HopServer(echo_router(), idle_timeout_s=0.4)
+    await server.start(sock)
+    port = sock.getsockname()[1]
+    trickle_reader, trickle = await asyncio.open_connection("127.0.0.1", port)
+    trickle.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly part")
+    await trickle.drain()
+    cut = await asyncio.wait_for(trickle_reader.read(), 3)  # read() to EOF: the server closed it
+    assert not cut.endswith(b"0\r\n\r\n")  # the echo of a body that never came whole is cut short
+    idle_reader, idle = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.sleep(0.05)
+    await server.shutdown(1.0)
+    assert await asyncio.wait_for(idle_reader.read(), 1) == b""
+    trickle.close()
+    idle.close()

@@ -114,6 +114,23 @@ class Body:
         self._resume()
         return data
 
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body, or None at its end.  Safe to cancel: a cancelled wait loses
+        nothing (unlike an async generator, which a cancellation ends)."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered < LOW_WATER:
+                    self._resume()
+                return chunk
+            if self._complete:
+                self.consumed = True
+                return None
+            if self._error is not None:
+                raise BodyIncomplete(str(self._error)) from self._error
+            await self._wait()
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body piece by piece, as it arrives (reading the next piece resumes the transport)."""
         while True:

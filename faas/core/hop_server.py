@@ -17,8 +17,10 @@ Guarantees:
 - a ``FaasError`` from a handler is answered in the platform's error shape with its status and
   headers; any other exception is a 500 ``platform_error``, logged, and the connection stays usable;
 - a request head over ``MAX_HEAD_BYTES`` is answered 431, a malformed request 400, then the
-  connection closes; a connection idle for ``IDLE_TIMEOUT_S`` between requests is closed;
-- ``shutdown`` stops accepting, lets running requests finish within a grace period, then closes.
+  connection closes; a connection idle for ``IDLE_TIMEOUT_S`` between requests is closed, and so is
+  one whose request stopped arriving (no byte of its head or body for as long);
+- ``shutdown`` stops accepting, closes idle connections, lets running requests finish within a grace
+  period (their connections end after the answer), then closes the rest.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_current",
         "_waiting", "_active", "_closed", "_write_paused", "_drain", "idle_since", "_lost", "_lingering",
-        "_force_close", "_sniffed", "_sniff_buffer", "_mux",
+        "_force_close", "_sniffed", "_sniff_buffer", "_mux", "last_data",
     )  # fmt: skip
 
     def __init__(self, server: HopServer) -> None:
@@ -205,6 +207,7 @@ class _Connection(asyncio.Protocol):
         self._lost: asyncio.Future[None] | None = None  # set when the connection ends (ASGI disconnect)
         self._lingering: asyncio.TimerHandle | None = None  # reading away an unanswered body, then closing
         self._force_close = False  # the connection ends after the current request
+        self.last_data = 0.0  # loop time of the last bytes received
         self._sniffed = False
         self._sniff_buffer = b""
         self._mux: _MuxServer | None = None
@@ -249,6 +252,7 @@ class _Connection(asyncio.Protocol):
             self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self.last_data = asyncio.get_running_loop().time()
         if self._mux is not None:
             self._mux.feed(data)
             return
@@ -427,9 +431,20 @@ class _Connection(asyncio.Protocol):
         else:
             self.idle_since = asyncio.get_running_loop().time()
 
+    def closing(self) -> None:
+        """The server stops: an idle connection closes now, a busy one after its answer."""
+        self._force_close = True
+        if not self._active and self._current is None and self._mux is None:
+            self._close()
+
     def close_if_idle_since(self, before: float) -> None:
         if self._mux is not None:
             return  # a multiplexed connection is its client's for as long as it runs
+        if self._current is not None and self.last_data < before and self.transport is not None:
+            # A request whose head or body stopped arriving (a client that trickles or vanished).
+            self._current.body.fail(ConnectionAbortedError("the request stopped arriving"))
+            self._close()
+            return
         idle_since = self.idle_since
         if idle_since is not None and idle_since < before and not self._active and self._current is None:
             self._close()
@@ -498,7 +513,6 @@ class _Connection(asyncio.Protocol):
             "server": tuple(sockname[:2]) if isinstance(sockname, tuple) else None,
             "state": dict(self.server.state),
         }
-        chunks = request.body.chunks().__aiter__()
         body_done = False
         response_done = False
         started: dict[str, Any] = {}
@@ -510,12 +524,12 @@ class _Connection(asyncio.Protocol):
             nonlocal body_done
             if not body_done:
                 try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    body_done = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
+                    chunk = await request.body.next_chunk()
                 except BodyIncomplete:
                     return {"type": "http.disconnect"}
+                if chunk is None:
+                    body_done = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
                 return {"type": "http.request", "body": chunk, "more_body": True}
             if not response_done and self._lost is not None:
                 await asyncio.shield(self._lost)
@@ -760,6 +774,8 @@ class HopServer:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for conn in list(self._connections):
+            conn.closing()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         while self._running and loop.time() < deadline:  # noqa: ASYNC110 - shutdown only
