@@ -30,7 +30,7 @@ a no-op function and a "ledger" function, and measures in order:
    duplicated = ids the ledger holds more than once.
 
 Caveats:
-- the load generator (one asyncio process; the platform's own aiohttp hop client for the async calls)
+- the load generator (one asyncio process; the platform's own hop client, faas.core.http for the async calls)
   shares the cores with every platform process and the servers; the CPU lines
   say how busy the machine was and who used it;
 - during 2 and 3 the dispatchers consume while the gateway and trigger accept, so both compete for the
