@@ -10,6 +10,7 @@ instead of handing out a truncated body.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -94,15 +95,7 @@ class Body:
             await self._wait()
         if limit is not None and self._buffered > limit:
             raise BodyTooLarge(limit)
-        self.consumed = True
-        if len(self._chunks) == 1:
-            data = self._chunks.pop()
-        else:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
-        self._buffered = 0
-        self._resume()
-        return data
+        return self.take()
 
     def take(self) -> bytes:
         """The whole body of a ``complete`` one, without waiting."""
@@ -133,20 +126,8 @@ class Body:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body piece by piece, as it arrives (reading the next piece resumes the transport)."""
-        while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered < LOW_WATER:
-                    self._resume()
-                yield chunk
-                continue
-            if self._complete:
-                self.consumed = True
-                return
-            if self._error is not None:
-                raise BodyIncomplete(str(self._error)) from self._error
-            await self._wait()
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
 
     async def _wait(self) -> None:
         self._resume()  # waiting for more: let it come
@@ -160,6 +141,48 @@ class Body:
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
+
+
+class WriteFlow:
+    """Write flow control for a protocol: ``pause_writing``/``resume_writing`` from the transport,
+    and ``wait_writable`` for a writer that must not outrun a slow peer.  ``connection_lost`` of the
+    protocol calls ``fail_writers`` with how the connection ended."""
+
+    __slots__ = ("_write_paused", "_drain")
+
+    def __init__(self) -> None:
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def fail_writers(self, exc: BaseException) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(exc)
+
+    async def wait_writable(self) -> None:
+        if self._write_paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on a TCP transport (a response is not held back for the peer's delayed ACK)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 def complete_body(data: bytes) -> Body:

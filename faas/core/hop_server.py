@@ -38,7 +38,7 @@ from urllib.parse import unquote
 import httptools
 
 from faas.core import mux, wire
-from faas.core.body import Body, BodyIncomplete, BodyTooLarge, complete_body
+from faas.core.body import Body, BodyIncomplete, BodyTooLarge, WriteFlow, complete_body, set_nodelay
 from faas.core.errors import FaasError, PayloadTooLarge
 from faas.core.http import HopResponse
 
@@ -182,10 +182,10 @@ class Router:
         return None
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.Protocol, WriteFlow):
     __slots__ = (
         "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_current",
-        "_waiting", "_active", "_closed", "_write_paused", "_drain", "idle_since", "_lost", "_lingering",
+        "_waiting", "_active", "_closed", "idle_since", "_lost", "_lingering",
         "_force_close", "_sniffed", "_sniff_buffer", "_mux", "last_data",
     )  # fmt: skip
 
@@ -201,8 +201,7 @@ class _Connection(asyncio.Protocol):
         self._waiting: deque[Request] = deque()  # parsed, waiting for the one before to be answered
         self._active = False
         self._closed = False
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        WriteFlow.__init__(self)
         self.idle_since: float | None = None  # loop time since when no request is running or arriving
         self._lost: asyncio.Future[None] | None = None  # set when the connection ends (ASGI disconnect)
         self._lingering: asyncio.TimerHandle | None = None  # reading away an unanswered body, then closing
@@ -216,14 +215,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            peer = transport.get_extra_info("peername")
-            self.client = (peer[0], peer[1]) if peer else None
+        set_nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client = (peer[0], peer[1])
         self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self.server._connections.add(self)
         self.idle_since = asyncio.get_running_loop().time()
@@ -238,18 +233,9 @@ class _Connection(asyncio.Protocol):
             if request is not None:
                 request.body.fail(lost)
         self._waiting.clear()
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(lost)
+        self.fail_writers(lost)
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self.last_data = asyncio.get_running_loop().time()
@@ -364,32 +350,10 @@ class _Connection(asyncio.Protocol):
         keep_alive = request.keep_alive and not self._force_close
         response: Response | None = None
         try:
-            found = self.server.router.match(request.path)
-            if found is None or (request.method not in found[0] and self.server.fallback is not None):
-                if self.server.fallback is None:
-                    response = _not_found(request.path)
-                else:
-                    keep_alive = await self._asgi(request) and keep_alive
-                    return
-            else:
-                handler = found[0].get(request.method)
-                if handler is None:
-                    response = _method_not_allowed(request.method, sorted(found[0]))
-                else:
-                    request.params = found[1]
-                    try:
-                        response = await handler(request)
-                    except FaasError as exc:
-                        response = error_response(exc)
-                    except BodyTooLarge as exc:
-                        response = error_response(PayloadTooLarge(f"request body exceeds {exc.limit} bytes"))
-                        keep_alive = False
-                    except BodyIncomplete:
-                        keep_alive = False
-                        return  # the client went away mid-body: nobody to answer
-                    except Exception as exc:  # noqa: BLE001 - a handler bug answers 500, the server goes on
-                        log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
-                        response = error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}"))
+            response = await _respond(self.server, request)
+            if response is None:
+                keep_alive = await self._asgi(request) and keep_alive
+                return
             if not request.body.complete:
                 keep_alive = False  # the rest of the body is still on the wire: do not parse it as a request
             keep_alive = await self._send(response, keep_alive)
@@ -481,12 +445,7 @@ class _Connection(asyncio.Protocol):
         if self._closed or self.transport is None:
             raise ConnectionResetError("the client closed the connection")
         self.transport.write(data)
-        if self._write_paused:
-            self._drain = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
+        await self.wait_writable()
 
     # -- ASGI, for everything that is not a hot route ---------------------------------------------
 
@@ -498,21 +457,8 @@ class _Connection(asyncio.Protocol):
         if self._lost is None:
             self._lost = loop.create_future()
         sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": request.method,
-            "scheme": "http",
-            "path": unquote(request.path),
-            "raw_path": request.path.encode("latin-1"),
-            "query_string": request.query,
-            "root_path": "",
-            "headers": request.raw_headers,
-            "client": request.client,
-            "server": tuple(sockname[:2]) if isinstance(sockname, tuple) else None,
-            "state": dict(self.server.state),
-        }
+        server = tuple(sockname[:2]) if isinstance(sockname, tuple) else None
+        scope = _asgi_scope(request, self.server.state, server)
         body_done = False
         response_done = False
         started: dict[str, Any] = {}
@@ -626,19 +572,26 @@ async def _respond(server: HopServer, request: Request) -> Response | None:
         return error_response(exc)
     except BodyTooLarge as exc:
         return error_response(PayloadTooLarge(f"request body exceeds {exc.limit} bytes"))
+    except BodyIncomplete:
+        raise  # the client went away mid-body: nobody to answer
     except Exception as exc:  # noqa: BLE001 - a handler bug answers 500, the server goes on
         log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
         return error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}"))
 
 
-async def _asgi_collect(app: ASGIApp, request: Request, state: dict[str, Any]) -> Response:
-    """Run the fallback app for a request whose body is whole, and collect its whole response."""
-    scope: dict[str, Any] = {
+def _asgi_scope(request: Request, state: dict[str, Any], server: tuple[Any, ...] | None) -> dict[str, Any]:
+    """The ASGI HTTP scope of ``request`` (the fallback app's view of it)."""
+    return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
         "method": request.method, "scheme": "http", "path": unquote(request.path),
         "raw_path": request.path.encode("latin-1"), "query_string": request.query, "root_path": "",
-        "headers": request.raw_headers, "client": None, "server": None, "state": dict(state),
+        "headers": request.raw_headers, "client": request.client, "server": server, "state": dict(state),
     }  # fmt: skip
+
+
+async def _asgi_collect(app: ASGIApp, request: Request, state: dict[str, Any]) -> Response:
+    """Run the fallback app for a request whose body is whole, and collect its whole response."""
+    scope = _asgi_scope(request, state, None)
     body = await request.body.read()
     sent = False
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from faas.core.body import Body, BodyIncomplete
+from faas.core.body import Body, BodyIncomplete, WriteFlow, set_nodelay
 
 IDLE_REUSE_S = 50.0
 _HOP_BY_HOP = frozenset(("host", "connection", "transfer-encoding"))
@@ -114,10 +114,10 @@ class HopResponse:
             self._release = None
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.Protocol, WriteFlow):
     __slots__ = (
         "key", "parser", "transport", "closed", "idle_since", "_head", "_body", "_headers", "_keep_alive",
-        "_failure", "_write_paused", "_drain",
+        "_failure",
     )  # fmt: skip
 
     def __init__(self, key: str) -> None:
@@ -131,17 +131,11 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._keep_alive = False
         self._failure: HopError | None = None
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        WriteFlow.__init__(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -153,16 +147,7 @@ class _Connection(asyncio.Protocol):
             self._head.set_exception(failure)
         if self._body is not None:
             self._body.fail(failure)
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(failure)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self.fail_writers(failure)
 
     def data_received(self, data: bytes) -> None:
         if self._head is None:  # nothing asked: a peer talking out of turn
@@ -235,12 +220,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport is None:
             raise ConnectionBroken("the connection closed while the request was being sent")
         self.transport.write(data)
-        if self._write_paused:
-            self._drain = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
+        await self.wait_writable()
 
 
 class HopClient:
