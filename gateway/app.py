@@ -12,6 +12,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -53,9 +54,13 @@ from faas.core.service import (
 from faas.core.settings import Settings
 from faas.core.subscriptions import SubscriptionIndex, SubscriptionStore
 from faas.core.tasks import TaskSet
-from gateway.archive import check_archive
+from gateway.archive import check_archive_layout, verify_archive_members
 from gateway.events_api import install_event_routes
 from gateway.http_events import build_event, build_response
+
+# The multipart form around a code archive: its config field (at most 1 MiB, as Starlette reads form
+# fields) and the part headers.
+UPLOAD_FORM_OVERHEAD_BYTES = 2 * 1024 * 1024
 
 NamespaceQuery = Annotated[str | None, Query(description="namespace (default: the platform's default)")]
 
@@ -154,13 +159,14 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             raise InvalidRequest(f"invalid function config: {problems}") from exc
         await check_destinations(ns, name, parsed)
         data = await code.read(settings.max_archive_bytes + 1)
-        check_archive(
+        check_archive_layout(
             data,
             handler_module=parsed.handler_module,
             handler=parsed.handler,
             max_bytes=settings.max_archive_bytes,
             max_unpacked=settings.max_unpacked_bytes,
         )
+        await asyncio.to_thread(verify_archive_members, data)  # inflates: off the event loop
         code_store: CodeStore = app.state.code_store
         registry: FunctionRegistry = app.state.registry
         ref = await code_store.put_archive(data)
@@ -338,6 +344,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def hot_invoke_async(request: HopRequest) -> HopServerResponse:
         return await hot_invoke(request, asynchronous=True)
 
+    # Every other route runs in FastAPI, which reads a whole multipart upload before the route
+    # sees it: bodies past the largest the API takes (a code archive and its form) stop at the server.
+    hot_routes(app).fallback_body_limit = settings.max_archive_bytes + UPLOAD_FORM_OVERHEAD_BYTES
     hot_routes(app).add("POST", "/v1/functions/{name}/invoke", hot_invoke)
     hot_routes(app).add("POST", "/v1/functions/{name}/invoke-async", hot_invoke_async)
 

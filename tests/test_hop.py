@@ -17,10 +17,20 @@ from contextlib import asynccontextmanager
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from starlette.requests import Request as StarletteRequest
 
 from faas.core.body import HIGH_WATER
 from faas.core.errors import NotFound
-from faas.core.hop_server import MAX_HEAD_BYTES, HopServer, Request, Response, Router, json_response, relay
+from faas.core.hop_server import (
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    HopServer,
+    Request,
+    Response,
+    Router,
+    json_response,
+    relay,
+)
 from faas.core.http import ConnectionBroken, HopClient, HopTimeout, NotDelivered
 
 
@@ -164,9 +174,11 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
 async def test_malformed_and_oversized_requests_get_a_status_and_a_closed_connection() -> None:
     async with serving(echo_router()) as base:
         port = int(base.rsplit(":", 1)[1])
+        many = b"".join(b"x-%d: 1\r\n" % i for i in range(MAX_HEADERS + 1))
         for raw, status in (
             (b"NONSENSE\r\n\r\n", b"400"),
             (b"GET /items/a/1 HTTP/1.1\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 10) + b"\r\n\r\n", b"431"),
+            (b"GET /items/a/1 HTTP/1.1\r\n" + many + b"\r\n", b"431"),
         ):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(raw)
@@ -351,3 +363,37 @@ async def test_a_request_that_stops_arriving_is_dropped_and_shutdown_closes_idle
     assert await asyncio.wait_for(idle_reader.read(), 1) == b""
     trickle.close()
     idle.close()
+
+
+async def test_the_fallback_body_limit_refuses_a_declared_or_chunked_body_past_it() -> None:
+    """A body over ``Router.fallback_body_limit`` never reaches the ASGI app whole: a declared length
+    is refused before the body is read, a chunked one as soon as it passes the limit."""
+    app = FastAPI()
+    seen: list[int] = []
+
+    @app.post("/upload")
+    async def upload(request: StarletteRequest) -> dict[str, int]:
+        body = await request.body()
+        seen.append(len(body))
+        return {"bytes": len(body)}
+
+    router = Router()
+    router.fallback_body_limit = 64 * 1024
+    async with serving(router, app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        client = HopClient()
+        small = await client.post(f"{base}/upload", body=b"a" * 1000, headers={}, timeout_s=5)
+        assert small.status == 200 and seen == [1000]
+
+        # Declared far past the limit: answered at once, with only a little of the body sent.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1100000000\r\n\r\n" + b"a" * 4096)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        writer.close()
+
+        chunked = await client.post(f"{base}/upload", body=_chunks(b"b" * (1024 * 1024), 16 * 1024), headers={}, timeout_s=5)
+        assert chunked.status == 413 and b"payload_too_large" in chunked.body
+        assert seen == [1000], "no body past the limit reached the app"
+        await client.close()

@@ -16,7 +16,7 @@ Guarantees:
   a dispatcher joins a re-sent call to it by request id); its response is dropped;
 - a ``FaasError`` from a handler is answered in the platform's error shape with its status and
   headers; any other exception is a 500 ``platform_error``, logged, and the connection stays usable;
-- a request head over ``MAX_HEAD_BYTES`` is answered 431, a malformed request 400, then the
+- a request head over ``MAX_HEAD_BYTES`` or with more than ``MAX_HEADERS`` headers is answered 431, a malformed request 400, then the
   connection closes; a connection idle for ``IDLE_TIMEOUT_S`` between requests is closed, and so is
   one whose request stopped arriving (no byte of its head or body for as long);
 - ``shutdown`` stops accepting, closes idle connections, lets running requests finish within a grace
@@ -45,6 +45,7 @@ from faas.core.http import HopResponse
 log = logging.getLogger("faas.server")
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
 IDLE_TIMEOUT_S = 75.0
 # How long a connection whose request was answered before its body arrived reads the body away.
 LINGER_S = 5.0
@@ -147,6 +148,9 @@ class Router:
     def __init__(self) -> None:
         self._exact: dict[str, dict[str, Handler]] = {}
         self._patterns: list[tuple[re.Pattern[str], tuple[str, ...], dict[str, Handler]]] = []
+        # The largest request body the fallback (ASGI) app is given; a larger one is answered 413
+        # before it is read (a declared length) or as soon as it passes the limit (chunked).
+        self.fallback_body_limit: int | None = None
 
     def add(self, method: str, template: str, handler: Handler) -> None:
         if "{" not in template:
@@ -184,7 +188,7 @@ class Router:
 
 class _Connection(asyncio.Protocol, WriteFlow):
     __slots__ = (
-        "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_current",
+        "server", "parser", "transport", "client", "_url", "_headers", "_head_bytes", "_too_many_headers", "_current",
         "_waiting", "_active", "_closed", "idle_since", "_lost", "_lingering",
         "_force_close", "_sniffed", "_sniff_buffer", "_mux", "last_data",
     )  # fmt: skip
@@ -197,6 +201,7 @@ class _Connection(asyncio.Protocol, WriteFlow):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._too_many_headers = False
         self._current: Request | None = None  # the request being parsed
         self._waiting: deque[Request] = deque()  # parsed, waiting for the one before to be answered
         self._active = False
@@ -264,7 +269,9 @@ class _Connection(asyncio.Protocol, WriteFlow):
             if self.transport is not None:
                 self.transport.pause_reading()
         except httptools.HttpParserCallbackError:
-            if self._head_bytes > MAX_HEAD_BYTES:
+            if self._too_many_headers:
+                self._reject(431, f"request has more than {MAX_HEADERS} headers")
+            elif self._head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
             else:
                 self._reject(400, "malformed request")
@@ -291,6 +298,7 @@ class _Connection(asyncio.Protocol, WriteFlow):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        self._too_many_headers = False
         self.idle_since = None
 
     def on_url(self, url: bytes) -> None:
@@ -303,6 +311,9 @@ class _Connection(asyncio.Protocol, WriteFlow):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise ValueError("head too large")
+        if len(self._headers) >= MAX_HEADERS:
+            self._too_many_headers = True
+            raise ValueError("too many headers")
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -459,6 +470,13 @@ class _Connection(asyncio.Protocol, WriteFlow):
         sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
         server = tuple(sockname[:2]) if isinstance(sockname, tuple) else None
         scope = _asgi_scope(request, self.server.state, server)
+        limit = self.server.router.fallback_body_limit
+        if limit is not None and _declared_length(request) > limit:
+            # Refused before its body is read: the rest of it is read away for a while, not kept.
+            await self._send(error_response(PayloadTooLarge(f"request body exceeds {limit} bytes")), False)
+            return False
+        received = 0
+        refused = False
         body_done = False
         response_done = False
         started: dict[str, Any] = {}
@@ -467,7 +485,7 @@ class _Connection(asyncio.Protocol, WriteFlow):
         no_body = request.method == "HEAD"
 
         async def receive() -> dict[str, Any]:
-            nonlocal body_done
+            nonlocal body_done, received, response_done, refused
             if not body_done:
                 try:
                     chunk = await request.body.next_chunk()
@@ -476,6 +494,15 @@ class _Connection(asyncio.Protocol, WriteFlow):
                 if chunk is None:
                     body_done = True
                     return {"type": "http.request", "body": b"", "more_body": False}
+                received += len(chunk)
+                if limit is not None and received > limit:
+                    # A chunked body past the limit: answered 413 here; the app sees the client leave.
+                    body_done = refused = True
+                    if "written" not in started:
+                        started["written"] = True
+                        response_done = True
+                        await self._send(error_response(PayloadTooLarge(f"request body exceeds {limit} bytes")), False)
+                    return {"type": "http.disconnect"}
                 return {"type": "http.request", "body": chunk, "more_body": True}
             if not response_done and self._lost is not None:
                 await asyncio.shield(self._lost)
@@ -524,6 +551,8 @@ class _Connection(asyncio.Protocol, WriteFlow):
         try:
             await app(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - the app's own error handlers answer what they know
+            if refused:
+                return False  # the app failed on the body it was refused (a disconnect, to it)
             log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
             if "written" not in started and not self._closed:
                 await self._send(error_response(FaasError(f"internal error: {type(exc).__name__}: {exc}")), False)
@@ -545,6 +574,12 @@ def _head(status: int, headers: dict[str, str] | None, content_type: str | None,
     parts.append(b"content-length: %d\r\n" % length if length is not None else b"transfer-encoding: chunked\r\n")
     parts.append(b"connection: keep-alive\r\n\r\n" if keep_alive else b"connection: close\r\n\r\n")
     return b"".join(parts)
+
+
+def _declared_length(request: Request) -> int:
+    """The request's Content-Length, 0 when it has none (chunked, or no body)."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else 0
 
 
 def _not_found(path: str) -> Response:
@@ -589,10 +624,11 @@ def _asgi_scope(request: Request, state: dict[str, Any], server: tuple[Any, ...]
     }  # fmt: skip
 
 
-async def _asgi_collect(app: ASGIApp, request: Request, state: dict[str, Any]) -> Response:
-    """Run the fallback app for a request whose body is whole, and collect its whole response."""
+async def _asgi_collect(app: ASGIApp, request: Request, state: dict[str, Any], limit: int | None) -> Response:
+    """Run the fallback app for a request whose body is whole, and collect its whole response;
+    ``BodyTooLarge`` for a body over ``limit``."""
     scope = _asgi_scope(request, state, None)
-    body = await request.body.read()
+    body = await request.body.read(limit)
     sent = False
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     status = 500
@@ -662,7 +698,12 @@ class _MuxServer:
             response = await _respond(server, request)
             if response is None:
                 assert server.fallback is not None
-                response = await _asgi_collect(server.fallback, request, server.state)
+                try:
+                    response = await _asgi_collect(
+                        server.fallback, request, server.state, server.router.fallback_body_limit
+                    )
+                except BodyTooLarge as exc:
+                    response = error_response(PayloadTooLarge(f"request body exceeds {exc.limit} bytes"))
             if response.stream is None:
                 body = response.body
             else:

@@ -30,7 +30,7 @@ STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._/-]{0,199}$")
 
 def name_problem(name: str, what: str = "function name") -> str | None:
     """Why ``name`` is not a valid function or namespace name, or None when it is."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return (
             f"invalid {what} {name!r}: use 1-63 characters, lowercase letters, digits and '-', "
             "starting with a letter"
@@ -62,7 +62,7 @@ class CodeRef(BaseModel):
 
 def stream_problem(stream: str) -> str | None:
     """Why ``stream`` cannot name a user's Redis stream, or None when it can."""
-    if not STREAM_RE.match(stream):
+    if not STREAM_RE.fullmatch(stream):
         return f"invalid stream name {stream!r}: 1-200 characters of letters, digits and ':._/-'"
     if stream.startswith("faas:"):
         return f"stream name {stream!r} uses the platform's reserved prefix 'faas:'"
@@ -125,7 +125,7 @@ class VersionConfig(BaseModel):
     @field_validator("handler")
     @classmethod
     def _handler_shape(cls, value: str) -> str:
-        if not HANDLER_RE.match(value):
+        if not HANDLER_RE.fullmatch(value):
             raise ValueError(f"handler {value!r} must look like 'module.function' (e.g. 'handler.handler')")
         return value
 
@@ -133,7 +133,7 @@ class VersionConfig(BaseModel):
     @classmethod
     def _env_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not ENV_KEY_RE.match(key):
+            if not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
             if key.startswith(RESERVED_ENV_PREFIXES):
                 raise ValueError(

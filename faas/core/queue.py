@@ -579,7 +579,7 @@ class InvocationQueue:
 
     async def redrive(self, dead_letter_id: str) -> AsyncEnvelope:
         """Put a dead-lettered event back on the queue as a fresh first attempt (one transaction)."""
-        if not _STREAM_ID.match(dead_letter_id):
+        if not _STREAM_ID.fullmatch(dead_letter_id):
             raise NotFound(f"dead letter {dead_letter_id!r} not found (ids look like 1700000000000-0)")
         entries = await self._run(
             "read a dead letter",

@@ -51,7 +51,7 @@ class ObjectStoreSource(_Strict):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, value: str) -> str:
-        if not BUCKET_RE.match(value) or ".." in value:
+        if not BUCKET_RE.fullmatch(value) or ".." in value:
             raise ValueError(f"invalid bucket name {value!r}: 3-63 lowercase letters, digits, '.' and '-'")
         return value
 
@@ -59,7 +59,7 @@ class ObjectStoreSource(_Strict):
     @classmethod
     def _events(cls, value: list[str]) -> list[str]:
         for pattern in value:
-            if not OBJECT_EVENT_RE.match(pattern):
+            if not OBJECT_EVENT_RE.fullmatch(pattern):
                 raise ValueError(
                     f"unknown object event {pattern!r}: use ObjectCreated:*, ObjectCreated:Put, ObjectRemoved:* ..."
                 )

@@ -71,6 +71,10 @@ from typing import Any
 MIB = 1024 * 1024
 MAX_ARCHIVE_BYTES = 512 * MIB
 MAX_UNPACKED_BYTES = 512 * MIB
+# As the gateway's upload check (gateway/archive.py): a member over RATIO_FLOOR_BYTES may unpack to at
+# most MAX_COMPRESSION_RATIO times its compressed size.
+MAX_COMPRESSION_RATIO = 200
+RATIO_FLOOR_BYTES = 1 * MIB
 MAX_REQUEST_BODY_BYTES = 64 * MIB
 MAX_LOG_CHARS = 64 * 1024
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -413,6 +417,15 @@ def _unpack(archive: str, dest: str) -> None:
                     f"code archive contains an unsafe path: {info.filename!r}", "UnsafeArchive", user_fault=True
                 )
             # file_size is what extraction will produce at most: zipfile stops reading there.
+            if info.file_size > RATIO_FLOOR_BYTES and info.file_size > MAX_COMPRESSION_RATIO * max(
+                info.compress_size, 1
+            ):
+                raise _StartError(
+                    f"code archive member {info.filename!r} declares {info.file_size} bytes from "
+                    f"{info.compress_size} compressed (more than {MAX_COMPRESSION_RATIO}x): a likely zip bomb",
+                    "UnsafeArchive",
+                    user_fault=True,
+                )
             total += info.file_size
         if total > MAX_UNPACKED_BYTES:
             raise _StartError(

@@ -36,7 +36,7 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
 def trace_context(traceparent: str | None) -> str | None:
     """The caller's W3C ``traceparent``, if well formed (a malformed one starts no trace, per the spec)."""
-    return traceparent if traceparent and _TRACEPARENT.match(traceparent) else None
+    return traceparent if traceparent and _TRACEPARENT.fullmatch(traceparent) else None
 
 
 class EnqueueItem(BaseModel):
