@@ -3,7 +3,10 @@
 Started as ``python -S -E host.py --socket PATH --cache-dir DIR --instance-id ID``.  It imports the
 standard library only, so the user's code sees the standard library and its own archive, nothing of
 the platform.  It serves HTTP/1.1 with keep-alive on a unix socket; the wire contract is in
-``docs/contracts.md`` ("Function host").
+``docs/contracts.md`` ("Function host").  Each connection has a thread of its own that reads with
+blocking calls and runs a sync handler itself, so a warm call crosses no thread and no event loop
+(an asyncio event loop in pure Python costs several times more per call than the handler); async
+handlers run on the main thread's loop.
 
 Lifecycle: *generic* (started, answering ``GET /_/health``) -> one ``POST /_/specialize`` -> *ready*.
 A failed specialisation is answered with ``instance_start_error`` and then the process exits: a host is
@@ -20,8 +23,8 @@ Guarantees:
   header) and exits as soon as every other admitted invocation has been answered.  A ``MemoryError``
   retires the host the same way (507).
 - Anything the handler raises, ``SystemExit`` included, is a ``function_error`` (500); the host stays.
-- Text written to ``sys.stdout`` / ``sys.stderr`` while a handler runs (in its executor thread or its
-  asyncio tasks) is returned with that invocation only, truncated to 64 KiB with a marker.
+- Text written to ``sys.stdout`` / ``sys.stderr`` while a handler runs (in its connection thread or
+  its asyncio tasks) is returned with that invocation only, truncated to 64 KiB with a marker.
 - The code archive is verified against its sha256 before use and unpacked once per sha256 into the
   shared cache dir through an atomic rename; hosts sharing the cache reuse each other's result.  The
   node agent evicts a dir from the cache only when no host of its node runs or is specialising with
@@ -46,18 +49,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextvars
 import hashlib
 import http.client
 import importlib
 import inspect
+import itertools
 import json
+import math
 import os
 import resource
 import shutil
 import signal
+import socket
+import stat
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.error
@@ -65,7 +74,6 @@ import urllib.request
 import uuid
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 MIB = 1024 * 1024
@@ -85,6 +93,16 @@ DOWNLOAD_CHUNK_BYTES = 1 * MIB
 MEMORY_OVERHEAD_MIB = 384
 TRACEBACK_FRAMES = 20
 CLOSE_FLUSH_TIMEOUT_S = 2.0
+MAX_HEAD_BYTES = 64 * 1024
+READ_CHUNK_BYTES = 64 * 1024
+LISTEN_BACKLOG = 1024
+# One thread per connection; callers keep about one connection per concurrency slot.
+MAX_CONNECTIONS = 1024
+# Threads beyond one per slot that the memory cap leaves room for: the acceptor, the watchdog, the
+# connections of health checks.
+SPARE_THREADS = 4
+M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
+MALLOC_ARENAS = 2
 
 EXIT_SIGNALLED = 0
 EXIT_START_FAILED = 3
@@ -104,6 +122,7 @@ _REASONS = {
     500: b"Internal Server Error",
     501: b"Not Implemented",
     502: b"Bad Gateway",
+    503: b"Service Unavailable",
     504: b"Gateway Timeout",
     507: b"Insufficient Storage",
 }
@@ -161,8 +180,8 @@ _current_log: contextvars.ContextVar[_LogBuffer | None] = contextvars.ContextVar
 class _CapturingStream:
     """Stands in for sys.stdout / sys.stderr: writes go to the current invocation's buffer if any.
 
-    The buffer is found through a contextvar, which asyncio tasks inherit and which is copied into the
-    executor thread running a sync handler, so concurrent invocations never see each other's output.
+    The buffer is found through a contextvar, which asyncio tasks inherit and which the connection
+    thread running a sync handler sets around the call, so concurrent invocations never see each other's output.
     """
 
     def __init__(self, real: Any) -> None:
@@ -240,8 +259,8 @@ class InvocationContext:
 
 
 def _call_sync(handler: Any, event: Any, context: InvocationContext) -> tuple[bool, Any]:
-    # Runs in an executor thread.  Returning the exception instead of raising keeps BaseExceptions
-    # (SystemExit, KeyboardInterrupt) away from asyncio, which would re-raise them in the loop.
+    # Runs in the connection's thread.  Returning the exception instead of raising keeps BaseExceptions
+    # (SystemExit, KeyboardInterrupt) from ending the thread: every failure of user code is answered.
     try:
         return True, handler(event, context)
     except BaseException as exc:  # noqa: BLE001 - every failure of user code is a function error
@@ -372,7 +391,9 @@ def _download(url: str, dest: str, expected_sha256: str) -> None:
             while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
                 total += len(chunk)
                 if total > MAX_ARCHIVE_BYTES:
-                    raise _StartError("code archive is larger than 512 MiB", "ArchiveTooLarge", user_fault=True)
+                    raise _StartError(
+                        "code archive is larger than 512 MiB", "ArchiveTooLarge", user_fault=True
+                    )
                 if time.monotonic() > give_up_at:
                     raise _StartError(
                         f"cannot download the code archive: no complete download within {DOWNLOAD_TIMEOUT_S:g} s",
@@ -414,7 +435,9 @@ def _unpack(archive: str, dest: str) -> None:
         for info in zf.infolist():
             if _is_unsafe_member(info.filename):
                 raise _StartError(
-                    f"code archive contains an unsafe path: {info.filename!r}", "UnsafeArchive", user_fault=True
+                    f"code archive contains an unsafe path: {info.filename!r}",
+                    "UnsafeArchive",
+                    user_fault=True,
                 )
             # file_size is what extraction will produce at most: zipfile stops reading there.
             if info.file_size > RATIO_FLOOR_BYTES and info.file_size > MAX_COMPRESSION_RATIO * max(
@@ -437,7 +460,9 @@ def _unpack(archive: str, dest: str) -> None:
         try:
             zf.extractall(dest)
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-            raise _StartError(f"code archive is not a valid zip file: {exc}", "BadZipFile", user_fault=True) from exc
+            raise _StartError(
+                f"code archive is not a valid zip file: {exc}", "BadZipFile", user_fault=True
+            ) from exc
 
 
 def _fetch_code(cache_dir: str, code_url: str, sha256: str) -> str:
@@ -506,7 +531,9 @@ def _load_handler(spec: _Spec, code_dir: str) -> Any:
         )
     handler = getattr(module, attr, None)
     if handler is None:
-        raise _StartError(f"module {module_name!r} has no function {attr!r}", "AttributeError", user_fault=True)
+        raise _StartError(
+            f"module {module_name!r} has no function {attr!r}", "AttributeError", user_fault=True
+        )
     if not callable(handler):
         raise _StartError(f"handler {spec.handler!r} is not callable", "TypeError", user_fault=True)
     return handler
@@ -527,11 +554,27 @@ def _mapped_bytes() -> int:
         return 0
 
 
+def _limit_malloc_arenas() -> None:
+    """Keep glibc's malloc to ``MALLOC_ARENAS`` arenas however many threads there are.
+
+    Each thread that allocates would get an arena of its own, reserving 64 MiB of address space
+    (which ``RLIMIT_AS`` counts).  Under the memory cap those reservations fail, and glibc tries
+    again on later allocations: measured, 6 failed ``mmap`` calls per warm call at concurrency 16, and
+    twice the host's system CPU.  A no-op where the C library is not glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def _apply_memory_limit(memory_mb: int, concurrency: int) -> None:
     """Cap the address space at ``memory_mb`` plus the host's overhead; silently skip if refused.
 
     The overhead is ``MEMORY_OVERHEAD_MIB`` (interpreter, libraries, malloc arenas) plus one stack
-    reservation per handler thread (each thread reserves its full stack size up front).  It never goes
+    reservation per connection thread that runs handlers, a few spare (each thread reserves its full
+    stack size up front).  It never goes
     below what is mapped already plus ``memory_mb``: heavy imports (numpy, BLAS thread pools) can
     reserve more address space than the fixed allowance before the first invocation.
     """
@@ -539,7 +582,7 @@ def _apply_memory_limit(memory_mb: int, concurrency: int) -> None:
         stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
         if stack == resource.RLIM_INFINITY or stack <= 0:
             stack = 8 * MIB
-        limit = (memory_mb + MEMORY_OVERHEAD_MIB) * MIB + concurrency * stack
+        limit = (memory_mb + MEMORY_OVERHEAD_MIB) * MIB + (concurrency + SPARE_THREADS) * stack
         limit = max(limit, _mapped_bytes() + memory_mb * MIB)
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
@@ -585,7 +628,9 @@ def _error(status: int, kind: str, error_type: str, message: str, **extra: Any) 
 def _invoke_error(status: int, kind: str, error_type: str, message: str) -> _Response:
     """An invocation refused before its handler ran: no output, no duration."""
     body = json.dumps({"error": {"kind": kind, "type": error_type, "message": message}}).encode()
-    headers = b"X-Faas-Duration-Ms: 0.000\r\nX-Faas-Logs-Bytes: 0\r\nX-Faas-Error-Kind: %s\r\n" % kind.encode()
+    headers = (
+        b"X-Faas-Duration-Ms: 0.000\r\nX-Faas-Logs-Bytes: 0\r\nX-Faas-Error-Kind: %s\r\n" % kind.encode()
+    )
     return _Response(status, None, body=body, headers=headers)
 
 
@@ -623,7 +668,14 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes], bool]:
 
 
 class FunctionHost:
-    """State of one host process; all of it lives on the event loop thread."""
+    """State of one host process.
+
+    Threads: the main thread runs an asyncio loop that specialises (imports happen there, so modules
+    may install signal handlers) and runs async handlers; an acceptor thread hands every connection
+    to a thread of its own, which reads requests with blocking calls and runs a sync handler itself
+    (no hand-off between threads on the warm path); a watchdog thread answers sync invocations that
+    overrun their budget.  ``lock`` guards the counters and ``retiring``.
+    """
 
     def __init__(
         self, *, socket_path: str, cache_dir: str, instance_id: str, tcp_port: int | None = None
@@ -638,12 +690,15 @@ class FunctionHost:
         self.spec: _Spec | None = None
         self.handler: Any = None
         self.handler_is_async = False
-        self.executor: ThreadPoolExecutor | None = None
+        self.lock = threading.Lock()
         self.inflight = 0  # concurrency slots taken (a handler still running)
         self.open_invocations = 0  # admitted invocations whose response is not written yet
         self.invocations = 0
+        self.connections = 0
+        self.thread_numbers = itertools.count(1)
         self.last_active = time.monotonic()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.watchdog = _Watchdog(self)
 
     # -- process ------------------------------------------------------------------------------------
 
@@ -653,21 +708,61 @@ class FunctionHost:
         # (a module importing for minutes, a handler blocking the loop), so SIGTERM always ends us.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        listener = self._listen()
+        threading.Thread(target=self._accept_forever, args=(listener,), name="acceptor", daemon=True).start()
+        await self.loop.create_future()  # forever: the loop serves specialisation and async handlers
+
+    def _listen(self) -> socket.socket:
         if self.tcp_port is not None:
             # For benchmarks only (load generators that speak TCP, not unix sockets): loopback, never
             # another interface, since the host has no authentication of its own.
-            server = await asyncio.start_server(self._serve_connection, host="127.0.0.1", port=self.tcp_port)
-            where = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.tcp_port))
+            where = f"127.0.0.1:{listener.getsockname()[1]}"
         else:
-            server = await asyncio.start_unix_server(self._serve_connection, path=self.socket_path)
+            try:
+                if stat.S_ISSOCK(os.stat(self.socket_path).st_mode):
+                    os.unlink(self.socket_path)  # a predecessor's stale socket
+            except FileNotFoundError:
+                pass
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self.socket_path)
             try:
                 os.chmod(self.socket_path, 0o600)
             except OSError:
                 pass
             where = self.socket_path
+        listener.listen(LISTEN_BACKLOG)
         _diag(f"generic host {self.instance_id} listening on {where}")
-        async with server:
-            await server.serve_forever()
+        return listener
+
+    def _accept_forever(self, listener: socket.socket) -> None:
+        tcp = listener.family == socket.AF_INET
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError as exc:  # out of file descriptors, for instance: try again shortly
+                _diag(f"accept failed: {exc}")
+                time.sleep(0.05)
+                continue
+            if tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.lock:
+                admitted = self.connections < MAX_CONNECTIONS
+                if admitted:
+                    self.connections += 1
+            if admitted:
+                try:
+                    name = f"handler-{next(self.thread_numbers)}"  # the thread a sync handler runs in
+                    threading.Thread(
+                        target=self._serve_connection, args=(conn,), name=name, daemon=True
+                    ).start()
+                    continue
+                except RuntimeError:  # no thread to be had (address space, pids): refuse this one
+                    with self.lock:
+                        self.connections -= 1
+            _refuse(conn)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.exit(EXIT_SIGNALLED)
@@ -690,93 +785,73 @@ class FunctionHost:
 
     # -- connections --------------------------------------------------------------------------------
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _serve_connection(self, conn: socket.socket) -> None:
+        reader = _Reader(conn)
         try:
             while True:
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    return  # the peer closed the connection between requests
-                except asyncio.LimitOverrunError:
-                    await self._send(
-                        writer, _error(431, "invalid_request", "BadRequest", "headers too large"), False
-                    )
-                    return
-                try:
+                    head = reader.head()
+                    if head is None:
+                        return  # the peer closed the connection between requests
                     method, path, headers, keep_alive = _parse_head(head)
                     if b"transfer-encoding" in headers:
                         raise _BadRequest(501, "chunked request bodies are not supported")
-                    length = int(headers.get(b"content-length", b"0"))
+                    try:
+                        length = int(headers.get(b"content-length", b"0"))
+                    except ValueError:
+                        length = -1
                     if length < 0:
-                        raise ValueError
+                        raise _BadRequest(400, "bad Content-Length")
+                    if length > MAX_REQUEST_BODY_BYTES:
+                        raise _BadRequest(413, "request body too large")
                 except _BadRequest as exc:
-                    await self._send(
-                        writer, _error(exc.status, "invalid_request", "BadRequest", str(exc)), False
-                    )
+                    kind, error_type = _BAD_REQUEST_KINDS.get(exc.status, ("invalid_request", "BadRequest"))
+                    _send(conn, _error(exc.status, kind, error_type, str(exc)), False)
                     return
-                except ValueError:
-                    await self._send(
-                        writer, _error(400, "invalid_request", "BadRequest", "bad Content-Length"), False
-                    )
-                    return
-                if length > MAX_REQUEST_BODY_BYTES:
-                    await self._send(
-                        writer,
-                        _error(413, "payload_too_large", "PayloadTooLarge", "request body too large"),
-                        False,
-                    )
-                    return
-                body = await reader.readexactly(length) if length else b""
+                body = reader.body(length)
+                invocation = _Invocation(conn)
                 try:
-                    response = await self._route(method, path, headers, body)
+                    response = self._route(method, path, headers, body, invocation)
                 except Exception as exc:  # noqa: BLE001 - a host bug answers 500, the host keeps serving
                     _diag("error handling a request:\n" + traceback.format_exc())
                     response = _error(
                         500, "platform_error", type(exc).__name__, f"function host error: {exc}"
                     )
+                if not invocation.claim():
+                    return  # the watchdog answered it (the handler overran) and closed the connection
                 keep_alive = keep_alive and not response.close
                 try:
-                    await self._send(writer, response, keep_alive)
+                    _send(conn, response, keep_alive)
                 finally:
                     if response.admitted:
-                        self.open_invocations -= 1
+                        self._answered()
                     if response.exit_code is not None:
                         self.exit(response.exit_code)
-                    if self.retiring and self.open_invocations == 0:
-                        _diag("retiring: every admitted invocation is answered, exiting")
-                        self.exit(EXIT_RETIRED)
                 if not keep_alive:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return  # the client went away; nothing to answer
+        except OSError:
+            return  # the client went away (reset, or closed in the middle of a request)
         finally:
-            writer.close()
+            conn.close()
+            with self.lock:
+                self.connections -= 1
 
-    async def _send(self, writer: asyncio.StreamWriter, response: _Response, keep_alive: bool) -> None:
-        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s%s" % (
-            response.status,
-            _REASONS.get(response.status, b"Unknown"),
-            len(response.body),
-            response.headers,
-            b"X-Faas-Retire: 1\r\n" if response.retire else b"",
-            b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
-        )
-        writer.write(head + response.body)
-        if keep_alive:
-            await writer.drain()
-            return
-        # Closing flushes what is buffered; waiting for it matters before the process exits.
-        writer.close()
-        try:
-            await asyncio.wait_for(writer.wait_closed(), CLOSE_FLUSH_TIMEOUT_S)
-        except (OSError, TimeoutError):
-            pass
+    def _answered(self) -> None:
+        """One admitted invocation's response is written: a retiring host exits after its last."""
+        with self.lock:
+            self.open_invocations -= 1
+            last = self.retiring and self.open_invocations == 0
+        if last:
+            _diag("retiring: every admitted invocation is answered, exiting")
+            self.exit(EXIT_RETIRED)
 
-    async def _route(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> _Response:
+    def _route(
+        self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes, invocation: _Invocation
+    ) -> _Response:
         if path == b"/_/invoke":
             if method != b"POST":
                 return _error(405, "invalid_request", "MethodNotAllowed", "use POST")
-            return await self._invoke(headers, body)
+            return self._invoke(headers, body, invocation)
         if path == b"/_/health":
             if method != b"GET":
                 return _error(405, "invalid_request", "MethodNotAllowed", "use GET")
@@ -784,7 +859,8 @@ class FunctionHost:
         if path == b"/_/specialize":
             if method != b"POST":
                 return _error(405, "invalid_request", "MethodNotAllowed", "use POST")
-            return await self._specialize(body)
+            assert self.loop is not None
+            return asyncio.run_coroutine_threadsafe(self._specialize(body), self.loop).result()
         return _error(404, "not_found", "NotFound", f"no route {path.decode(errors='replace')}")
 
     # -- health -------------------------------------------------------------------------------------
@@ -826,14 +902,13 @@ class FunctionHost:
         except Exception as exc:  # noqa: BLE001 - a host bug still ends as a clear start error
             _diag("specialisation failed unexpectedly:\n" + traceback.format_exc())
             return self._start_failure(502, type(exc).__name__, f"specialisation failed: {exc}", None, False)
-        self.spec = spec
         self.handler = handler
         self.handler_is_async = _is_async_callable(handler)
-        self.executor = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="handler")
         _apply_memory_limit(spec.memory_mb, spec.concurrency)
+        self.last_active = time.monotonic()
+        self.spec = spec  # last: a connection thread that sees the spec sees the handler too
         self.state = "ready"
         self.specializing = False
-        self.last_active = time.monotonic()
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         _diag(
             f"specialised as {spec.namespace}/{spec.function}:{spec.version} ({spec.handler}) in {duration_ms} ms"
@@ -853,37 +928,81 @@ class FunctionHost:
 
     # -- invoke -------------------------------------------------------------------------------------
 
-    async def _invoke(self, headers: dict[bytes, bytes], body: bytes) -> _Response:
+    def _invoke(self, headers: dict[bytes, bytes], body: bytes, invocation: _Invocation) -> _Response:
         spec = self.spec
         if spec is None:
             return _invoke_error(409, "conflict", "NotSpecialized", "this host is not specialised")
-        if self.retiring:
-            response = _invoke_error(
-                429,
-                "too_many_requests",
-                "TooManyRequests",
-                "this instance is retiring",
-            )
+        with self.lock:
+            retiring = self.retiring
+            busy = self.inflight >= spec.concurrency
+            if not (retiring or busy):
+                self.inflight += 1  # the slot is taken now; given back below if the call is refused
+        if retiring:
+            response = _invoke_error(429, "too_many_requests", "TooManyRequests", "this instance is retiring")
             response.retire = True
             response.close = True
             return response
-        if self.inflight >= spec.concurrency:
+        if busy:
             return _invoke_error(
                 429,
                 "too_many_requests",
                 "TooManyRequests",
                 f"all {spec.concurrency} concurrency slots of this instance are busy",
             )
+        slot = _Slot(self)
+        refused = self._check_call(headers, body, spec)
+        if isinstance(refused, _Response):
+            slot.release()
+            return refused
+        event, budget, deadline_bound = refused
+
+        request_id = headers.get(b"x-faas-request-id", b"").decode(errors="replace") or uuid.uuid4().hex
+        started_monotonic = time.monotonic()
+        context = InvocationContext(
+            request_id=request_id,
+            function_name=spec.function,
+            function_version=str(spec.version),
+            namespace=spec.namespace,
+            memory_limit_in_mb=spec.memory_mb,
+            deadline_monotonic=started_monotonic + budget,
+        )
+        logs = _LogBuffer()
+        with self.lock:
+            self.open_invocations += 1
+            self.invocations += 1
+        invocation.deadline = started_monotonic + budget
+        invocation.timeout = (budget, deadline_bound, spec.timeout_s)
+        invocation.slot = slot
+        invocation.logs = logs
+        started = invocation.started = time.perf_counter()
+        if self.handler_is_async:
+            outcome = self._run_async(event, context, logs, slot, budget)
+        else:
+            self.watchdog.watch(invocation)
+            token = _current_log.set(logs)
+            try:
+                outcome = _call_sync(self.handler, event, context)
+            finally:
+                _current_log.reset(token)
+                self.watchdog.unwatch(invocation)
+                slot.release()
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        if outcome is None:
+            status, payload = self._timed_out(budget, deadline_bound, spec.timeout_s, sync=False)
+        else:
+            status, payload = self._outcome(*outcome)
+        response = self._answer(status, payload, logs.getvalue(), duration_ms)
+        response.admitted = True
+        return response
+
+    def _check_call(
+        self, headers: dict[bytes, bytes], body: bytes, spec: _Spec
+    ) -> _Response | tuple[Any, float, bool]:
+        """The event and the invocation's budget, or the answer refusing the call."""
         try:
             event = json.loads(body) if body.strip() else {}
         except ValueError as exc:
-            return _invoke_error(
-                400,
-                "invalid_request",
-                "InvalidRequest",
-                f"event is not valid JSON: {exc}",
-            )
-
+            return _invoke_error(400, "invalid_request", "InvalidRequest", f"event is not valid JSON: {exc}")
         budget = spec.timeout_s
         deadline_bound = False
         raw_deadline = headers.get(b"x-faas-deadline-ms")
@@ -891,12 +1010,7 @@ class FunctionHost:
             try:
                 remaining = int(raw_deadline) / 1000 - time.time()
             except ValueError:
-                return _invoke_error(
-                    400,
-                    "invalid_request",
-                    "InvalidRequest",
-                    "bad X-Faas-Deadline-Ms",
-                )
+                return _invoke_error(400, "invalid_request", "InvalidRequest", "bad X-Faas-Deadline-Ms")
             if remaining < budget:
                 budget, deadline_bound = remaining, True
         if budget <= 0:
@@ -906,49 +1020,45 @@ class FunctionHost:
                 "TimeoutError",
                 "the invocation deadline passed before the function started",
             )
+        return event, budget, deadline_bound
 
-        request_id = headers.get(b"x-faas-request-id", b"").decode(errors="replace") or uuid.uuid4().hex
-        context = InvocationContext(
-            request_id=request_id,
-            function_name=spec.function,
-            function_version=str(spec.version),
-            namespace=spec.namespace,
-            memory_limit_in_mb=spec.memory_mb,
-            deadline_monotonic=time.monotonic() + budget,
-        )
-        logs = _LogBuffer()
-        run_context = contextvars.copy_context()
-        run_context.run(_current_log.set, logs)
-
-        self.inflight += 1
-        self.open_invocations += 1
-        self.invocations += 1
-        slot = _Slot(self)
+    def _run_async(
+        self, event: Any, context: InvocationContext, logs: _LogBuffer, slot: _Slot, budget: float
+    ) -> tuple[bool, Any] | None:
+        """Run an async handler on the loop thread; None if it overran ``budget`` (it is cancelled and
+        its slot given back once it has unwound)."""
         loop = self.loop
         assert loop is not None
-        started = time.perf_counter()
-        future: asyncio.Future[tuple[bool, Any]]
-        if self.handler_is_async:
-            future = loop.create_task(_call_async(self.handler, event, context), context=run_context)
-        else:
-            future = loop.run_in_executor(
-                self.executor, run_context.run, _call_sync, self.handler, event, context
-            )
-        future.add_done_callback(slot.release)
-        try:
-            done, _ = await asyncio.wait((future,), timeout=budget)
-        except BaseException:
-            future.cancel()
-            self.open_invocations -= 1
-            raise
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        outcome: concurrent.futures.Future[tuple[bool, Any]] = concurrent.futures.Future()
+        tasks: list[asyncio.Task[tuple[bool, Any]]] = []
 
-        if done:
-            ok, value = future.result()
-            status, payload = self._outcome(ok, value)
-        else:
-            status, payload = self._timed_out(future, slot, budget, deadline_bound, spec.timeout_s)
-        return self._answer(status, payload, logs.getvalue(), duration_ms)
+        def finished(task: asyncio.Task[tuple[bool, Any]]) -> None:
+            slot.release()
+            if outcome.done():
+                return  # it overran and was cancelled: the 504 is answered already
+            if task.cancelled():  # the handler cancelled itself: a failure of the function
+                outcome.set_result((False, asyncio.CancelledError("the handler's task was cancelled")))
+            else:
+                outcome.set_result(task.result())
+
+        def start() -> None:
+            if outcome.cancelled():
+                slot.release()
+                return
+            run_context = contextvars.copy_context()
+            run_context.run(_current_log.set, logs)
+            task = loop.create_task(_call_async(self.handler, event, context), context=run_context)
+            task.add_done_callback(finished)
+            tasks.append(task)
+
+        loop.call_soon_threadsafe(start)
+        try:
+            return outcome.result(timeout=budget)
+        except concurrent.futures.TimeoutError:
+            if not outcome.cancel():  # it finished just now
+                return outcome.result()
+            loop.call_soon_threadsafe(lambda: tasks and tasks[0].cancel())
+            return None
 
     def _answer(self, status: int, payload: dict[str, Any], logs: str, duration_ms: float) -> _Response:
         """An invocation's answer: the body the caller gets (the result's JSON, or ``{"error": ...}``),
@@ -959,17 +1069,18 @@ class FunctionHost:
             status, payload = self._out_of_memory()
             final = json.dumps(payload).encode()
         except (TypeError, ValueError, RecursionError) as exc:
-            status, payload = 500, _function_error(
-                type(exc).__name__, f"the function's result is not JSON serialisable: {exc}"
+            status, payload = (
+                500,
+                _function_error(type(exc).__name__, f"the function's result is not JSON serialisable: {exc}"),
             )
             final = json.dumps(payload).encode()
         prefix = logs.encode("utf-8", "replace")
         head = b"X-Faas-Duration-Ms: %.3f\r\nX-Faas-Logs-Bytes: %d\r\n" % (duration_ms, len(prefix))
         if status != 200:
             head += b"X-Faas-Error-Kind: %s\r\n" % payload["error"]["kind"].encode()
-        response = _Response(status, None, body=prefix + final if prefix else final, retire=self.retiring, headers=head)
-        response.admitted = True
-        return response
+        return _Response(
+            status, None, body=prefix + final if prefix else final, retire=self.retiring, headers=head
+        )
 
     def _outcome(self, ok: bool, value: Any) -> tuple[int, dict[str, Any]]:
         if ok:
@@ -992,29 +1103,187 @@ class FunctionHost:
         return 507, {"error": {"kind": "out_of_memory", "type": "MemoryError", "message": message}}
 
     def _timed_out(
-        self, future: asyncio.Future[Any], slot: _Slot, budget: float, deadline_bound: bool, timeout_s: float
+        self, budget: float, deadline_bound: bool, timeout_s: float, *, sync: bool
     ) -> tuple[int, dict[str, Any]]:
         if deadline_bound:
             message = f"the invocation deadline passed after {budget:.3g} s (the function's timeout is {timeout_s:g} s)"
         else:
             message = f"function exceeded its timeout of {timeout_s:g} s"
-        if self.handler_is_async:
-            future.cancel()  # its slot is released once the task has unwound
-        else:
-            # The thread cannot be stopped: stop counting its slot, answer, and retire the process.
-            slot.release(None)
+        if sync:
+            # The thread cannot be stopped: its slot stops counting, and the process retires.
             self._retire("a sync handler overran its timeout")
         return 504, {"error": {"kind": "function_timeout", "type": "TimeoutError", "message": message}}
 
+    def overran(self, invocation: _Invocation) -> None:
+        """The watchdog's answer to a sync invocation past its budget, written in its stead."""
+        if not invocation.claim():
+            return  # the handler returned in the same instant: its own answer goes out
+        assert invocation.slot is not None and invocation.timeout is not None
+        invocation.slot.release()
+        budget, deadline_bound, timeout_s = invocation.timeout
+        status, payload = self._timed_out(budget, deadline_bound, timeout_s, sync=True)
+        duration_ms = round((time.perf_counter() - invocation.started) * 1000, 3)
+        response = self._answer(status, payload, invocation.logs.getvalue(), duration_ms)
+        try:
+            invocation.conn.settimeout(CLOSE_FLUSH_TIMEOUT_S)
+            _send(invocation.conn, response, False)
+        except OSError:
+            pass
+        finally:
+            self._answered()
+
     def _retire(self, why: str) -> None:
-        if self.retiring:
-            return
-        self.retiring = True
+        with self.lock:
+            if self.retiring:
+                return
+            self.retiring = True
         _diag(f"retiring: {why}")
-        assert self.loop is not None and self.spec is not None
+        assert self.spec is not None
         # Backstop: admitted invocations are answered within their budget, so this only fires if a
         # client stops reading its response.
-        self.loop.call_later(self.spec.timeout_s + 5.0, self.exit, EXIT_RETIRED)
+        backstop = threading.Timer(self.spec.timeout_s + 5.0, self.exit, (EXIT_RETIRED,))
+        backstop.daemon = True
+        backstop.start()
+
+
+_BAD_REQUEST_KINDS = {
+    413: ("payload_too_large", "PayloadTooLarge"),
+}
+
+
+def _send(conn: socket.socket, response: _Response, keep_alive: bool) -> None:
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s%s" % (
+        response.status,
+        _REASONS.get(response.status, b"Unknown"),
+        len(response.body),
+        response.headers,
+        b"X-Faas-Retire: 1\r\n" if response.retire else b"",
+        b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+    )
+    conn.sendall(head + response.body)
+    if not keep_alive:
+        # What is written is flushed by the kernel after close; shutting down first tells the peer
+        # at once, before the process possibly exits.
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _refuse(conn: socket.socket) -> None:
+    """Answer a connection the host has no thread for, and close it."""
+    try:
+        conn.settimeout(CLOSE_FLUSH_TIMEOUT_S)
+        _send(
+            conn,
+            _error(503, "unavailable", "TooManyConnections", "the function host has too many connections"),
+            False,
+        )
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+class _Reader:
+    """Blocking reads of requests from one connection: heads up to ``MAX_HEAD_BYTES``, then bodies."""
+
+    __slots__ = ("conn", "buffer")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buffer = bytearray()
+
+    def head(self) -> bytes | None:
+        """The next request head, CRLFCRLF included; None if the peer closed before sending one."""
+        searched = 0
+        while True:
+            end = self.buffer.find(b"\r\n\r\n", max(0, searched - 3))
+            if end >= 0:
+                head = bytes(self.buffer[: end + 4])
+                del self.buffer[: end + 4]
+                return head
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                raise _BadRequest(431, "headers too large")
+            searched = len(self.buffer)
+            data = self.conn.recv(READ_CHUNK_BYTES)
+            if not data:
+                if self.buffer.strip():
+                    raise ConnectionResetError("the peer closed in the middle of a request head")
+                return None
+            self.buffer += data
+
+    def body(self, length: int) -> bytes:
+        while len(self.buffer) < length:
+            data = self.conn.recv(min(max(READ_CHUNK_BYTES, length - len(self.buffer)), MIB))
+            if not data:
+                raise ConnectionResetError("the peer closed in the middle of a request body")
+            self.buffer += data
+        body = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        return body
+
+
+class _Invocation:
+    """One request on one connection; answered exactly once, by its connection thread or, for a
+    sync handler past its budget, by the watchdog (``claim`` decides which)."""
+
+    __slots__ = ("conn", "deadline", "timeout", "slot", "logs", "started", "_claim")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.deadline = math.inf
+        self.timeout: tuple[float, bool, float] | None = None
+        self.slot: _Slot | None = None
+        self.logs = _LogBuffer()
+        self.started = 0.0
+        self._claim = threading.Lock()
+
+    def claim(self) -> bool:
+        return self._claim.acquire(blocking=False)
+
+
+class _Watchdog:
+    """Answers sync invocations that overrun their budget (their thread cannot be stopped).
+
+    Watching costs two uncontended lock round trips per invocation; the thread is woken only when an
+    invocation's deadline is earlier than the one it sleeps towards (rare: most share the timeout)."""
+
+    def __init__(self, host: FunctionHost) -> None:
+        self.host = host
+        self.condition = threading.Condition(threading.Lock())
+        self.watched: set[_Invocation] = set()
+        self.wake_at = math.inf
+        self.thread: threading.Thread | None = None
+
+    def watch(self, invocation: _Invocation) -> None:
+        with self.condition:
+            self.watched.add(invocation)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+                self.thread.start()
+            if invocation.deadline < self.wake_at:
+                self.condition.notify()
+
+    def unwatch(self, invocation: _Invocation) -> None:
+        with self.condition:
+            self.watched.discard(invocation)
+
+    def _run(self) -> None:
+        while True:
+            with self.condition:
+                now = time.monotonic()
+                overrun = [i for i in self.watched if i.deadline <= now]
+                self.watched.difference_update(overrun)
+                self.wake_at = min((i.deadline for i in self.watched), default=math.inf)
+                if not overrun:
+                    self.condition.wait(None if self.wake_at == math.inf else self.wake_at - now)
+                    continue
+            for invocation in overrun:
+                try:
+                    self.host.overran(invocation)
+                except Exception:  # noqa: BLE001 - the watchdog must outlive any one answer
+                    _diag("error answering an overrun invocation:\n" + traceback.format_exc())
 
 
 def _function_error(error_type: str, message: str, frames: list[str] | None = None) -> dict[str, Any]:
@@ -1033,12 +1302,14 @@ class _Slot:
         self.host = host
         self.released = False
 
-    def release(self, _future: Any) -> None:
-        if self.released:
-            return
-        self.released = True
-        self.host.inflight -= 1
-        self.host.last_active = time.monotonic()
+    def release(self) -> None:
+        host = self.host
+        with host.lock:
+            if self.released:
+                return
+            self.released = True
+            host.inflight -= 1
+            host.last_active = time.monotonic()
 
 
 def _drop_script_dir_from_path() -> None:
@@ -1059,6 +1330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instance-id", required=True)
     args = parser.parse_args(argv)
     _drop_script_dir_from_path()
+    _limit_malloc_arenas()
     os.makedirs(args.cache_dir, exist_ok=True)
     sys.stdout = _CapturingStream(sys.stdout)
     sys.stderr = _CapturingStream(sys.stderr)
