@@ -1128,7 +1128,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cluster = EmbeddedCluster(settings, progress=il._progress)
     settings = cluster.settings
     replacements: list[EmbeddedCluster] = []
-    gw = httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, trust_env=False)
+    gw = httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, trust_env=False, auth=il.AdminKey(home))
     client = HopClient(max_connections=plan.concurrency * 4)
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     ledger = home / "ledger" / "ids.txt"
@@ -1136,6 +1136,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         async with asyncio.timeout(args.max_seconds):
             log(f"starting the platform in {home}")
             await cluster.start()
+            JSON_HEADERS.update(il.admin_headers(home))  # every gateway call of this bench sends the admin key
             valkey = await valkey_line(redis, settings)
             ledger.parent.mkdir()
             ledger.touch()

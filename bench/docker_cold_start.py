@@ -251,7 +251,7 @@ async def platform(
     cluster = EmbeddedCluster(settings, progress=_progress)
     settings = cluster.settings
     etcd = Etcd(*settings.etcd_host_port)
-    gw = il.new_gateway_client()
+    gw = il.new_gateway_client(home)
     record_errors(gw, f"{label} gateway")
     try:
         log(f"starting platform '{label}' in {home}")

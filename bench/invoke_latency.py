@@ -59,7 +59,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -68,7 +68,7 @@ from faas.core.etcd import Etcd
 from faas.core.models import InstanceRecord, LeaderRecord
 from faas.core.rendezvous import rank
 from faas.core.settings import Settings
-from faas.launcher.embedded import EmbeddedCluster, settings_for_test
+from faas.launcher.embedded import ADMIN_KEY_FILE, EmbeddedCluster, settings_for_test
 
 NAMESPACE = "default"
 HANDLER_CODE = "def handler(event, context):\n    return event\n"
@@ -289,9 +289,25 @@ class Target:
         return {**JSON_HEADERS, "x-faas-request-id": uuid.uuid4().hex, "x-faas-deadline-ms": str(deadline_ms)}
 
 
-def new_gateway_client() -> httpx.AsyncClient:
+def admin_headers(home: Path) -> dict[str, str]:
+    """The admin API key the launcher made for the platform under ``home`` (once it has started)."""
+    return {"Authorization": f"Bearer {(home / ADMIN_KEY_FILE).read_text().strip()}"}
+
+
+class AdminKey(httpx.Auth):
+    """Sends the platform's admin key, read when the first request goes out (after the start)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        request.headers.update(admin_headers(self.home))
+        yield request
+
+
+def new_gateway_client(home: Path) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=CONCURRENCY * 2, max_keepalive_connections=CONCURRENCY * 2)
-    return httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False)
+    return httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False, auth=AdminKey(home))
 
 
 def gateway_target(client: httpx.AsyncClient, settings: Settings, name: str, width: int) -> Target:
@@ -878,7 +894,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     cluster = EmbeddedCluster(settings, progress=_progress)
     settings = cluster.settings
     etcd = Etcd(*settings.etcd_host_port)
-    gw = new_gateway_client()
+    gw = new_gateway_client(home)
     try:
         async with asyncio.timeout(args.max_seconds):
             log(f"starting the platform in {home}")

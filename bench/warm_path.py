@@ -631,7 +631,7 @@ def write_scripts(home: Path) -> dict[str, Path]:
     """One wrk Lua script per target: POST ``{}`` as JSON; the host also gets the dispatcher's headers."""
     deadline = wire.deadline_header(time.time() + 3600)  # static: wrk sends the same headers every time
     headers = {
-        "platform": il.JSON_HEADERS,
+        "platform": {**il.JSON_HEADERS, **il.admin_headers(home)},
         "instance": {**il.JSON_HEADERS, wire.REQUEST_ID: "wrk", wire.DEADLINE_MS: deadline},
         "naive": il.JSON_HEADERS,
     }
@@ -650,7 +650,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     cluster = EmbeddedCluster(settings_for_test(home), progress=il._progress)
     settings = cluster.settings
     etcd = Etcd(*settings.etcd_host_port)
-    gw = il.new_gateway_client()
+    gw = il.new_gateway_client(home)
     children = Children()
     try:
         async with asyncio.timeout(args.max_seconds):

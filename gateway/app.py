@@ -21,10 +21,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, File, Form, Header, Query, Request, Response, UploadFile
-from pydantic import ValidationError
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, Response, UploadFile
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faas.core import redis_keys, wire
+from faas.core.api_keys import NO_KEY, KeyIndex, KeyStore, Principal, Role, Unauthorized
 from faas.core.body import BodyTooLarge
 from faas.core.clients import TriggerClient
 from faas.core.codestore import CodeStore
@@ -55,12 +56,25 @@ from faas.core.settings import Settings
 from faas.core.subscriptions import SubscriptionIndex, SubscriptionStore
 from faas.core.tasks import TaskSet
 from gateway.archive import check_archive_layout, verify_archive_members
+from gateway.auth import authenticate, caller, caller_or_none, identify
 from gateway.events_api import install_event_routes
 from gateway.http_events import build_event, build_response
 
 # The multipart form around a code archive: its config field (at most 1 MiB, as Starlette reads form
 # fields) and the part headers.
 UPLOAD_FORM_OVERHEAD_BYTES = 2 * 1024 * 1024
+
+class KeySpec(BaseModel):
+    """An API key to create: its namespace (default: the admin's), role, and for an invoker the
+    functions it may call (none: all of the namespace's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str | None = None
+    role: Role
+    functions: list[str] = Field(default_factory=list)
+    description: str = Field(default="", max_length=200)
+
 
 NamespaceQuery = Annotated[str | None, Query(description="namespace (default: the platform's default)")]
 
@@ -95,6 +109,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         subscription_index = SubscriptionIndex(etcd)
         subscription_index.start()
         app.state.subscription_index = subscription_index
+        key_index = KeyIndex(etcd)
+        key_index.start()
+        app.state.key_index = key_index
+        app.state.key_store = KeyStore(etcd)
         try:
             yield
         finally:
@@ -103,23 +121,36 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await app.state.trigger.close()
             await leader.stop()
             await subscription_index.stop()
+            await key_index.stop()
             await catalog.stop()
             await redis.aclose()
             await etcd.close()
+
+    async def identify_caller(request: Request) -> None:
+        identify(
+            app.state.key_index, request.url.path, request.headers.get, request.query_params.get("secret"),
+            settings.webhook_secret,
+        )  # fmt: skip
 
     app = FastAPI(
         title="faas gateway",
         description="Deploy and invoke Python functions.",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(identify_caller)],
     )
     install_error_handlers(app)
 
-    def namespace_of(namespace: str | None) -> str:
-        ns = namespace or settings.default_namespace
-        problem = name_problem(ns, "namespace")
-        if problem:
-            raise InvalidRequest(problem)
+    def namespace_of(namespace: str | None, role: Role = "developer", principal: Principal | None = None) -> str:
+        """The namespace a call acts in (the key's own; an admin key may name another) once the key
+        is allowed ``role`` there."""
+        if namespace is not None:
+            problem = name_problem(namespace, "namespace")
+            if problem:
+                raise InvalidRequest(problem)
+        principal = principal or caller()
+        ns = principal.namespace_for(namespace)
+        principal.require(role)
         return ns
 
     def check_name(name: str) -> str:
@@ -272,10 +303,12 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
     async def invoke_call(
         headers: Mapping[str, str], body: bytes, name: str, namespace: str | None, qualifier: str | None, *,
-        asynchronous: bool, stream: bool = False,
+        asynchronous: bool, stream: bool = False, principal: Principal | None = None,
     ) -> HopResponse:  # fmt: skip
-        ns = namespace_of(namespace)
+        principal = principal or caller()
+        ns = namespace_of(namespace, "invoker", principal)
         check_name(name)
+        principal.may_invoke(name)
         body = body or b"{}"
         try:
             json.loads(body)
@@ -323,6 +356,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     # FastAPI (whose routes below document them in the OpenAPI schema and serve the same calls made
     # through the ASGI app).
     async def hot_invoke(request: HopRequest, *, asynchronous: bool | None = None) -> HopServerResponse:
+        principal = authenticate(app.state.key_index, request.headers.get)  # before reading the body
         query = parse_qs(request.query.decode("latin-1")) if request.query else {}
         if asynchronous is None:
             asynchronous = invocation_kind(request.headers.get(wire.INVOCATION_TYPE))
@@ -337,7 +371,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             raise PayloadTooLarge(f"payload exceeds the limit of {limit} bytes for {kind} call") from exc
         resp = await invoke_call(
             request.headers, body, request.params["name"], _last(query, "namespace"), _last(query, "qualifier"),
-            asynchronous=asynchronous, stream=True,
+            asynchronous=asynchronous, stream=True, principal=principal,
         )  # fmt: skip
         return await relay(resp)
 
@@ -386,14 +420,16 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def list_dead_letters(
         function: Annotated[str | None, Query(description="only this function's")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        namespace: NamespaceQuery = None,
     ) -> dict[str, list[dict[str, Any]]]:
-        """Async events that ran out of retries or age, with their last error."""
-        return {"dead_letters": await app.state.queue.dead_letters(limit=limit, function=function)}
+        """Async events of the namespace that ran out of retries or age, with their last error."""
+        ns = namespace_of(namespace)
+        return {"dead_letters": await app.state.queue.dead_letters(limit=limit, function=function, namespace=ns)}
 
     @app.post("/v1/dead-letters/{dead_letter_id}/redrive", status_code=202, tags=["invocation"])
-    async def redrive_dead_letter(dead_letter_id: str) -> dict[str, Any]:
-        """Put a dead-lettered event back on the queue as a fresh first attempt."""
-        env = await app.state.queue.redrive(dead_letter_id)
+    async def redrive_dead_letter(dead_letter_id: str, namespace: NamespaceQuery = None) -> dict[str, Any]:
+        """Put a dead-lettered event of the namespace back on the queue as a fresh first attempt."""
+        env = await app.state.queue.redrive(dead_letter_id, namespace=namespace_of(namespace))
         return {"id": env.id, "status": "queued"}
 
     @app.get("/v1/invocations/{invocation_id}", tags=["invocation"])
@@ -405,9 +441,16 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         or age; listed under ``/v1/dead-letters`` for redrive).  ``attempts`` counts the function's
         attempts, ``platform_retries`` the retries after platform faults (which do not use up
         ``max_retries``); the last ``error`` says whose fault it was (``fault``)."""
+        principal = caller()
+        principal.require("invoker")
         found = await app.state.queue.status(invocation_id)
+        missing = NotFound(f"invocation {invocation_id!r} not found (unknown, or older than its retention)")
         if found is None:
-            raise NotFound(f"invocation {invocation_id!r} not found (unknown, or older than its retention)")
+            raise missing
+        try:
+            principal.namespace_for(str(found.get("namespace") or settings.default_namespace))
+        except NotFound:
+            raise missing from None  # another namespace's: as if it did not exist
         return found
 
     @app.api_route(
@@ -418,9 +461,21 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def http_trigger(
         name: str, path: str, request: Request, namespace: NamespaceQuery = None
     ) -> Response:
-        """HTTP trigger: the handler receives an API Gateway proxy (v2.0) event."""
-        ns = namespace_of(namespace)
-        check_name(name)
+        """HTTP trigger: the handler receives an API Gateway proxy (v2.0) event.  Without an API key,
+        only a function deployed with ``public: true`` answers (in the namespace named, or the default)."""
+        principal = caller_or_none()
+        if principal is None:
+            ns = namespace or settings.default_namespace
+            try:
+                public = (await app.state.catalog.resolve(ns, check_name(name), None)).public
+            except (NotFound, InvalidRequest):
+                public = False
+            if not public:
+                raise Unauthorized(NO_KEY)  # the same answer whether the function exists or not
+        else:
+            ns = namespace_of(namespace, "invoker", principal)
+            check_name(name)
+            principal.may_invoke(name)
         body = await read_payload(request)
         request_id = uuid.uuid4().hex
         event = build_event(request, path, body, request_id)
@@ -431,6 +486,48 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
                 resp.body, status_code=resp.status, headers=headers, media_type="application/json"
             )
         return build_response(json.loads(resp.body), headers)
+
+    # -- API keys (admin) -----------------------------------------------------------------------
+
+    @app.get("/v1/whoami", tags=["keys"])
+    async def whoami() -> dict[str, Any]:
+        """The calling key: its id, namespace, role and (for an invoker) functions."""
+        principal = caller()
+        return {
+            "key_id": principal.key_id, "namespace": principal.namespace, "role": principal.role,
+            "functions": sorted(principal.functions),
+        }  # fmt: skip
+
+    @app.post("/v1/keys", status_code=201, tags=["keys"])
+    async def create_key(spec: KeySpec) -> dict[str, Any]:
+        """Create an API key.  Its text is in this answer only: it is stored hashed."""
+        admin = caller()
+        admin.require("admin")
+        ns = spec.namespace or admin.namespace
+        problem = name_problem(ns, "namespace")
+        if problem:
+            raise InvalidRequest(problem)
+        for function in spec.functions:
+            check_name(function)
+        if spec.functions and spec.role != "invoker":
+            raise InvalidRequest("only an invoker key can be limited to some functions")
+        text, record = await app.state.key_store.create(
+            ns, spec.role, functions=spec.functions, description=spec.description
+        )
+        return {**record.view(), "key": text}
+
+    @app.get("/v1/keys", tags=["keys"])
+    async def list_keys(namespace: NamespaceQuery = None) -> dict[str, list[dict[str, Any]]]:
+        """Every key (of one namespace with ``?namespace=``), without secrets or hashes."""
+        caller().require("admin")
+        return {"keys": [r.view() for r in await app.state.key_store.list(namespace)]}
+
+    @app.delete("/v1/keys/{key_id}", status_code=204, tags=["keys"])
+    async def revoke_key(key_id: str) -> Response:
+        """Revoke a key: every gateway refuses it within moments."""
+        caller().require("admin")
+        await app.state.key_store.revoke(key_id)
+        return Response(status_code=204)
 
     install_event_routes(
         app, settings, namespace_of=namespace_of, check_name=check_name, read_payload=read_payload

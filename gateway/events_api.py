@@ -50,7 +50,7 @@ def install_event_routes(
     app: FastAPI,
     settings: Settings,
     *,
-    namespace_of: Callable[[str | None], str],
+    namespace_of: Callable[..., str],
     check_name: Callable[[str], str],
     read_payload: Callable[..., Any],
 ) -> None:
@@ -210,7 +210,7 @@ def install_event_routes(
     async def post_cloudevents(request: Request, namespace: NamespaceQuery = None) -> dict[str, Any]:
         """CloudEvents 1.0 over HTTP (binary, structured or batched mode).  Each event goes, as an async
         invocation, to every subscription of the namespace whose ``type``/``source`` filters match."""
-        ns = namespace_of(namespace)
+        ns = namespace_of(namespace, "invoker")
         body = await read_payload(request, asynchronous=True)
         events = parse_http(request.headers, body)
         subs = [s for s in subscriptions("cloudevents") if s.namespace == ns]

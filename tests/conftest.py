@@ -23,6 +23,7 @@ import pytest
 from faas.core.errors import Unavailable
 from faas.core.settings import Settings
 from faas.launcher.embedded import (
+    ADMIN_KEY_FILE,
     EmbeddedCluster,
     ProcessRecord,
     embedded_settings,
@@ -35,6 +36,27 @@ from tests.code_server import CodeServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def admin_key(settings: Settings) -> str:
+    """The admin API key the launcher made for the platform under ``settings.home``."""
+    return (settings.home / ADMIN_KEY_FILE).read_text().strip()
+
+
+def admin_headers(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_key(settings)}"}
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The environment of a ``faas`` command against the platform (its home, so the CLI finds the
+    admin key; a config folder of its own, so ``faas login`` never touches the user's)."""
+    env = dict(os.environ)
+    env.update(settings_env(settings))
+    env["FAAS_URL"] = settings.gateway_url
+    env["FAAS_CONFIG_DIR"] = str(settings.home / "cli-config")
+    env["PYTHONPATH"] = str(ROOT)
+    env.pop("FAAS_API_KEY", None)
+    return env
 
 
 def missing_service(reason: str) -> None:
@@ -52,12 +74,12 @@ class Platform:
     def url(self) -> str:
         return self.settings.gateway_url
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return admin_headers(self.settings)
+
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(settings_env(self.settings))
-        env["FAAS_URL"] = self.url
-        env["PYTHONPATH"] = str(ROOT)
-        return env
+        return cli_env(self.settings)
 
     def cli(self, *args: str, cwd: Path | None = None, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -105,12 +127,12 @@ class SupervisedPlatform:
     def home(self) -> str:
         return str(self.settings.home)
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return admin_headers(self.settings)
+
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(settings_env(self.settings))
-        env["FAAS_URL"] = self.url
-        env["PYTHONPATH"] = str(ROOT)
-        return env
+        return cli_env(self.settings)
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -178,7 +200,7 @@ async def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 @pytest.fixture
 async def gw(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=platform.url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=platform.url, timeout=120, headers=platform.admin_headers) as client:
         yield client
 
 

@@ -205,7 +205,7 @@ async def test_acknowledged_events_survive_a_valkey_restart(platform: Platform, 
 
     async def load() -> None:
         nonlocal refused
-        async with httpx.AsyncClient(base_url=platform.url, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=platform.url, timeout=10, headers=platform.admin_headers) as client:
             for n in range(100):  # 100 events over 5 s
                 try:
                     resp = await client.post(f"/v1/functions/{name}/invoke-async", json={"n": n})

@@ -174,7 +174,7 @@ async def test_no_event_acknowledged_in_a_burst_is_lost_when_valkey_is_killed(
                 await asyncio.sleep(0.05)
 
     valkey = next(r for r in platform.cluster.records if r.name == "valkey")
-    async with httpx.AsyncClient(base_url=platform.url, timeout=15) as client:
+    async with httpx.AsyncClient(base_url=platform.url, timeout=15, headers=platform.admin_headers) as client:
         callers = [asyncio.ensure_future(caller(client)) for _ in range(32)]
         restarted_at = math.inf
 

@@ -58,30 +58,31 @@ def broken_gateway(platform: Platform, **overrides: str) -> Iterator[str]:
             proc.wait()
 
 
-def _deploy(url: str, name: str) -> httpx.Response:
+def _deploy(url: str, name: str, headers: dict[str, str]) -> httpx.Response:
     return httpx.put(
         f"{url}/v1/functions/{name}",
         data={"config": json.dumps({"handler": "handler.handler"})},
         files={"code": ("code.zip", make_zip({"handler.py": "def handler(e, c):\n    return 1\n"}), "application/zip")},
         timeout=60,
+        headers=headers,
     )
 
 
 def test_s3_unreachable_at_deploy_is_503_and_nothing_is_created(platform: Platform) -> None:
     closed = find_free_port()
     with broken_gateway(platform, FAAS_S3_ENDPOINT=f"http://127.0.0.1:{closed}") as url:
-        resp = _deploy(url, "no-s3")
+        resp = _deploy(url, "no-s3", platform.admin_headers)
     assert resp.status_code == 503, resp.text
     err = resp.json()["error"]
     assert err["kind"] == "unavailable" and "object store" in err["message"]
-    assert httpx.get(f"{platform.url}/v1/functions/no-s3").status_code == 404
+    assert httpx.get(f"{platform.url}/v1/functions/no-s3", headers=platform.admin_headers).status_code == 404
 
 
 def test_etcd_unreachable_at_deploy_is_503_and_nothing_is_created(platform: Platform) -> None:
     closed = find_free_port()
     with broken_gateway(platform, FAAS_ETCD_URL=f"http://127.0.0.1:{closed}") as url:
-        resp = _deploy(url, "no-etcd")
+        resp = _deploy(url, "no-etcd", platform.admin_headers)
     assert resp.status_code == 503, resp.text
     err = resp.json()["error"]
     assert err["kind"] == "unavailable" and "etcd" in err["message"]
-    assert httpx.get(f"{platform.url}/v1/functions/no-etcd").status_code == 404
+    assert httpx.get(f"{platform.url}/v1/functions/no-etcd", headers=platform.admin_headers).status_code == 404

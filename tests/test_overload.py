@@ -43,7 +43,9 @@ async def _waiters_on_dispatchers(platform: Platform) -> int:
 async def test_a_burst_beyond_max_instances_gets_429_at_once_never_504(platform: Platform) -> None:
     deadline_s = platform.settings.cold_start_timeout_s + TIMEOUT_S + 2.0  # what the gateway gives a call
     limits = httpx.Limits(max_connections=BURST + 10, max_keepalive_connections=BURST + 10)
-    async with httpx.AsyncClient(base_url=platform.url, timeout=deadline_s + 30, limits=limits) as gw:
+    async with httpx.AsyncClient(
+        base_url=platform.url, timeout=deadline_s + 30, limits=limits, headers=platform.admin_headers
+    ) as gw:
         await deploy(
             gw,
             "sleeper",

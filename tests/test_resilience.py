@@ -37,7 +37,7 @@ async def up(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Supervis
 
 @pytest.fixture
 async def client(up: SupervisedPlatform) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=up.url, timeout=90) as c:
+    async with httpx.AsyncClient(base_url=up.url, timeout=90, headers=up.admin_headers) as c:
         yield c
 
 

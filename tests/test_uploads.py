@@ -88,7 +88,7 @@ async def test_a_zip_bomb_is_refused_from_its_directory_and_the_gateway_keeps_an
     platform: Platform, gw: httpx.AsyncClient
 ) -> None:
     bomb = await asyncio.to_thread(zip_bomb, 1)
-    async with httpx.AsyncClient(base_url=platform.settings.gateway_url, timeout=10) as other:
+    async with httpx.AsyncClient(base_url=platform.settings.gateway_url, timeout=10, headers=platform.admin_headers) as other:
         stop = asyncio.Event()
         watcher = asyncio.create_task(_health_latencies(other, stop))
         await asyncio.sleep(0.05)

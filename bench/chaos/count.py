@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from bench.chaos.records import CallRecord, payload_of, read_records
+from bench.chaos.records import CallRecord, api_headers, payload_of, read_records
 
 FINAL_STATUSES = ("succeeded", "dead-lettered")
 # Error kinds that blame the platform, not the function (faas/core/errors.py, and the dispatcher's
@@ -205,7 +205,7 @@ async def drain(
         else:
             unknown_since.pop(invocation_id, None)
 
-    async with httpx.AsyncClient(base_url=url, timeout=10.0, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=10.0, trust_env=False, headers=api_headers()) as client:
         while open_ids and time.monotonic() < deadline:
             async with asyncio.TaskGroup() as group:
                 for invocation_id in list(open_ids):
@@ -336,7 +336,7 @@ async def platform_status(home: Path) -> tuple[bool, str]:
 async def sync_call(url: str, function: str, *, timeout_s: float = 70.0) -> tuple[bool, str]:
     client_id = f"recovery-{time.time_ns()}"
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, trust_env=False) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, trust_env=False, headers=api_headers()) as client:
             resp = await client.post(f"/v1/functions/{function}/invoke", json=payload_of(client_id))
     except httpx.HTTPError as exc:
         return False, f"sync call: {type(exc).__name__}: {exc}"

@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from bench.chaos.records import CANCELLED, SKIPPED, CallKind, CallRecord, payload_of
+from bench.chaos.records import CANCELLED, SKIPPED, CallKind, CallRecord, api_headers, payload_of
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 MAX_RATE = 1000.0
@@ -208,7 +208,9 @@ async def generate(plan: LoadPlan, out: IO[str]) -> dict[str, int]:
         loop.add_signal_handler(signum, stop)
     connector = aiohttp.TCPConnector(limit=plan.inflight_limit, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=plan.call_timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=False, headers=api_headers()
+    ) as session:
         gen = _Generator(plan, session, out)
         try:
             await gen.run()

@@ -20,9 +20,11 @@ from typing import Any
 import httpx
 
 from bench.chaos.count import faas_command
+from bench.chaos.records import api_headers
 from faas.core.procs import pid_alive
 from faas.core.settings import Settings
 from faas.launcher.embedded import (
+    ADMIN_KEY_FILE,
     ProcessRecord,
     read_members,
     read_state,
@@ -98,6 +100,8 @@ class ChaosPlatform:
             raise PlatformError(f"faas up exited with code {code}:\n{err.strip()[-2000:]}")
         if out.strip() != self.url:
             raise PlatformError(f"faas up printed {out.strip()!r}, expected {self.url}")
+        # Every client of the runner, the load generator (a child) included, sends the admin key.
+        os.environ["FAAS_API_KEY"] = (self.home / ADMIN_KEY_FILE).read_text().strip()
 
     async def down(self) -> str:
         """``faas down``: stops the supervisor and everything it runs (also after a failed ``up``)."""
@@ -132,7 +136,7 @@ class ChaosPlatform:
 
     async def deploy(self, name: str, **config: Any) -> int:
         """A no-op function (``return event``); returns the new version's number."""
-        async with httpx.AsyncClient(base_url=self.url, timeout=60.0, trust_env=False) as client:
+        async with httpx.AsyncClient(base_url=self.url, timeout=60.0, trust_env=False, headers=api_headers()) as client:
             resp = await client.put(
                 f"/v1/functions/{name}",
                 data={"config": json.dumps({"handler": "handler.handler", "memory_mb": 128, **config})},
@@ -145,7 +149,7 @@ class ChaosPlatform:
     async def warm(self, name: str, *, calls: int, timeout_s: float = 90.0) -> None:
         """``calls`` sync calls at once until all answer 200 (the cold starts happen here), then one
         async call drained to ``succeeded``."""
-        async with httpx.AsyncClient(base_url=self.url, timeout=timeout_s, trust_env=False) as client:
+        async with httpx.AsyncClient(base_url=self.url, timeout=timeout_s, trust_env=False, headers=api_headers()) as client:
             async with asyncio.timeout(timeout_s):
                 while True:
                     answers = await asyncio.gather(

@@ -7,6 +7,7 @@ process on the same machine) records.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,3 +73,10 @@ def read_records(path: Path) -> Iterator[CallRecord]:
             except ValueError:
                 continue
             yield CallRecord.from_json(data)
+
+
+def api_headers() -> dict[str, str]:
+    """The gateway's API key for every client of the fault runner, from ``$FAAS_API_KEY`` (which
+    ``ChaosPlatform.up`` sets to the platform's admin key, so the load generator inherits it)."""
+    key = os.environ.get("FAAS_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}

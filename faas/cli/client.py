@@ -6,7 +6,8 @@ the gateway's ``kind``, ``type``, ``message`` and the HTTP ``status``) when it a
 ``invoke`` is the exception: it returns the raw status, headers and body, so the caller can show a
 function's error together with the ``X-Faas-*`` headers; ``error_from_response`` decodes such a body.
 
-Every request carries ``?namespace=``.  Timeouts: deploy 300 s (the upload of a large archive),
+Every request carries the API key (``Authorization: Bearer``) and, when one is given, ``?namespace=``
+(without it, the gateway uses the key's namespace).  Timeouts: deploy 300 s (the upload of a large archive),
 invoke 930 s (the longest function timeout, 900 s, plus a cold start), everything else 30 s.
 """
 
@@ -66,11 +67,19 @@ def error_from_response(status: int, body: bytes) -> GatewayError:
 
 class GatewayClient:
     def __init__(
-        self, url: str, namespace: str = "default", *, transport: httpx.BaseTransport | None = None
+        self,
+        url: str,
+        namespace: str | None = None,
+        *,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.namespace = namespace
-        self._http = httpx.Client(base_url=self.url, transport=transport, headers={"User-Agent": USER_AGENT})
+        headers = {"User-Agent": USER_AGENT}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(base_url=self.url, transport=transport, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -162,6 +171,21 @@ class GatewayClient:
     def delete_subscription(self, name: str, subscription: str) -> None:
         self._checked("DELETE", _subscription_path(name, subscription))
 
+    # -- API keys -----------------------------------------------------------------------------------
+
+    def whoami(self) -> dict[str, Any]:
+        """What the gateway knows of this client's key: its id, namespace, role and functions."""
+        return _expect_dict(self._json("GET", "/v1/whoami"))
+
+    def create_key(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return _expect_dict(self._json("POST", "/v1/keys", json=spec))
+
+    def list_keys(self) -> builtins.list[dict[str, Any]]:
+        return _items(self._json("GET", "/v1/keys"), "keys")
+
+    def revoke_key(self, key_id: str) -> None:
+        self._checked("DELETE", f"/v1/keys/{quote(key_id, safe='')}")
+
     # -- other calls --------------------------------------------------------------------------------
 
     def raw(self, method: str, path: str, *, params: dict[str, Any] | None = None) -> tuple[int, bytes]:
@@ -179,7 +203,7 @@ class GatewayClient:
     def _send(
         self, method: str, path: str, *, timeout: float, params: dict[str, Any] | None = None, **kwargs: Any
     ) -> httpx.Response:
-        query = {"namespace": self.namespace, **(params or {})}
+        query = {**({"namespace": self.namespace} if self.namespace else {}), **(params or {})}
         try:
             return self._http.request(
                 method,

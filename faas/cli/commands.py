@@ -24,6 +24,7 @@ from faas.core.models import name_problem
 
 from .archive import build_archive
 from .client import GatewayClient, GatewayError, error_from_response
+from .credentials import find_api_key, save_api_key
 from .errors import UsageError
 from .events import (
     SUBSCRIPTION_HEADERS,
@@ -103,6 +104,29 @@ def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] =
     q = dlq.add_parser("redrive", parents=parents, help="queue a dead-lettered event again")
     q.add_argument("dead_letter_id", help="the id 'faas dlq ls' shows")
     q.set_defaults(func=cmd_dlq_redrive)
+
+    p = subparsers.add_parser("login", parents=parents, help="check an API key and keep it for the gateway URL")
+    p.add_argument("--key", help="the key (default: read from standard input)")
+    p.set_defaults(func=cmd_login)
+    p = subparsers.add_parser("whoami", parents=parents, help="show the API key's namespace and role")
+    _output_option(p)
+    p.set_defaults(func=cmd_whoami)
+
+    p = subparsers.add_parser("keys", parents=parents, help="API keys (admin): create, ls, revoke")
+    keys = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    q = keys.add_parser("create", parents=parents, help="create a key; its text is printed once")
+    q.add_argument("--role", required=True, choices=("admin", "developer", "invoker"))
+    q.add_argument("--function", action="append", default=[], dest="functions",
+                   help="an invoker key may call only these functions (repeat; default: all of the namespace)")  # fmt: skip
+    q.add_argument("--description", default="")
+    _output_option(q)
+    q.set_defaults(func=cmd_keys_create)
+    q = keys.add_parser("ls", parents=parents, help="list the keys (never their secrets)")
+    _output_option(q)
+    q.set_defaults(func=cmd_keys_ls)
+    q = keys.add_parser("revoke", parents=parents, help="revoke a key by its id")
+    q.add_argument("key_id")
+    q.set_defaults(func=cmd_keys_revoke)
 
     p = subparsers.add_parser(
         "invocation", parents=parents, help="show an async invocation's status and result"
@@ -402,6 +426,69 @@ def cmd_invocation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_login(args: argparse.Namespace) -> int:
+    key = (args.key if args.key is not None else sys.stdin.readline()).strip()
+    if not key:
+        raise UsageError("no API key given: pass --key KEY or write it on standard input")
+    url = _url(args)
+    with GatewayClient(url, api_key=key) as client:
+        who = client.whoami()  # a key the gateway refuses is not saved
+    path = save_api_key(url, key)
+    print(f"logged in to {url} as a {who['role']} key of namespace {who['namespace']!r} (kept in {path})")
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        who = client.whoami()
+    if args.output == "json":
+        _print_json(who)
+        return 0
+    functions = ", ".join(who.get("functions") or []) or "all"
+    print(f"key {who['key_id']}: {who['role']} of namespace {who['namespace']!r} (functions: {functions})")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = {"role": args.role, "functions": args.functions, "description": args.description}
+    if args.namespace:
+        spec["namespace"] = args.namespace
+    with _client(args) as client:
+        created = client.create_key(spec)
+    if args.output == "json":
+        _print_json(created)
+        return 0
+    print(created["key"])
+    print(
+        f"created {created['role']} key {created['id']} of namespace {created['namespace']!r}; "
+        "this is the only time its text is shown",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        listed = client.list_keys()
+    if args.output == "json":
+        _print_json(listed)
+        return 0
+    rows = [
+        [k["id"], k["namespace"], k["role"], ", ".join(k.get("functions") or []) or "-",
+         time.strftime("%Y-%m-%d %H:%M", time.gmtime(k["created_at"])), k.get("description") or ""]
+        for k in listed
+    ]  # fmt: skip
+    print(format_table(["ID", "NAMESPACE", "ROLE", "FUNCTIONS", "CREATED (UTC)", "DESCRIPTION"], rows) if rows else "no keys")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.revoke_key(args.key_id)
+    print(f"revoked key {args.key_id}")
+    return 0
+
+
 def _report_error(status: int, body: bytes) -> int:
     """Print a gateway error response as ``error: kind: type: message``; the exit code for it."""
     err = error_from_response(status, body)
@@ -447,7 +534,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _print_json(functions)
         return 0
     if not functions:
-        print(f"no functions in namespace {args.namespace!r}", file=sys.stderr)
+        print(f"no functions in {_ns_label(args)}", file=sys.stderr)
         return 0
     rows = []
     for fn in sorted(functions, key=lambda f: str(f.get("name", ""))):
@@ -590,7 +677,7 @@ def cmd_events_ls(args: argparse.Namespace) -> int:
         _print_json(subs)
         return 0
     if not subs:
-        where = f"function {name!r}" if name else f"namespace {args.namespace!r}"
+        where = f"function {name!r}" if name else _ns_label(args)
         print(f"no event subscriptions in {where}", file=sys.stderr)
         return 0
     print(format_table(SUBSCRIPTION_HEADERS, subscription_rows(subs)))
@@ -644,12 +731,21 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _client(args: argparse.Namespace) -> GatewayClient:
-    url = str(args.url or "").strip()
+    url = _url(args)
+    if args.namespace is not None and (problem := name_problem(args.namespace, "namespace")):
+        raise UsageError(problem)
+    return GatewayClient(url, args.namespace, api_key=find_api_key(url, getattr(args, "api_key", None)))
+
+
+def _url(args: argparse.Namespace) -> str:
+    url = str(args.url or "").strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"invalid gateway URL {url!r}: it must start with http:// or https://")
-    if problem := name_problem(args.namespace, "namespace"):
-        raise UsageError(problem)
-    return GatewayClient(url, args.namespace)
+    return url
+
+
+def _ns_label(args: argparse.Namespace) -> str:
+    return f"namespace {args.namespace!r}" if args.namespace else "your key's namespace"
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -665,7 +761,7 @@ def _named(name: str, args: argparse.Namespace, call: Any) -> Any:
         return call()
     except GatewayError as exc:
         if exc.status == 404:
-            where = "" if args.namespace == DEFAULT_NAMESPACE else f" in namespace {args.namespace!r}"
+            where = "" if args.namespace in (None, DEFAULT_NAMESPACE) else f" in namespace {args.namespace!r}"
             raise NotFound(f"function {name!r} not found{where}") from None
         raise
 
@@ -676,12 +772,12 @@ def _function_url(view: dict[str, Any], client: GatewayClient, name: str) -> str
         return url
     if isinstance(url, str) and url.startswith("/"):
         return client.url + url
-    query = "" if client.namespace == DEFAULT_NAMESPACE else f"?namespace={client.namespace}"
+    query = "" if client.namespace in (None, DEFAULT_NAMESPACE) else f"?namespace={client.namespace}"
     return f"{client.url}/fn/{name}/{query}"
 
 
 def _ns_flag(args: argparse.Namespace) -> str:
-    return "" if args.namespace == DEFAULT_NAMESPACE else f" -n {args.namespace}"
+    return "" if args.namespace in (None, DEFAULT_NAMESPACE) else f" -n {args.namespace}"
 
 
 def _output_option(parser: argparse.ArgumentParser) -> None:

@@ -36,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(
         parser,
         url=os.environ.get("FAAS_URL") or DEFAULT_URL,
-        namespace=os.environ.get("FAAS_NAMESPACE") or commands.DEFAULT_NAMESPACE,
+        namespace=os.environ.get("FAAS_NAMESPACE") or None,
+        api_key=os.environ.get("FAAS_API_KEY") or None,
     )
     # The same options on each function command, defaulting to "not given" so that a value given
     # before the command is kept.
     common = argparse.ArgumentParser(add_help=False)
-    _add_global_options(common, url=argparse.SUPPRESS, namespace=argparse.SUPPRESS)
+    _add_global_options(common, url=argparse.SUPPRESS, namespace=argparse.SUPPRESS, api_key=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     commands.add_parsers(subparsers, parents=[common])
     cluster.add_parsers(subparsers)
@@ -75,11 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(status or 0)
 
 
-def _add_global_options(parser: argparse.ArgumentParser, *, url: str, namespace: str) -> None:
+def _add_global_options(parser: argparse.ArgumentParser, *, url: str, namespace: str | None, api_key: str | None) -> None:
     parser.add_argument("--url", default=url, help=f"the gateway's URL (default: $FAAS_URL or {DEFAULT_URL})")
     parser.add_argument(
-        "-n", "--namespace", default=namespace, help="the namespace (default: $FAAS_NAMESPACE or 'default')"
-    )
+        "-n", "--namespace", default=namespace,
+        help="the namespace (default: $FAAS_NAMESPACE, else your API key's; only an admin key may name another)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--api-key", default=api_key,
+        help="the API key (default: $FAAS_API_KEY, else the one 'faas login' saved for the URL, else the "
+        "admin key of the platform 'faas up' started under $FAAS_HOME or .faas)",
+    )  # fmt: skip
 
 
 def _print_error(exc: FaasError) -> None:

@@ -67,6 +67,7 @@ CONFIG_FIELDS: dict[str, str] = {
     "max_event_age": "max_event_age_s",
     "on_success": "on_success",
     "on_failure": "on_failure",
+    "public": "public",
 }
 MANIFEST_KEYS = ("name", *CONFIG_FIELDS, "include", "exclude", "events")
 MAX_EVENTS = 100  # what the gateway accepts in one declared set

@@ -121,6 +121,9 @@ class VersionConfig(BaseModel):
     # Async invocations: where a record of the outcome goes (on success / once retries are exhausted).
     on_success: Destination | None = None
     on_failure: Destination | None = None
+    # The HTTP trigger (``/fn/{name}/...``) answers callers without an API key (web hooks, browsers).
+    # The management routes and the invoke API still need a key.
+    public: bool = False
 
     @field_validator("handler")
     @classmethod

@@ -547,8 +547,10 @@ class InvocationQueue:
                 out[k] = v
         return out
 
-    async def dead_letters(self, *, limit: int, function: str | None = None) -> list[dict[str, Any]]:
-        """Dead-lettered events, oldest first (filtered by function name)."""
+    async def dead_letters(
+        self, *, limit: int, function: str | None = None, namespace: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Dead-lettered events, oldest first (filtered by namespace and function name)."""
         entries = await self._run(
             "list dead letters", self.redis.xrange(redis_keys.DEAD_LETTERS, count=10_000)
         )
@@ -557,6 +559,8 @@ class InvocationQueue:
             raw = fields.get(b"e")
             env = AsyncEnvelope.model_validate_json(raw) if raw else None
             if function and (env is None or env.function != function):
+                continue
+            if namespace is not None and (env is None or env.namespace != namespace):
                 continue
             error = json.loads(fields.get(b"error", b"null"))
             out.append({
@@ -577,8 +581,9 @@ class InvocationQueue:
                 break
         return out
 
-    async def redrive(self, dead_letter_id: str) -> AsyncEnvelope:
-        """Put a dead-lettered event back on the queue as a fresh first attempt (one transaction)."""
+    async def redrive(self, dead_letter_id: str, *, namespace: str | None = None) -> AsyncEnvelope:
+        """Put a dead-lettered event back on the queue as a fresh first attempt (one transaction);
+        with ``namespace``, only one of that namespace (another's is ``NotFound``)."""
         if not _STREAM_ID.fullmatch(dead_letter_id):
             raise NotFound(f"dead letter {dead_letter_id!r} not found (ids look like 1700000000000-0)")
         entries = await self._run(
@@ -588,6 +593,8 @@ class InvocationQueue:
         if not entries or not entries[0][1].get(b"e"):
             raise NotFound(f"dead letter {dead_letter_id!r} not found")
         env = AsyncEnvelope.model_validate_json(entries[0][1][b"e"])
+        if namespace is not None and env.namespace != namespace:
+            raise NotFound(f"dead letter {dead_letter_id!r} not found")
         again = env.model_copy(update={"attempt": 1, "platform_retries": 0, "enqueued_at": time.time()})
 
         async def _do() -> None:

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # (python -m bench.chaos.ttl, README).
     lease_ttl_s: int = Field(default=3, ge=1)
 
+    # Object-store notifications (SeaweedFS, MinIO webhooks) are accepted only with this secret, as
+    # ``?secret=`` on the webhook URL or a bearer token; empty: refused.  ``faas up`` generates one.
+    webhook_secret: str = ""
+
     # Functions.
     default_namespace: str = "default"
     max_sync_payload_bytes: int = 6 * 1024 * 1024

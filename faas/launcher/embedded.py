@@ -33,6 +33,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -44,13 +45,15 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import httpx
 
 from faas.core import keys
+from faas.core.api_keys import KeyStore, key_id_of
 from faas.core.errors import Conflict, NotFound, Unavailable
 from faas.core.procs import pid_alive, proc_stat, processes_matching
+from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
 
 Kind = Literal["backing", "service"]
@@ -66,6 +69,9 @@ STOP_GRACE_S = 5.0
 GRPC_PORT_OFFSET = 10000  # SeaweedFS' convention: a server's gRPC port is its HTTP port + 10000
 # Where the gateway takes SeaweedFS filer notifications (gateway/object_events.py adapts them).
 SEAWEED_EVENTS_PATH = "/v1/events/object-store/seaweedfs"
+# Under the home folder, mode 0600: the admin API key the CLI finds, and the object-store webhooks' secret.
+ADMIN_KEY_FILE = "admin.key"
+WEBHOOK_SECRET_FILE = "webhook.secret"
 ELECTED_ROLES = ("trigger", "scheduler")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 _LOG_TAIL_LINES = 20
@@ -277,7 +283,8 @@ def weed_notification_toml(settings: Settings) -> str:
     it), and the queue does not survive a restart of weed.  Changes made while the gateway is down
     therefore trigger nothing: delivery is at most once.
     """
-    endpoint = json.dumps(settings.gateway_url + SEAWEED_EVENTS_PATH)  # a JSON string is a TOML string
+    url = settings.gateway_url + SEAWEED_EVENTS_PATH + "?secret=" + quote(settings.webhook_secret, safe="")
+    endpoint = json.dumps(url)  # a JSON string is a TOML string
     return (
         "# Written by the faas launcher on each start; edits are overwritten.\n"
         "[notification.webhook]\n"
@@ -288,6 +295,41 @@ def weed_notification_toml(settings: Settings) -> str:
         'path_prefixes = ["/buckets/"]\n'
         "timeout_seconds = 30\n"  # longer than a trigger failover, which the gateway waits through
     )
+
+
+def _secret_file(path: Path) -> str:
+    """The secret kept in ``path`` (mode 0600), made on first use."""
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    text = secrets.token_urlsafe(32)
+    _write_text_atomic(path, text + "\n")
+    return text
+
+
+async def ensure_admin_key(settings: Settings) -> str:
+    """The platform's admin API key, kept in ``<home>/admin.key`` (mode 0600) for the CLI to find:
+    the one written there before if etcd still knows it, else a new one (namespace: the default)."""
+    path = settings.home / ADMIN_KEY_FILE
+    etcd = etcd_from_settings(settings, timeout_s=5.0)
+    try:
+        await etcd.connect()
+        store = KeyStore(etcd)
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        key_id = key_id_of(text)
+        if key_id is not None and await store.get(key_id) is not None:
+            return text
+        text, _ = await store.create(settings.default_namespace, "admin", description="made by faas up")
+    finally:
+        await etcd.close()
+    _write_text_atomic(path, text + "\n")
+    return text
 
 
 def service_argv(spec: ServiceSpec) -> list[str]:
@@ -870,6 +912,7 @@ class EmbeddedCluster:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._envs: dict[str, dict[str, str] | None] = {}  # what each component was started with
         self.ready_s: dict[str, float] = {}  # seconds each step took to become ready
+        self.admin_key = ""  # the platform's admin API key, once etcd is up (also in <home>/admin.key)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -903,6 +946,8 @@ class EmbeddedCluster:
             for member in members:
                 member.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._write_s3_config()
+            if not s.webhook_secret:
+                s = self.settings = s.model_copy(update={"webhook_secret": _secret_file(s.home / WEBHOOK_SECRET_FILE)})
             # Before the gateway is up: weed starts regardless, and drops the notifications it cannot post.
             _write_text_atomic(s.home / "seaweedfs" / "notification.toml", weed_notification_toml(s))
             # Every member at once: a member of several waits for a quorum before it answers.
@@ -914,6 +959,7 @@ class EmbeddedCluster:
                 ETCD_READY_S,
                 env=_env_without(("ETCD_",)),  # etcd reads ETCD_* as flags
             )
+            self.admin_key = await ensure_admin_key(s)
             await self._start_one(
                 "valkey", valkey_argv(s), [s.redis_port], lambda: probe_valkey(s), VALKEY_READY_S
             )
