@@ -4,7 +4,7 @@ Guarantees:
 
 - ``identify`` runs before every FastAPI route (a global dependency) and the hot invocation routes
   call ``authenticate`` themselves: no route answers without a valid key, except ``/healthz``; the
-  object-store webhooks, which need the webhook secret instead; and the HTTP trigger of a function
+  object-store webhooks, which need the webhook secret (or an admin key) instead; and the HTTP trigger of a function
   deployed with ``public: true``, which the route checks itself (``caller_or_none``);
 - the caller's namespace comes from its key (``Principal.namespace_for``): another namespace is
   ``NotFound`` to a non-admin key, so names do not leak;
@@ -17,7 +17,7 @@ import hmac
 from collections.abc import Callable
 from contextvars import ContextVar
 
-from faas.core.api_keys import KeyIndex, Principal, Unauthorized, key_from_headers
+from faas.core.api_keys import KeyIndex, Principal, Unauthorized, key_from_headers, key_id_of
 from faas.core.errors import Unavailable
 
 OPEN_PATHS = frozenset({"/healthz"})
@@ -39,12 +39,24 @@ def identify(keys: KeyIndex, path: str, header: Callable[[str], str | None], que
     if path in OPEN_PATHS:
         return
     if path.startswith(WEBHOOK_PREFIX):
+        # The webhook secret, or an admin key (notifications reach subscriptions of every namespace).
+        if header("x-api-key") or _is_api_key(header("authorization")):
+            principal = authenticate(keys, header)
+            principal.require("admin")
+            _caller.set(principal)
+            return
         check_webhook_secret(webhook_secret, query_secret, header("authorization"))
         return
     if path.startswith(HTTP_TRIGGER_PREFIX) and key_from_headers(header("authorization"), header("x-api-key")) is None:
         _caller.set(None)  # the route lets this through only to a public function
         return
     _caller.set(authenticate(keys, header))
+
+
+def _is_api_key(authorization: str | None) -> bool:
+    """Whether a bearer token is an API key's text (rather than the webhook secret)."""
+    key = key_from_headers(authorization, None)
+    return key is not None and key_id_of(key) is not None
 
 
 def caller() -> Principal:

@@ -259,6 +259,10 @@ async def test_object_store_webhooks_need_the_webhook_secret(
             "/v1/events/object-store/minio", json=notification, headers={"Authorization": f"Bearer {secret}"}
         )
         assert bearer.status_code == 202
+    developer = await new_key(gw, role="developer")
+    async with client_with(platform, str(developer["key"])) as dev:
+        assert (await dev.post("/v1/events/object-store/minio", json=notification)).status_code == 403
+    assert (await gw.post("/v1/events/object-store/minio", json=notification)).status_code == 202  # an admin key
 
 
 def test_the_cli_finds_the_admin_key_creates_keys_and_logs_in(platform: Platform, tmp_path: Path) -> None:

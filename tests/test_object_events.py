@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import boto3
 import pytest
@@ -535,7 +535,10 @@ async def test_weed_started_by_the_launcher_notifies_the_gateway_url_and_the_ada
             put = await asyncio.to_thread(s3.put_object, Bucket="photos", Key=key, Body=b"meow")
             path, headers, body = await gateway.next_for(f"/buckets/photos/{key}", timeout_s=15)
 
-            assert path == SEAWEED_EVENTS_PATH
+            where = urlsplit(path)
+            assert where.path == SEAWEED_EVENTS_PATH
+            assert parse_qs(where.query)["secret"] == [cluster.settings.webhook_secret]  # what the gateway checks
+            assert cluster.settings.webhook_secret
             record = only(records_from_seaweedfs(body, headers, region=settings.s3_region))
             assert record["eventName"] == "ObjectCreated:Put"
             assert record["s3"]["bucket"]["name"] == "photos"

@@ -64,6 +64,7 @@ class ChaosPlatform:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(settings_env(self.settings))
+        env["FAAS_CONFIG_DIR"] = str(self.home / "cli-config")  # where 'faas up' keeps the admin key for the CLI
         return env
 
     async def _faas(self, *args: str, timeout_s: float) -> tuple[int, str, str]:

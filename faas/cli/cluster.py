@@ -30,6 +30,7 @@ from faas.core import keys
 from faas.core.errors import Unavailable
 from faas.core.settings import Settings
 from faas.launcher.embedded import (
+    ADMIN_KEY_FILE,
     ELECTED_ROLES,
     STOP_GRACE_S,
     ProcessRecord,
@@ -52,6 +53,7 @@ from faas.launcher.embedded import (
 from faas.launcher.supervisor import read_status, status_path, supervisor_alive
 
 from .commands import format_table
+from .credentials import save_api_key
 
 RUNTIMES = ("process", "docker", "auto")
 
@@ -156,9 +158,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if outcome is not None:
         progress.failed()
         raise Unavailable(outcome)
+    # The CLI finds the admin key from any folder: kept for this URL as 'faas login' would.
+    kept = save_api_key(settings.gateway_url, (settings.home / ADMIN_KEY_FILE).read_text().strip())
     print(
         f"platform ready in {time.monotonic() - started:.1f} s, kept running by the supervisor (pid {proc.pid}); "
-        f"data and logs in {settings.home}; stop it with 'faas down{_home_flag(args)}'",
+        f"data and logs in {settings.home}; its admin API key is in {settings.home / ADMIN_KEY_FILE} "
+        f"(and in {kept} for the CLI); stop it with 'faas down{_home_flag(args)}'",
         file=sys.stderr,
     )
     print(settings.gateway_url)
@@ -404,6 +409,14 @@ def _expected_services(settings: Settings, state: dict[str, Any] | None) -> list
     return [(s.role, s.member_id) for s in default_services(settings)]
 
 
+# What keeps one function's instances from the platform and from each other, per runtime backend
+# (README, "Security model").
+ISOLATION = {
+    "process": "single-tenant: instances run as the platform's user",
+    "docker": "containers",
+}
+
+
 def render_status(status: dict[str, Any]) -> str:
     rows = [
         [
@@ -422,13 +435,14 @@ def render_status(status: dict[str, Any]) -> str:
             [
                 str(n.get("node_id", "?")),
                 str(n.get("runtime", "?")),
+                ISOLATION.get(str(n.get("runtime")), "?"),
                 str(n.get("address", "?")),
                 f"{n.get('memory_free_mb', '?')}/{n.get('memory_total_mb', '?')} MB",
                 str(n.get("instances", 0)),
             ]
             for n in status["nodes"]
         ]
-        out += ["", format_table(["NODE", "RUNTIME", "ADDRESS", "MEMORY FREE/TOTAL", "INSTANCES"], node_rows)]
+        out += ["", format_table(["NODE", "RUNTIME", "ISOLATION", "ADDRESS", "MEMORY FREE/TOTAL", "INSTANCES"], node_rows)]
     instances = sorted(
         status["instances"],
         key=lambda i: (str(i.get("namespace")), str(i.get("function")), i.get("version", 0)),

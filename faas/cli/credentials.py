@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 from faas.core.settings import Settings
-
-ADMIN_KEY_FILE = "admin.key"  # as faas.launcher.embedded writes it
+from faas.launcher.embedded import ADMIN_KEY_FILE
 
 
 def config_dir() -> Path:
