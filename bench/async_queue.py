@@ -65,7 +65,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import httpx
 import redis.asyncio as aioredis
@@ -340,6 +340,8 @@ class RespConnection:
         parsed = urlparse(redis_url)
         reader, writer = await asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 6379)
         conn = cls(reader, writer)
+        if parsed.password:
+            await conn.request(resp_command(b"AUTH", unquote(parsed.password).encode()), 1)
         db = parsed.path.lstrip("/")
         if db and db != "0":
             await conn.request(resp_command(b"SELECT", db.encode()), 1)

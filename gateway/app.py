@@ -30,7 +30,7 @@ from faas.core.body import BodyTooLarge
 from faas.core.clients import TriggerClient
 from faas.core.codestore import CodeStore
 from faas.core.election import LeaderWatch
-from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable
+from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
 from faas.core.hop_server import Request as HopRequest
 from faas.core.hop_server import Response as HopServerResponse
 from faas.core.hop_server import relay
@@ -42,6 +42,7 @@ from faas.core.models import (
     VersionSpec,
     name_problem,
 )
+from faas.core.namespaces import LimitsIndex, NamespaceLimits, RateLimiter, read_limits, set_limits
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog, FunctionRegistry
 from faas.core.service import (
@@ -111,6 +112,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         app.state.subscription_index = subscription_index
         key_index = KeyIndex(etcd)
         key_index.start()
+        limits = LimitsIndex(etcd, settings)
+        limits.start()
+        app.state.limits = limits
+        app.state.rate = RateLimiter()
         app.state.key_index = key_index
         app.state.key_store = KeyStore(etcd)
         try:
@@ -122,6 +127,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await leader.stop()
             await subscription_index.stop()
             await key_index.stop()
+            await limits.stop()
             await catalog.stop()
             await redis.aclose()
             await etcd.close()
@@ -189,6 +195,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             )
             raise InvalidRequest(f"invalid function config: {problems}") from exc
         await check_destinations(ns, name, parsed)
+        await check_function_quota(ns, name)
         data = await code.read(settings.max_archive_bytes + 1)
         check_archive_layout(
             data,
@@ -205,6 +212,21 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         record = await registry.get_function(ns, name)
         await app.state.catalog.wait_until_seen(ns, name, uid=spec.function_uid, version=spec.version)
         return view(record, spec)
+
+    async def check_function_quota(ns: str, name: str) -> None:
+        """A deploy that would create a function refused when the namespace has its limit of them."""
+        limit = app.state.limits.of(ns).max_functions
+        if not limit:
+            return
+        registry: FunctionRegistry = app.state.registry
+        existing = {record.name for record in await registry.list_functions(ns)}
+        if name not in existing and len(existing) >= limit:
+            raise TooManyRequests(
+                f"namespace {ns!r} has {len(existing)} functions, its limit: delete one or ask an admin for more"
+            )
+
+    def take_invocation(ns: str) -> None:
+        app.state.rate.take(ns, app.state.limits.of(ns).max_invocations_per_s)
 
     async def check_destinations(ns: str, name: str, config: VersionConfig) -> None:
         for which, dest in (("on_success", config.on_success), ("on_failure", config.on_failure)):
@@ -309,6 +331,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         ns = namespace_of(namespace, "invoker", principal)
         check_name(name)
         principal.may_invoke(name)
+        take_invocation(ns)
         body = body or b"{}"
         try:
             json.loads(body)
@@ -476,6 +499,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             ns = namespace_of(namespace, "invoker", principal)
             check_name(name)
             principal.may_invoke(name)
+        take_invocation(ns)
         body = await read_payload(request)
         request_id = uuid.uuid4().hex
         event = build_event(request, path, body, request_id)
@@ -488,6 +512,20 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return build_response(json.loads(resp.body), headers)
 
     # -- API keys (admin) -----------------------------------------------------------------------
+
+    @app.get("/v1/namespaces/{ns}/limits", tags=["keys"])
+    async def get_namespace_limits(ns: str) -> dict[str, Any]:
+        """A namespace's own limits (``own``, unset fields are the defaults) and those in force."""
+        caller().require("admin")
+        own = await read_limits(app.state.registry.etcd, namespace_of(ns, "admin"))
+        return {"namespace": ns, "own": own.model_dump(), "effective": app.state.limits.of(ns).model_dump()}
+
+    @app.put("/v1/namespaces/{ns}/limits", tags=["keys"])
+    async def put_namespace_limits(ns: str, limits: NamespaceLimits) -> dict[str, Any]:
+        """Set a namespace's limits (admin): a field left out is the platform's default, 0 is no limit."""
+        caller().require("admin")
+        await set_limits(app.state.registry.etcd, namespace_of(ns, "admin"), limits)
+        return {"namespace": ns, "own": limits.model_dump()}
 
     @app.get("/v1/whoami", tags=["keys"])
     async def whoami() -> dict[str, Any]:

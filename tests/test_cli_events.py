@@ -41,7 +41,7 @@ class FakeGateway:
         self.requests: list[httpx.Request] = []
         self.handler = handler
 
-        def client(url: str, namespace: str) -> GatewayClient:
+        def client(url: str, namespace: str | None, **options: object) -> GatewayClient:
             return GatewayClient(url, namespace, transport=httpx.MockTransport(self._answer))
 
         monkeypatch.setattr(commands, "GatewayClient", client)
@@ -529,7 +529,7 @@ def test_events_ls_of_a_missing_function_or_of_none(
 
     FakeGateway(monkeypatch, lambda request: httpx.Response(200, json={"subscriptions": []}))
     assert main(["events", "ls"]) == 0
-    assert capsys.readouterr() == ("", "no event subscriptions in namespace 'default'\n")
+    assert capsys.readouterr() == ("", "no event subscriptions in your key's namespace\n")
 
 
 def test_events_rm_deletes_and_reports_a_missing_subscription(

@@ -247,6 +247,7 @@ def test_init_creates_a_project_that_deploys_as_is(
         "max_event_age_s": 21600.0,
         "on_success": None,
         "on_failure": None,
+        "public": False,
     }
     assert manifest.events is None  # the template's events are commented out: deploy leaves them alone
     # The generated handler answers with a greeting built from event["name"].
@@ -302,7 +303,7 @@ def test_unreachable_gateway_says_to_start_the_platform(capsys: pytest.CaptureFi
 def gateway(handler: Callable[[httpx.Request], httpx.Response], monkeypatch: pytest.MonkeyPatch) -> None:
     """Point the commands at a MockTransport instead of a live gateway."""
 
-    def client(url: str, namespace: str) -> GatewayClient:
+    def client(url: str, namespace: str | None, **options: object) -> GatewayClient:
         return GatewayClient(url, namespace, transport=httpx.MockTransport(handler))
 
     monkeypatch.setattr(commands, "GatewayClient", client)

@@ -8,14 +8,18 @@ from __future__ import annotations
 import os
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import aetcd
 import boto3
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from faas.core.errors import Conflict, Unavailable
+from faas.core.settings import Settings
 from faas.launcher.embedded import (
     EmbeddedCluster,
     etcd_binary,
@@ -71,9 +75,9 @@ def _assert_listening_on_loopback_only(pids: list[int]) -> None:
 
 async def test_start_backing_serves_etcd_valkey_and_s3_then_stops_every_process(tmp_path: Path) -> None:
     _require_binaries()
-    settings = settings_for_test(tmp_path / "home")
-    cluster = EmbeddedCluster(settings)
+    cluster = EmbeddedCluster(settings_for_test(tmp_path / "home"))
     await cluster.start_backing()
+    settings = cluster.settings  # with the credentials the launcher made
     pids: list[int] = []
     try:
         state = read_state(settings)
@@ -97,6 +101,23 @@ async def test_start_backing_serves_etcd_valkey_and_s3_then_stops_every_process(
             assert await valkey.config_get("appendfsync") == {"appendfsync": "always"}
         finally:
             await valkey.aclose()
+        # Every server needs its credential: Valkey its password, S3 the generated key (not the default).
+        password = urlparse(settings.redis_url).password
+        assert password and password not in " ".join(_cmdline(pid) for pid in pids_of(state))
+        anonymous = aioredis.Redis.from_url(f"redis://127.0.0.1:{settings.redis_port}/0")
+        try:
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                await anonymous.ping()
+        finally:
+            await anonymous.aclose()
+        assert settings.s3_secret_key != Settings.model_fields["s3_secret_key"].default
+        default_key = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
+            aws_secret_access_key=str(Settings.model_fields["s3_secret_key"].default), region_name=settings.s3_region,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )  # fmt: skip
+        with pytest.raises(ClientError):
+            default_key.list_objects_v2(Bucket=settings.s3_bucket)
 
         s3 = boto3.client(
             "s3",
@@ -126,3 +147,12 @@ async def test_start_backing_serves_etcd_valkey_and_s3_then_stops_every_process(
     assert not any(pid_alive(pid) for pid in pids)
     assert not cluster.is_running()
     assert read_state(settings) is None
+
+
+def pids_of(state: dict[str, object]) -> list[int]:
+    return [int(c["pid"]) for c in state["components"]]  # type: ignore[index, union-attr, call-overload]
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace")

@@ -524,8 +524,8 @@ async def test_weed_started_by_the_launcher_notifies_the_gateway_url_and_the_ada
         s3 = boto3.client(
             "s3",
             endpoint_url=settings.s3_endpoint,
-            aws_access_key_id=settings.s3_access_key,
-            aws_secret_access_key=settings.s3_secret_key,
+            aws_access_key_id=cluster.settings.s3_access_key,
+            aws_secret_access_key=cluster.settings.s3_secret_key,
             region_name=settings.s3_region,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
         )

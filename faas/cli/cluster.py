@@ -45,6 +45,7 @@ from faas.launcher.embedded import (
     project_root,
     read_members,
     read_state,
+    redacted,
     settings_env,
     state_records,
     state_settings,
@@ -347,7 +348,7 @@ async def collect_status(settings: Settings, state: dict[str, Any] | None) -> di
             add("etcd", rec.name, pid_alive(rec.pid, rec.start_ticks), settings.etcd_url, etcd_ok[1])
     else:
         add("etcd", "-", etcd_ok[0], settings.etcd_url, etcd_ok[1])
-    add("valkey", "-", valkey_ok[0], settings.redis_url, valkey_ok[1])
+    add("valkey", "-", valkey_ok[0], redacted(settings.redis_url), valkey_ok[1])
     add("seaweedfs", settings.s3_bucket, s3_ok[0], settings.s3_endpoint, s3_ok[1])
 
     tree_ok, tree_data = tree

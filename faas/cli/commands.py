@@ -217,6 +217,8 @@ max_event_age: 21600
 # Environment variables the function sees, e.g. {{GREETING: hello}}.
 environment: {{}}
 # description: what this function does
+# The HTTP trigger (/fn/NAME/...) answers callers without an API key (web hooks, browsers):
+# public: true
 # Package only these files (default: everything in the folder):
 # include: ["*.py", "data/*"]
 # Never package these (.git, .venv, __pycache__ and *.pyc never are):

@@ -34,13 +34,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from faas.core import keys
 from faas.core.errors import FaasError, NotFound
 from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.models import name_problem
 
 Role = Literal["admin", "developer", "invoker"]
 ROLES: tuple[Role, ...] = ("admin", "developer", "invoker")
-KEYS_PREFIX = "/faas/keys/"
+KEYS_PREFIX = keys.api_keys_prefix().decode()
 _KEY_TEXT = re.compile(r"faas_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -193,7 +194,7 @@ class KeyStore:
 
 
 def _etcd_key(key_id: str) -> bytes:
-    return (KEYS_PREFIX + key_id).encode()
+    return keys.api_key(key_id)
 
 
 class KeyIndex:

@@ -10,6 +10,8 @@ Layout (all under ``/faas/``)::
     election/{role}                            LeaderRecord, under the leader's lease
     subscriptions/{ns}/{function}/{name}       Subscription (event source -> function)
     timers/{ns}/{function}/{name}              last tick a timer subscription fired
+    keys/{key_id}                              ApiKeyRecord (the secret's hash, never the secret)
+    namespaces/{ns}/limits                     NamespaceLimits
 """
 
 from __future__ import annotations
@@ -94,3 +96,19 @@ def timer_tick(ns: str, function_name: str, name: str) -> bytes:
 
 def timer_ticks_prefix(ns: str, function_name: str | None = None) -> bytes:
     return _b(f"{ROOT}timers/{ns}/" + (f"{function_name}/" if function_name else ""))
+
+
+def api_key(key_id: str) -> bytes:
+    return _b(f"{ROOT}keys/{key_id}")
+
+
+def api_keys_prefix() -> bytes:
+    return _b(f"{ROOT}keys/")
+
+
+def namespace_limits(ns: str) -> bytes:
+    return _b(f"{ROOT}namespaces/{ns}/limits")
+
+
+def namespaces_prefix() -> bytes:
+    return _b(f"{ROOT}namespaces/")

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     # ``?secret=`` on the webhook URL or a bearer token; empty: refused.  ``faas up`` generates one.
     webhook_secret: str = ""
 
+    # Per-namespace limits, unless an admin set others for a namespace (faas/core/namespaces.py);
+    # 0 is no limit.
+    namespace_max_functions: int = Field(default=0, ge=0)
+    namespace_max_instances: int = Field(default=0, ge=0)
+    namespace_max_invocations_per_s: float = Field(default=0.0, ge=0)
+
     # Functions.
     default_namespace: str = "default"
     max_sync_payload_bytes: int = 6 * 1024 * 1024

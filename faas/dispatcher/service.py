@@ -310,8 +310,12 @@ class Dispatcher:
     async def _request_instance(self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float) -> None:
         try:
             record = await self.scheduler.acquire(key, deadline)
-        except TooManyRequests:
-            return  # at max instances: waiters get slots as calls finish
+        except TooManyRequests as exc:
+            # At max instances (of the version, or of its namespace): waiters get slots as calls
+            # finish; with no instance to finish any, they get the 429 now instead of at the deadline.
+            if not pool.instances:
+                pool.fail_waiters(exc)
+            return
         except FaasError as exc:
             if not pool.instances:
                 pool.fail_waiters(exc)

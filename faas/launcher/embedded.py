@@ -72,6 +72,9 @@ SEAWEED_EVENTS_PATH = "/v1/events/object-store/seaweedfs"
 # Under the home folder, mode 0600: the admin API key the CLI finds, and the object-store webhooks' secret.
 ADMIN_KEY_FILE = "admin.key"
 WEBHOOK_SECRET_FILE = "webhook.secret"
+VALKEY_SECRET_FILE = "valkey.secret"
+VALKEY_CONFIG_FILE = "valkey/valkey.conf"
+S3_SECRET_FILE = "s3.secret"
 ELECTED_ROLES = ("trigger", "scheduler")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 _LOG_TAIL_LINES = 20
@@ -215,8 +218,10 @@ def etcd_argv(settings: Settings, member: EtcdMember | None = None) -> list[str]
 
 
 def valkey_argv(settings: Settings) -> list[str]:
+    # The password goes in a config file (mode 0600), not on the command line every local user can read.
     return [
         str(valkey_binary()),
+        str(settings.home / VALKEY_CONFIG_FILE),
         "--port", str(settings.redis_port),
         "--bind", "127.0.0.1",
         "--dir", str(settings.home / "valkey"),
@@ -295,6 +300,34 @@ def weed_notification_toml(settings: Settings) -> str:
         'path_prefixes = ["/buckets/"]\n'
         "timeout_seconds = 30\n"  # longer than a trigger failover, which the gateway waits through
     )
+
+
+def redacted(url: str) -> str:
+    """``url`` without the password it may carry (for messages and ``faas status``)."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    netloc = parsed.netloc.rsplit("@", 1)[1]
+    user = f"{parsed.username}:***@" if parsed.username else ":***@"
+    return parsed._replace(netloc=user + netloc).geturl()
+
+
+def with_credentials(settings: Settings) -> Settings:
+    """``settings`` with a credential for every server the embedded platform runs, each kept in a file
+    of the home folder (mode 0600) and made on first use: Valkey's password (in ``redis_url``), an S3
+    secret key (instead of the well-known default), the webhook secret.  Values already configured
+    are kept."""
+    home = settings.home
+    updates: dict[str, Any] = {}
+    if not settings.webhook_secret:
+        updates["webhook_secret"] = _secret_file(home / WEBHOOK_SECRET_FILE)
+    redis = urlparse(settings.redis_url)
+    if not redis.password:
+        password = _secret_file(home / VALKEY_SECRET_FILE)
+        updates["redis_url"] = redis._replace(netloc=f":{password}@{redis.netloc.rsplit('@', 1)[-1]}").geturl()
+    if settings.s3_secret_key == Settings.model_fields["s3_secret_key"].default:
+        updates["s3_secret_key"] = _secret_file(home / S3_SECRET_FILE)
+    return settings.model_copy(update=updates) if updates else settings
 
 
 def _secret_file(path: Path) -> str:
@@ -762,7 +795,7 @@ async def probe_valkey(settings: Settings, *, timeout_s: float = 2.0) -> str:
     try:
         await client.ping()
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise Unavailable(f"valkey {settings.redis_url}: {exc or type(exc).__name__}") from exc
+        raise Unavailable(f"valkey {redacted(settings.redis_url)}: {exc or type(exc).__name__}") from exc
     finally:
         await client.aclose()
     return "PONG"
@@ -905,7 +938,9 @@ class EmbeddedCluster:
         services: Sequence[ServiceSpec] | None = None,
         progress: ProgressHook | None = None,
     ) -> None:
-        self.settings = embedded_settings(settings.model_copy(update={"home": settings.home.expanduser().resolve()}))
+        home = settings.home.expanduser().resolve()
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.settings = with_credentials(embedded_settings(settings.model_copy(update={"home": home})))
         self.services = tuple(services) if services is not None else default_services(self.settings)
         self._progress = progress
         self._records: list[ProcessRecord] = []
@@ -946,8 +981,8 @@ class EmbeddedCluster:
             for member in members:
                 member.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._write_s3_config()
-            if not s.webhook_secret:
-                s = self.settings = s.model_copy(update={"webhook_secret": _secret_file(s.home / WEBHOOK_SECRET_FILE)})
+            password = urlparse(s.redis_url).password or ""
+            _write_text_atomic(s.home / VALKEY_CONFIG_FILE, f"requirepass {json.dumps(password)}\n")
             # Before the gateway is up: weed starts regardless, and drops the notifications it cannot post.
             _write_text_atomic(s.home / "seaweedfs" / "notification.toml", weed_notification_toml(s))
             # Every member at once: a member of several waits for a quorum before it answers.

@@ -9,7 +9,8 @@ Guarantees:
   re-read from etcd before saying so);
 - concurrent acquire calls for one version share a start in flight up to the instance's concurrency
   (``StartBook``); running + starting never exceeds ``max_instances`` (429 beyond it); both count
-  only instances of the same function uid;
+  only instances of the same function uid; running + starting instances of a namespace never exceed
+  its ``max_instances`` limit (``faas.core.namespaces``; 429 beyond it, ``min_instances`` waits);
 - a start has a deadline (``cold_start_timeout_s``); a failed start surfaces the host's error; a
   node agent that refuses the connection (restarting) is skipped, and with none answering the start
   waits up to ``node_wait_s`` for one; concurrent starts count each other's memory when they place;
@@ -54,6 +55,7 @@ from faas.core.models import (
     VersionKey,
     VersionSpec,
 )
+from faas.core.namespaces import LimitsIndex
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
@@ -73,6 +75,7 @@ class Scheduler:
         self.code_store = code_store
         self.instances = PrefixMirror(etcd, keys.instances_prefix())
         self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
+        self.limits = LimitsIndex(etcd, settings)
         self.book = StartBook()
         self.node_agents = NodeClient(timeout_s=settings.cold_start_timeout_s)
         self.tasks = TaskSet("scheduler")
@@ -82,6 +85,7 @@ class Scheduler:
     async def start(self) -> None:
         self.instances.start()
         self.nodes.start()
+        self.limits.start()
         self.catalog.start()
         self.tasks.spawn(self.election.campaign_forever(), name="election", long_lived=True)
         self.tasks.spawn(self._reap_forever(), name="reaper", long_lived=True)
@@ -92,6 +96,7 @@ class Scheduler:
         await self.election.resign()
         await self.instances.stop()
         await self.nodes.stop()
+        await self.limits.stop()
         await self.catalog.stop()
         await self.node_agents.close()
 
@@ -112,6 +117,16 @@ class Scheduler:
             if k.startswith(prefix) and InstanceRecord.model_validate_json(v).function_uid == uid
         )
 
+    def namespace_at_limit(self, ns: str) -> int | None:
+        """The namespace's instance limit when its running plus starting instances have reached it."""
+        limit = self.limits.of(ns).max_instances
+        if not limit:
+            return None
+        prefix = keys.instances_prefix(ns)
+        running = sum(1 for k in list(self.instances.items) if k.startswith(prefix))
+        starting = sum(len(tickets) for key, tickets in self.book.starting.items() if key[0] == ns)
+        return limit if running + starting >= limit else None
+
     # -- acquire -----------------------------------------------------------------------------
 
     async def acquire(self, ns: str, name: str, version: int, uid: str) -> InstanceRecord:
@@ -126,6 +141,9 @@ class Scheduler:
                 raise TooManyRequests(
                     f"function {name!r} version {version} is at its max_instances ({spec.max_instances})"
                 )
+            limit = self.namespace_at_limit(ns)
+            if limit is not None:
+                raise TooManyRequests(f"namespace {ns!r} runs its limit of {limit} instances")
             ticket = self.book.open(key, capacity=spec.concurrency - 1)
             self.tasks.spawn(self._fulfil(key, spec, ticket), name=f"start:{name}:{version}")
         return await asyncio.shield(ticket.future)
@@ -410,5 +428,7 @@ class Scheduler:
             key = spec.key
             deficit = spec.min_instances - self.running(key) - self.book.count(key)
             for _ in range(max(0, deficit)):
+                if self.namespace_at_limit(record.namespace) is not None:
+                    break  # min_instances waits for room in its namespace
                 ticket = self.book.open(key, capacity=0)
                 self.tasks.spawn(self._fulfil(key, spec, ticket), name=f"min:{record.name}:{version}")
