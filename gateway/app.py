@@ -43,6 +43,7 @@ from faas.core.models import (
     name_problem,
 )
 from faas.core.namespaces import LimitsIndex, NamespaceLimits, RateLimiter, read_limits, set_limits
+from faas.core.ownership import claim
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog, FunctionRegistry
 from faas.core.service import (
@@ -230,6 +231,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
 
     async def check_destinations(ns: str, name: str, config: VersionConfig) -> None:
         for which, dest in (("on_success", config.on_success), ("on_failure", config.on_failure)):
+            if dest is not None and dest.stream is not None:
+                await claim(app.state.registry.etcd, "stream", dest.stream, ns)  # one namespace's stream
             if dest is None or dest.function is None:
                 continue
             if dest.function_name == name:
@@ -404,6 +407,13 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     # Every other route runs in FastAPI, which reads a whole multipart upload before the route
     # sees it: bodies past the largest the API takes (a code archive and its form) stop at the server.
     hot_routes(app).fallback_body_limit = settings.max_archive_bytes + UPLOAD_FORM_OVERHEAD_BYTES
+
+    def guard(request: HopRequest) -> None:
+        """The API key (or webhook secret) checked before FastAPI reads a body."""
+        secret = _last(parse_qs(request.query.decode("latin-1")), "secret") if request.query else None
+        identify(app.state.key_index, request.path, request.headers.get, secret, settings.webhook_secret)
+
+    hot_routes(app).fallback_guard = guard
     hot_routes(app).add("POST", "/v1/functions/{name}/invoke", hot_invoke)
     hot_routes(app).add("POST", "/v1/functions/{name}/invoke-async", hot_invoke_async)
 
@@ -472,8 +482,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             raise missing
         try:
             principal.namespace_for(str(found.get("namespace") or settings.default_namespace))
+            principal.may_invoke(str(found.get("function") or ""))
         except NotFound:
-            raise missing from None  # another namespace's: as if it did not exist
+            raise missing from None  # another namespace's, or a function the key may not call
         return found
 
     @app.api_route(

@@ -3,7 +3,8 @@
 Guarantees:
 
 - ``identify`` runs before every FastAPI route (a global dependency) and the hot invocation routes
-  call ``authenticate`` themselves: no route answers without a valid key, except ``/healthz``; the
+  call ``authenticate`` themselves: no route answers without a valid key, except ``/healthz`` and the
+  API documentation (``OPEN_PATHS``); the
   object-store webhooks, which need the webhook secret (or an admin key) instead; and the HTTP trigger of a function
   deployed with ``public: true``, which the route checks itself (``caller_or_none``);
 - the caller's namespace comes from its key (``Principal.namespace_for``): another namespace is
@@ -20,7 +21,8 @@ from contextvars import ContextVar
 from faas.core.api_keys import KeyIndex, Principal, Unauthorized, key_from_headers, key_id_of
 from faas.core.errors import Unavailable
 
-OPEN_PATHS = frozenset({"/healthz"})
+# Health, and the API's own documentation (the schema of the public API, no data).
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 WEBHOOK_PREFIX = "/v1/events/object-store/"
 HTTP_TRIGGER_PREFIX = "/fn/"
 

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from faas.core import redis_keys, wire
 from faas.core.clients import TriggerClient
 from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, error_from_body
+from faas.core.ownership import claim
 from faas.core.registry import Catalog
 from faas.core.settings import Settings
 from faas.core.subscriptions import (
@@ -37,6 +38,7 @@ from faas.core.subscriptions import (
     ensure_queue_group,
     subscription_from_request,
 )
+from gateway.auth import caller
 from gateway.cloudevents import event_matches, parse_http
 from gateway.object_events import record_matches, records_from_minio, records_from_seaweedfs
 
@@ -82,6 +84,11 @@ def install_event_routes(
     async def check_target(sub: Subscription) -> None:
         if sub.object_store is not None and sub.object_store.bucket == settings.s3_bucket:
             raise InvalidRequest(f"bucket {settings.s3_bucket!r} holds the platform's code archives; use another")
+        # A stream or bucket serves one namespace (faas/core/ownership.py).
+        if sub.queue is not None:
+            await claim(app.state.registry.etcd, "stream", sub.queue.stream, sub.namespace)
+        if sub.object_store is not None:
+            await claim(app.state.registry.etcd, "bucket", sub.object_store.bucket, sub.namespace)
         catalog: Catalog = app.state.catalog
         await catalog.resolve(sub.namespace, sub.function, sub.qualifier)
 
@@ -211,9 +218,15 @@ def install_event_routes(
         """CloudEvents 1.0 over HTTP (binary, structured or batched mode).  Each event goes, as an async
         invocation, to every subscription of the namespace whose ``type``/``source`` filters match."""
         ns = namespace_of(namespace, "invoker")
+        app.state.rate.take(ns, app.state.limits.of(ns).max_invocations_per_s)
         body = await read_payload(request, asynchronous=True)
         events = parse_http(request.headers, body)
-        subs = [s for s in subscriptions("cloudevents") if s.namespace == ns]
+        principal = caller()
+        # An invoker key limited to some functions reaches only those.
+        subs = [
+            s for s in subscriptions("cloudevents")
+            if s.namespace == ns and (principal.role != "invoker" or not principal.functions or s.function in principal.functions)
+        ]  # fmt: skip
         pairs = [
             (sub, event)
             for event in events

@@ -262,7 +262,9 @@ async def test_object_store_webhooks_need_the_webhook_secret(
     developer = await new_key(gw, role="developer")
     async with client_with(platform, str(developer["key"])) as dev:
         assert (await dev.post("/v1/events/object-store/minio", json=notification)).status_code == 403
-    assert (await gw.post("/v1/events/object-store/minio", json=notification)).status_code == 202  # an admin key
+    assert (
+        await gw.post("/v1/events/object-store/minio", json=notification)
+    ).status_code == 202  # an admin key
 
 
 def test_the_cli_finds_the_admin_key_creates_keys_and_logs_in(platform: Platform, tmp_path: Path) -> None:
@@ -293,3 +295,60 @@ def test_the_cli_finds_the_admin_key_creates_keys_and_logs_in(platform: Platform
     assert revoked.returncode == 0, revoked.stderr
     refused = faas("login", "--key", "faas_0000000000000000_" + "y" * 43)
     assert refused.returncode == 1 and "not valid" in refused.stderr
+
+
+async def test_streams_and_buckets_belong_to_the_namespace_that_names_them_first(
+    platform: Platform, gw: httpx.AsyncClient
+) -> None:
+    team_a = await new_key(gw, namespace="own-a", role="developer")
+    team_b = await new_key(gw, namespace="own-b", role="developer")
+    async with client_with(platform, str(team_a["key"])) as a, client_with(platform, str(team_b["key"])) as b:
+        await deploy(a, "producer", COUNTER, on_success={"stream": "own-a-results"})
+        sub = {"queue": {"stream": "own-a-orders"}}
+        assert (await a.put("/v1/functions/producer/subscriptions/orders", json=sub)).status_code == 201
+        bucket = {"object_store": {"bucket": "own-a-photos"}}
+        assert (await a.put("/v1/functions/producer/subscriptions/photos", json=bucket)).status_code == 201
+
+        await deploy(b, "thief", COUNTER)
+        for path, body in (
+            ("/v1/functions/thief/subscriptions/orders", sub),
+            ("/v1/functions/thief/subscriptions/results", {"queue": {"stream": "own-a-results"}}),
+            ("/v1/functions/thief/subscriptions/photos", bucket),
+        ):
+            refused = await b.put(path, json=body)
+            assert refused.status_code == 409, (path, refused.text)
+            assert "belongs to another namespace" in refused.json()["error"]["message"]
+        stolen = await b.put(
+            "/v1/functions/thief", data={"config": json.dumps({"handler": "handler.handler", "on_success": {"stream": "own-a-orders"}})},
+            files={"code": ("code.zip", make_zip({"handler.py": COUNTER}), "application/zip")},
+        )  # fmt: skip
+        assert stolen.status_code == 409, stolen.text
+        assert (await b.get("/v1/functions/thief")).json()["latest_version"] == 1
+
+
+async def test_a_key_is_checked_before_any_body_is_read_and_the_docs_are_open(platform: Platform) -> None:
+    host, port = platform.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"PUT /v1/functions/x HTTP/1.1\r\nhost: x\r\ncontent-type: multipart/form-data; boundary=b\r\n"
+        b"content-length: 200000000\r\n\r\n" + b"x" * 1024
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # without the other 199 MB
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 401"), head
+    async with client_with(platform, None) as anonymous:
+        assert (await anonymous.get("/openapi.json")).status_code == 200
+
+
+async def test_an_invoker_limited_to_some_functions_reads_only_their_invocations(
+    platform: Platform, gw: httpx.AsyncClient
+) -> None:
+    await deploy(gw, "mine-fn", COUNTER, environment={"LEDGER": "/dev/null"})
+    await deploy(gw, "theirs-fn", COUNTER, environment={"LEDGER": "/dev/null"})
+    theirs = (await gw.post("/v1/functions/theirs-fn/invoke-async", json={})).json()["id"]
+    invoker = await new_key(gw, role="invoker", functions=["mine-fn"])
+    async with client_with(platform, str(invoker["key"])) as inv:
+        mine = (await inv.post("/v1/functions/mine-fn/invoke-async", json={})).json()["id"]
+        assert (await inv.get(f"/v1/invocations/{mine}")).status_code == 200
+        assert (await inv.get(f"/v1/invocations/{theirs}")).status_code == 404

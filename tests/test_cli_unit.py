@@ -399,3 +399,20 @@ def test_manifest_durations_accept_units(tmp_path: Path) -> None:
     (tmp_path / "faas.yaml").write_text("name: hello\nmax_event_age: 6 days\n")
     with pytest.raises(ManifestError, match="max_event_age.*6h"):
         load_manifest(tmp_path)
+
+
+def test_the_local_admin_key_goes_only_to_the_local_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faas.cli.credentials import find_api_key, save_api_key
+
+    for name in ("FAAS_GATEWAY_HOST", "FAAS_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FAAS_HOME", str(tmp_path))
+    monkeypatch.setenv("FAAS_GATEWAY_PORT", "18080")
+    monkeypatch.setenv("FAAS_CONFIG_DIR", str(tmp_path / "config"))
+    (tmp_path / "admin.key").write_text("local-admin-key\n")
+    assert find_api_key("http://127.0.0.1:18080") == "local-admin-key"
+    assert find_api_key("http://gateway.example:18080") is None  # never sent elsewhere
+    assert find_api_key("http://gateway.example:18080", "explicit") == "explicit"
+    save_api_key("http://gateway.example:18080/", "saved-key")
+    assert find_api_key("http://gateway.example:18080") == "saved-key"
+    assert (tmp_path / "config" / "credentials.json").stat().st_mode & 0o077 == 0

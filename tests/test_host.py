@@ -180,7 +180,7 @@ SYNC_APP = {
 ASYNC_APP = {
     "pkg/__init__.py": "",
     "pkg/app.py": """
-        import asyncio, sys
+        import asyncio, sys, time
 
         async def handler(event, context):
             if event.get("action") == "sleep":
@@ -188,6 +188,9 @@ ASYNC_APP = {
                 await asyncio.sleep(event["seconds"])
                 print("woke", event["tag"])
                 return event["tag"]
+            if event.get("action") == "block":
+                time.sleep(event["seconds"])  # blocks the event loop: a bug of the handler
+                return "blocked"
             await asyncio.sleep(0)
             print("async hello", file=sys.stderr)
             return {"event": event, "request_id": context.request_id}
@@ -362,6 +365,35 @@ async def test_async_timeout_cancels_and_host_stays(
     assert ok.status_code == 200
     health = (await host.client.get("/_/health")).json()
     assert health["inflight"] == 0 and health["invocations"] == 2
+
+
+async def test_an_async_handler_blocking_the_loop_past_its_timeout_retires_the_host(
+    spawn_host: Callable[[], Awaitable[Host]], code_server: CodeServer
+) -> None:
+    host = await spawn_host()
+    specialised = await host.specialize(code_server, ASYNC_APP, handler="pkg.app.handler", timeout_s=0.3)
+    assert specialised.status_code == 200
+    started = time.monotonic()
+    response = await host.invoke({"action": "block", "seconds": 30})
+    assert response.status_code == 504
+    assert response.headers["X-Faas-Retire"] == "1"  # nothing async can run on it any more
+    assert time.monotonic() - started < 3
+    assert await host.exited() == 4
+
+
+async def test_an_event_too_deep_to_parse_is_refused_and_its_slot_given_back(
+    spawn_host: Callable[[], Awaitable[Host]], code_server: CodeServer
+) -> None:
+    host = await spawn_host()
+    assert (await host.specialize(code_server, SYNC_APP, concurrency=1)).status_code == 200
+    deep = b"[" * 200_000 + b"]" * 200_000
+    refused = await host.client.post("/_/invoke", content=deep)
+    assert refused.status_code == 400, refused.text
+    assert "nested too deeply" in refused.json()["error"]["message"]
+    ok = await host.invoke({"n": 1})
+    assert ok.status_code == 200  # the one slot is free again
+    health = (await host.client.get("/_/health")).json()
+    assert health["inflight"] == 0
 
 
 async def test_deadline_header_shortens_the_budget(

@@ -122,6 +122,11 @@ def test_the_token_bucket_allows_a_seconds_burst_then_the_rate() -> None:
         limiter.take("ns", 5.0, now=100.2)
     limiter.take("other", 5.0, now=100.2)  # namespaces have buckets of their own
     limiter.take("ns", 0, now=100.2)  # 0: no limit
+    slow = RateLimiter()
+    slow.take("ns", 0.5, now=0.0)  # below one a second: one call, then one every two seconds
+    with pytest.raises(TooManyRequests):
+        slow.take("ns", 0.5, now=1.0)
+    slow.take("ns", 0.5, now=2.0)
 
 
 def _zip() -> bytes:

@@ -3,7 +3,7 @@
 In order: ``--api-key`` (or ``$FAAS_API_KEY``); the key ``faas login`` saved for the gateway URL in
 ``$FAAS_CONFIG_DIR/credentials.json`` (default ``~/.config/faas``; the folder mode 0700, the file
 0600); the admin key of the embedded platform ``faas up`` started under ``$FAAS_HOME`` (default
-``.faas``), ``<home>/admin.key``.  None when there is none: the gateway then answers 401 with what
+``.faas``), ``<home>/admin.key``, when the URL is that platform's gateway.  None when there is none: the gateway then answers 401 with what
 to send.
 """
 
@@ -39,8 +39,11 @@ def find_api_key(url: str, explicit: str | None = None) -> str | None:
     saved = _saved().get(url.rstrip("/"))
     if saved:
         return saved
+    settings = Settings()
+    if url.rstrip("/") != settings.gateway_url:
+        return None  # the local platform's admin key goes to the local platform only
     try:
-        text = (Settings().home / ADMIN_KEY_FILE).read_text().strip()
+        text = (settings.home / ADMIN_KEY_FILE).read_text().strip()
     except OSError:
         return None
     return text or None

@@ -151,6 +151,10 @@ class Router:
         # The largest request body the fallback (ASGI) app is given; a larger one is answered 413
         # before it is read (a declared length) or as soon as it passes the limit (chunked).
         self.fallback_body_limit: int | None = None
+        # Runs before the fallback app sees a request (before its body is read): a ``FaasError`` it
+        # raises is the answer (the gateway checks the API key here, so FastAPI never parses the body
+        # of a caller without one).
+        self.fallback_guard: Callable[[Request], None] | None = None
 
     def add(self, method: str, template: str, handler: Handler) -> None:
         if "{" not in template:
@@ -470,6 +474,13 @@ class _Connection(asyncio.Protocol, WriteFlow):
         sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
         server = tuple(sockname[:2]) if isinstance(sockname, tuple) else None
         scope = _asgi_scope(request, self.server.state, server)
+        guard = self.server.router.fallback_guard
+        if guard is not None:
+            try:
+                guard(request)
+            except FaasError as exc:
+                await self._send(error_response(exc), False)  # the body still arriving is read away
+                return False
         limit = self.server.router.fallback_body_limit
         if limit is not None and _declared_length(request) > limit:
             # Refused before its body is read: the rest of it is read away for a while, not kept.
@@ -699,9 +710,13 @@ class _MuxServer:
             if response is None:
                 assert server.fallback is not None
                 try:
+                    if server.router.fallback_guard is not None:
+                        server.router.fallback_guard(request)
                     response = await _asgi_collect(
                         server.fallback, request, server.state, server.router.fallback_body_limit
                     )
+                except FaasError as exc:
+                    response = error_response(exc)
                 except BodyTooLarge as exc:
                     response = error_response(PayloadTooLarge(f"request body exceeds {exc.limit} bytes"))
             if response.stream is None:

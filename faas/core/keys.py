@@ -12,6 +12,7 @@ Layout (all under ``/faas/``)::
     timers/{ns}/{function}/{name}              last tick a timer subscription fired
     keys/{key_id}                              ApiKeyRecord (the secret's hash, never the secret)
     namespaces/{ns}/limits                     NamespaceLimits
+    owners/{streams|buckets}/{name}            the namespace that owns a stream or bucket
 """
 
 from __future__ import annotations
@@ -112,3 +113,7 @@ def namespace_limits(ns: str) -> bytes:
 
 def namespaces_prefix() -> bytes:
     return _b(f"{ROOT}namespaces/")
+
+
+def owner(kind: str, name: str) -> bytes:
+    return _b(f"{ROOT}owners/{kind}s/{name}")

@@ -101,7 +101,8 @@ async def read_limits(etcd: Etcd, ns: str) -> NamespaceLimits:
 
 
 class RateLimiter:
-    """Token buckets per namespace: ``rate`` calls a second, bursts of up to one second's worth."""
+    """Token buckets per namespace: ``rate`` calls a second, bursts of up to one second's worth (and
+    at least one call)."""
 
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # ns -> (tokens, at)
@@ -111,8 +112,9 @@ class RateLimiter:
         if rate <= 0:
             return
         now = time.monotonic() if now is None else now
-        tokens, at = self._buckets.get(ns, (rate, now))
-        tokens = min(rate, tokens + (now - at) * rate)
+        burst = max(rate, 1.0)  # below one call a second, a bucket still holds the one call
+        tokens, at = self._buckets.get(ns, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
         if tokens < 1.0:
             self._buckets[ns] = (tokens, now)
             wait_s = (1.0 - tokens) / rate

@@ -312,8 +312,9 @@ class Dispatcher:
             record = await self.scheduler.acquire(key, deadline)
         except TooManyRequests as exc:
             # At max instances (of the version, or of its namespace): waiters get slots as calls
-            # finish; with no instance to finish any, they get the 429 now instead of at the deadline.
-            if not pool.instances:
+            # finish; with no instance here and no other start under way that could serve them, they
+            # get the 429 now instead of at their deadline.  (``pending_starts`` still counts this one.)
+            if not pool.instances and pool.pending_starts <= 1:
                 pool.fail_waiters(exc)
             return
         except FaasError as exc:

@@ -18,7 +18,9 @@ Guarantees:
 
 - At most ``concurrency`` invocations run at once; one more is refused at once with 429 (no queue).
 - Every invocation is answered within its budget, ``min(timeout_s, X-Faas-Deadline-Ms - now)``.  An
-  async handler that overruns is cancelled and the host stays.  A sync handler cannot be stopped in its
+  async handler that overruns is cancelled and the host stays, unless the event loop does not get to
+  the cancellation within ``ASYNC_UNWIND_GRACE_S`` (a handler blocking the loop): then the host
+  retires as below.  A sync handler cannot be stopped in its
   thread, so the host answers 504 with ``X-Faas-Retire: 1``, refuses new invocations (429 with the same
   header) and exits as soon as every other admitted invocation has been answered.  A ``MemoryError``
   retires the host the same way (507).
@@ -101,6 +103,9 @@ MAX_CONNECTIONS = 1024
 # Threads beyond one per slot that the memory cap leaves room for: the acceptor, the watchdog, the
 # connections of health checks.
 SPARE_THREADS = 4
+# How long an async handler past its timeout may take to unwind once cancelled before the host takes
+# the loop for blocked and retires.
+ASYNC_UNWIND_GRACE_S = 1.0
 M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
 MALLOC_ARENAS = 2
 
@@ -818,7 +823,10 @@ class FunctionHost:
                         500, "platform_error", type(exc).__name__, f"function host error: {exc}"
                     )
                 if not invocation.claim():
-                    return  # the watchdog answered it (the handler overran) and closed the connection
+                    # The watchdog answers it (the handler overran): the socket is closed only once
+                    # that answer is written, or its descriptor could be reused under the watchdog.
+                    invocation.answered.wait(CLOSE_FLUSH_TIMEOUT_S + 1.0)
+                    return
                 keep_alive = keep_alive and not response.close
                 try:
                     _send(conn, response, keep_alive)
@@ -936,7 +944,10 @@ class FunctionHost:
             retiring = self.retiring
             busy = self.inflight >= spec.concurrency
             if not (retiring or busy):
-                self.inflight += 1  # the slot is taken now; given back below if the call is refused
+                # Admitted: the slot is taken and the call counted in one step, so a host retiring
+                # meanwhile waits for its answer; both are given back below if the call is refused.
+                self.inflight += 1
+                self.open_invocations += 1
         if retiring:
             response = _invoke_error(429, "too_many_requests", "TooManyRequests", "this instance is retiring")
             response.retire = True
@@ -950,9 +961,13 @@ class FunctionHost:
                 f"all {spec.concurrency} concurrency slots of this instance are busy",
             )
         slot = _Slot(self)
-        refused = self._check_call(headers, body, spec)
+        try:
+            refused = self._check_call(headers, body, spec)
+        except BaseException:  # MemoryError or RecursionError parsing the event: nothing was admitted
+            self._refused(slot)
+            raise
         if isinstance(refused, _Response):
-            slot.release()
+            self._refused(slot)
             return refused
         event, budget, deadline_bound = refused
 
@@ -968,7 +983,6 @@ class FunctionHost:
         )
         logs = _LogBuffer()
         with self.lock:
-            self.open_invocations += 1
             self.invocations += 1
         invocation.deadline = started_monotonic + budget
         invocation.timeout = (budget, deadline_bound, spec.timeout_s)
@@ -995,6 +1009,11 @@ class FunctionHost:
         response.admitted = True
         return response
 
+    def _refused(self, slot: _Slot) -> None:
+        """An admitted call refused before its handler ran: its slot and its count given back."""
+        slot.release()
+        self._answered()
+
     def _check_call(
         self, headers: dict[bytes, bytes], body: bytes, spec: _Spec
     ) -> _Response | tuple[Any, float, bool]:
@@ -1003,6 +1022,8 @@ class FunctionHost:
             event = json.loads(body) if body.strip() else {}
         except ValueError as exc:
             return _invoke_error(400, "invalid_request", "InvalidRequest", f"event is not valid JSON: {exc}")
+        except RecursionError:
+            return _invoke_error(400, "invalid_request", "InvalidRequest", "event is nested too deeply to parse")
         budget = spec.timeout_s
         deadline_bound = False
         raw_deadline = headers.get(b"x-faas-deadline-ms")
@@ -1057,7 +1078,21 @@ class FunctionHost:
         except concurrent.futures.TimeoutError:
             if not outcome.cancel():  # it finished just now
                 return outcome.result()
-            loop.call_soon_threadsafe(lambda: tasks and tasks[0].cancel())
+            unwound = threading.Event()
+
+            def cancel() -> None:
+                if tasks:
+                    tasks[0].add_done_callback(lambda _task: unwound.set())
+                    tasks[0].cancel()
+                else:
+                    unwound.set()  # never started: start() sees the cancelled outcome
+
+            loop.call_soon_threadsafe(cancel)
+            if not unwound.wait(ASYNC_UNWIND_GRACE_S):
+                # The loop did not get to the cancellation: a handler blocks it (time.sleep, a busy
+                # loop).  Nothing async can run on this host any more: retire it, as for a sync overrun.
+                slot.release()
+                self._retire("an async handler blocked the event loop past its timeout")
             return None
 
     def _answer(self, status: int, payload: dict[str, Any], logs: str, duration_ms: float) -> _Response:
@@ -1130,6 +1165,7 @@ class FunctionHost:
         except OSError:
             pass
         finally:
+            invocation.answered.set()
             self._answered()
 
     def _retire(self, why: str) -> None:
@@ -1228,7 +1264,7 @@ class _Invocation:
     """One request on one connection; answered exactly once, by its connection thread or, for a
     sync handler past its budget, by the watchdog (``claim`` decides which)."""
 
-    __slots__ = ("conn", "deadline", "timeout", "slot", "logs", "started", "_claim")
+    __slots__ = ("conn", "deadline", "timeout", "slot", "logs", "started", "answered", "_claim")
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
@@ -1237,6 +1273,7 @@ class _Invocation:
         self.slot: _Slot | None = None
         self.logs = _LogBuffer()
         self.started = 0.0
+        self.answered = threading.Event()  # set once the watchdog's answer is written
         self._claim = threading.Lock()
 
     def claim(self) -> bool:
