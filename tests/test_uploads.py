@@ -122,9 +122,10 @@ async def test_an_upload_past_the_limit_is_refused_before_it_is_read(
     url = urlsplit(platform.settings.gateway_url)
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    key = platform.admin_headers["Authorization"].encode()
     writer.write(
         b"PUT /v1/functions/huge HTTP/1.1\r\nhost: x\r\ncontent-type: multipart/form-data; boundary=b\r\n"
-        b"content-length: 1100000000\r\n\r\n" + b"x" * 65536
+        b"authorization: " + key + b"\r\ncontent-length: 1100000000\r\n\r\n" + b"x" * 65536
     )
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
