@@ -1,0 +1,180 @@
+"""A function that tries to escape, on the Docker backend (the process backend is single-tenant:
+README, "Security model").
+
+One probe function, deployed beside a "victim" function with a secret in its environment and in its
+code, tries each escape issue 10 lists and reports what happened; the test asserts each attempt
+failed and says which mechanism stopped it:
+
+- read the environment of the platform's processes and of other functions (``/proc/*/environ``):
+  the container's PID namespace shows none of them;
+- read the platform's data (etcd's, Valkey's, the keys) and the victim's unpacked code: the container's
+  filesystem holds only its own code view (``/code``), read-only;
+- connect to etcd, Valkey, S3, the gateway and the node agent on loopback: no network (``none``);
+- fork past the pids limit: the cgroup's ``pids.max`` stops it;
+- children that together exceed the memory limit: the memory cgroup kills them (whole container);
+- write to the image, or hold a capability: read-only root, every capability dropped.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from faas.runtime.docker_backend import PIDS_LIMIT
+from tests.conftest import Platform
+from tests.helpers import deploy
+
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("platform", ["docker"], indirect=True)]
+
+VICTIM = """
+SECRET_IN_CODE = "victim-code-secret-7f3a"
+
+def handler(event, context):
+    return {"ok": True}
+"""
+
+PROBE = r"""
+import os, socket, subprocess, time
+
+def _attempt(fn):
+    try:
+        return {"ok": True, "got": fn()}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+def _environs():
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    found.append(f.read().decode(errors="replace"))
+            except OSError:
+                pass
+    return found
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read(64).decode(errors="replace")
+
+def _connect(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        return "connected"
+
+def _forks(limit):
+    children, error = [], None
+    for _ in range(limit):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            break
+        if pid == 0:
+            time.sleep(5)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return {"forked": len(children), "error": error}
+
+def _memory_children(mib_each, count):
+    script = f"b = bytearray({mib_each} * 1024 * 1024); import time; time.sleep(3)"
+    procs = [subprocess.Popen(["python3", "-c", script]) for _ in range(count)]
+    return [p.wait() for p in procs]
+
+def _write_image():
+    with open("/usr/lib/escape-probe", "w") as f:
+        f.write("x")
+    return "written"
+
+def _capabilities():
+    with open("/proc/self/status") as f:
+        return [line.split()[1] for line in f if line.startswith("CapEff")][0]
+
+def handler(event, context):
+    action = event["action"]
+    if action == "environ":
+        return {"environs": _environs(), "pids": sorted(p for p in os.listdir("/proc") if p.isdigit())}
+    if action == "read":
+        return {path: _attempt(lambda path=path: _read(path)) for path in event["paths"]}
+    if action == "listdir":
+        return {path: _attempt(lambda path=path: sorted(os.listdir(path))) for path in event["paths"]}
+    if action == "connect":
+        return {str(port): _attempt(lambda port=port: _connect(port)) for port in event["ports"]}
+    if action == "fork":
+        return _forks(event["limit"])
+    if action == "memory":
+        return {"exits": _memory_children(event["mib_each"], event["count"])}
+    if action == "write":
+        return _attempt(_write_image)
+    if action == "caps":
+        return {"CapEff": _capabilities()}
+    return {"unknown": action}
+"""
+
+
+async def probe(gw: httpx.AsyncClient, event: dict[str, object]) -> dict[str, object]:
+    resp = await gw.post("/v1/functions/escape-probe/invoke", json=event)
+    assert resp.status_code == 200, resp.text
+    result: dict[str, object] = resp.json()
+    return result
+
+
+async def test_a_function_in_a_container_cannot_reach_the_platform_or_other_functions(
+    platform: Platform, gw: httpx.AsyncClient
+) -> None:
+    s = platform.settings
+    victim = await deploy(gw, "escape-victim", VICTIM, environment={"VICTIM_TOKEN": "victim-env-secret-91c2"})
+    assert (await gw.post("/v1/functions/escape-victim/invoke", json={})).status_code == 200
+    # 512 MB: room for a fork bomb's children to reach the pids limit before the memory limit.
+    await deploy(gw, "escape-probe", PROBE, memory_mb=512, timeout_s=60)
+
+    # The environment of every process it can see: its own host only (PID namespace).
+    seen = await probe(gw, {"action": "environ"})
+    environs = "\n".join(seen["environs"])  # type: ignore[arg-type]
+    for secret in ("FAAS_", "victim-env-secret-91c2", s.webhook_secret, "redis://"):
+        assert secret not in environs, (
+            f"{secret!r} is readable through /proc (the PID namespace should hide it)"
+        )
+
+    # The platform's data and keys, and the victim's code: not in its filesystem.
+    sha = victim["config"]["code"]["sha256"]
+    paths = [
+        str(s.home / "admin.key"), str(s.home / "valkey.secret"), str(s.home / "s3.secret"),
+        str(s.home / "valkey" / "valkey.conf"), str(s.home / "etcd"), f"/code/{sha}/handler.py",
+        "/proc/1/root/etc/shadow",
+    ]  # fmt: skip
+    reads = await probe(gw, {"action": "read", "paths": paths})
+    for path, outcome in reads.items():
+        assert not outcome["ok"], f"{path} was readable: {outcome}"  # type: ignore[index]
+    listed = await probe(gw, {"action": "listdir", "paths": ["/code", str(s.home)]})
+    assert listed["/code"]["ok"] and sha not in listed["/code"]["got"], listed  # type: ignore[index]
+    assert not listed[str(s.home)]["ok"], listed  # type: ignore[index]
+
+    # The platform's servers on loopback: the container has no network.
+    ports = [s.etcd_host_port[1], s.redis_port, s.s3_port, s.gateway_port]
+    connected = await probe(gw, {"action": "connect", "ports": ports})
+    for port, outcome in connected.items():
+        assert not outcome["ok"], f"port {port} answered from inside the container: {outcome}"  # type: ignore[index]
+
+    # Forking past the pids limit: the cgroup's pids.max stops it.
+    forks = await probe(gw, {"action": "fork", "limit": PIDS_LIMIT + 50})
+    assert forks["error"] and forks["forked"] < PIDS_LIMIT, forks  # type: ignore[operator]
+
+    # The image is read-only, and no capability is left.
+    assert not (await probe(gw, {"action": "write"}))["ok"]
+    assert (await probe(gw, {"action": "caps"}))["CapEff"] == "0000000000000000"
+
+
+async def test_children_that_together_exceed_the_memory_limit_are_killed(gw: httpx.AsyncClient) -> None:
+    await deploy(gw, "escape-probe", PROBE, memory_mb=128, timeout_s=60)
+    # Four children of 100 MiB each: 400 MiB against a 128 MiB cgroup for the whole container.
+    resp = await gw.post(
+        "/v1/functions/escape-probe/invoke", json={"action": "memory", "mib_each": 100, "count": 4}
+    )
+    if resp.status_code == 200:
+        exits = resp.json()["exits"]
+        assert any(code != 0 for code in exits), f"every child kept its 100 MiB: {exits}"
+    else:  # the OOM killer took the host itself: the instance ends, the call fails, nothing leaks out
+        assert resp.status_code in (500, 502, 507), resp.text
