@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from faas.core.errors import InstanceStartError
+from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.settings import Settings
 from faas.runtime.agent import start_backend
 from faas.runtime.backend import InstanceSpec
@@ -334,3 +334,33 @@ async def test_the_agent_passes_the_cache_settings_to_its_backend(run_dir: Path)
         assert (backend.code_cache.ttl_s, backend.code_cache.sweep_interval_s) == (120.0, 7.0)
     finally:
         await backend.close()
+
+
+async def test_the_quota_evicts_least_recently_used_code_and_refuses_when_all_is_in_use(tmp_path: Path) -> None:
+    """The node's code cache stays under its disk quota: unused code goes first, oldest first; with
+    everything in use, a launch of new code is refused (503) rather than filling the disk."""
+    cache = CodeCache(tmp_path, max_bytes=3 * 1024 * 1024)
+    shas = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(4)]
+    for n, sha in enumerate(shas[:3]):
+        (tmp_path / sha).mkdir()
+        (tmp_path / sha / "blob.bin").write_bytes(os.urandom(1024 * 1024))
+        os.utime(tmp_path / sha, (1000.0 + n, 1000.0 + n))  # the first is the least recently used
+    cache.acquire(shas[1])  # in use: never evicted
+
+    await cache.make_room(shas[0])  # cached already: nothing to do
+    assert all((tmp_path / sha).is_dir() for sha in shas[:3])
+
+    await cache.make_room(shas[3])  # 3 MiB held, at the quota: the oldest unused one goes
+    assert not (tmp_path / shas[0]).exists()
+    assert (tmp_path / shas[1]).is_dir() and (tmp_path / shas[2]).is_dir()
+
+    (tmp_path / shas[3]).mkdir()
+    (tmp_path / shas[3] / "blob.bin").write_bytes(os.urandom(1024 * 1024))
+    cache.acquire(shas[2])
+    cache.acquire(shas[3])
+    with pytest.raises(Unavailable, match="at its quota"):
+        await cache.make_room(hashlib.sha256(b"new").hexdigest())
+    assert all((tmp_path / sha).is_dir() for sha in shas[1:])  # nothing in use was touched
+    cache.release(shas[2])
+    await cache.make_room(hashlib.sha256(b"new").hexdigest())  # now there is something to evict
+    assert not (tmp_path / shas[2]).exists()

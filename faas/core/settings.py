@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # launched with is evicted once unused this long; the sweep runs this often.
     code_cache_ttl_s: float = Field(default=24 * 3600.0, ge=0)
     code_cache_sweep_s: float = Field(default=600.0, gt=0)
+    # The disk quota of that cache: past it, unused code is evicted before a new archive is unpacked,
+    # and a launch fails (503) when all of it is in use.  0: no quota.
+    code_cache_max_bytes: int = Field(default=8 * 1024 * 1024 * 1024, ge=0)
 
     # Async invocations.
     max_async_payload_bytes: int = 1024 * 1024

@@ -82,6 +82,7 @@ async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
             node_id=node_id,
             code_cache_ttl_s=settings.code_cache_ttl_s,
             code_cache_sweep_s=settings.code_cache_sweep_s,
+            code_cache_max_bytes=settings.code_cache_max_bytes,
         )
         try:
             await docker.start()
@@ -96,6 +97,7 @@ async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
         pool_size=settings.pool_size,
         code_cache_ttl_s=settings.code_cache_ttl_s,
         code_cache_sweep_s=settings.code_cache_sweep_s,
+        code_cache_max_bytes=settings.code_cache_max_bytes,
     )
     await backend.start()
     return backend

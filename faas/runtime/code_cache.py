@@ -22,6 +22,10 @@ Guarantees:
 - ``.unpack-*`` and ``.evict-*`` dirs older than ``STAGING_MAX_AGE_S`` (an hour, far beyond a
   download's time limit) are left by a crash and removed; an ``.unpack-*`` dir whose sha is in use
   is left alone whatever its age.
+- With a quota (``max_bytes``), a launch of code not in the cache first evicts unused code, least
+  recently used first, until the cache holds less than the quota; when what remains is all in use, the
+  launch fails with ``Unavailable`` (503) instead of filling the disk.  The new archive may take the
+  cache past the quota by its own size (at most the unpacked limit, 512 MiB).
 - Every eviction is logged.  ``sweep_forever`` never ends on an error: a failed sweep is logged and
   the next one runs on time.
 
@@ -31,7 +35,7 @@ Caveats:
   instances, and may evict code that the other one runs.
 - Last-use times live in memory.  After an agent restart, code in frequent use before it may be
   evicted at the first sweep (its mtime is old) and is then downloaded again at its next launch.
-- Eviction is by age only; nothing caps the cache's size.
+- Sizes are measured once per code dir (the dirs never change) by walking it in a thread.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ import stat
 import time
 from pathlib import Path
 from typing import NoReturn
+
+from faas.core.errors import Unavailable
 
 __all__ = ["CodeCache", "DEFAULT_SWEEP_INTERVAL_S", "DEFAULT_TTL_S", "STAGING_MAX_AGE_S"]
 
@@ -72,9 +78,12 @@ class CodeCache:
         *,
         ttl_s: float = DEFAULT_TTL_S,
         sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S,
+        max_bytes: int = 0,
     ) -> None:
         self.root = Path(root)
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes  # 0: no quota
+        self._sizes: dict[str, int] = {}  # sha256 -> bytes its dir holds (measured once)
         self.sweep_interval_s = sweep_interval_s
         self._users: dict[str, int] = {}  # sha256 -> launches under way + instances running
         self._last_used: dict[str, float] = {}  # sha256 -> wall-clock time of its last acquire/release
@@ -140,6 +149,42 @@ class CodeCache:
                 await asyncio.to_thread(_remove_trees, doomed)
             return evicted
 
+    async def make_room(self, sha256: str) -> None:
+        """Before a launch of ``sha256``: if its code is not cached and the cache is at its quota, evict
+        unused code (least recently used first) until it is under; ``Unavailable`` if it cannot be."""
+        if not self.max_bytes or (self.root / sha256).is_dir():
+            return
+        async with self._sweeping:
+            entries = [(name, mtime) for name, mtime in await asyncio.to_thread(_scan, self.root) if _SHA256.fullmatch(name)]
+            unknown = [name for name, _ in entries if name not in self._sizes]
+            if unknown:
+                self._sizes.update(await asyncio.to_thread(_sizes_of, self.root, unknown))
+            # From here to the last rename there is no await: no launch can acquire in between.
+            total = sum(self._sizes.get(name, 0) for name, _ in entries)
+            unused = sorted(
+                (max(self._last_used.get(name, mtime), mtime), name) for name, mtime in entries if not self._users.get(name)
+            )
+            doomed: list[Path] = []
+            for _, name in unused:
+                if total < self.max_bytes:
+                    break
+                doomed_path = self.root / f"{EVICT_PREFIX}{name}-{secrets.token_hex(4)}"
+                try:
+                    os.rename(self.root / name, doomed_path)
+                except OSError:
+                    continue
+                total -= self._sizes.pop(name, 0)
+                self._last_used.pop(name, None)
+                doomed.append(doomed_path)
+                logger.info("evicted code %s from the node cache to stay under its quota of %d bytes", name, self.max_bytes)
+            if doomed:
+                await asyncio.to_thread(_remove_trees, doomed)
+            if total >= self.max_bytes:
+                raise Unavailable(
+                    f"the node's code cache holds {total} bytes of code in use, at its quota of {self.max_bytes}: "
+                    "no room to unpack another archive (set FAAS_CODE_CACHE_MAX_BYTES higher, or add a node)"
+                )
+
     async def sweep_forever(self) -> NoReturn:
         """Sweep every ``sweep_interval_s`` (with 10 % jitter), for as long as the backend runs."""
         while True:
@@ -169,6 +214,21 @@ def _scan(root: Path) -> list[tuple[str, float]]:
     except FileNotFoundError:
         return []
     return found
+
+
+def _sizes_of(root: Path, names: list[str]) -> dict[str, int]:
+    """Bytes each named dir under ``root`` holds (its files' sizes)."""
+    sizes: dict[str, int] = {}
+    for name in names:
+        total = 0
+        for folder, _, files in os.walk(root / name):
+            for file in files:
+                try:
+                    total += os.lstat(os.path.join(folder, file)).st_size
+                except OSError:
+                    continue
+        sizes[name] = total
+    return sizes
 
 
 def _remove_trees(paths: list[Path]) -> None:

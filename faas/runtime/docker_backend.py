@@ -186,10 +186,13 @@ class DockerBackend(PooledBackend[_Container]):
         image_tag: str = DEFAULT_TAG,
         code_cache_ttl_s: float = DEFAULT_TTL_S,
         code_cache_sweep_s: float = DEFAULT_SWEEP_INTERVAL_S,
+        code_cache_max_bytes: int = 0,
     ) -> None:
         super().__init__(
             pool_size=pool_size,
-            code_cache=CodeCache(Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s),
+            code_cache=CodeCache(
+                Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s, max_bytes=code_cache_max_bytes
+            ),
             journal_dir=Path(run_dir) / "journal",
         )
         self._containers_dir = Path(run_dir) / "containers"

@@ -326,6 +326,11 @@ class PooledBackend(ABC, Generic[H]):
         if spec.instance_id in self._instances or spec.instance_id in self._launching:
             raise InstanceStartError(f"instance {spec.instance_id} already exists", error_type="Conflict")
         self._launching.add(spec.instance_id)
+        try:
+            await self.code_cache.make_room(spec.sha256)  # the disk quota: before anything is unpacked
+        except BaseException:
+            self._launching.discard(spec.instance_id)
+            raise
         # Before any host can read <cache>/<sha256>: from here on a sweep keeps it.
         self.code_cache.acquire(spec.sha256)
         try:

@@ -165,10 +165,13 @@ class ProcessBackend(PooledBackend[_Host]):
         python: str = sys.executable,
         code_cache_ttl_s: float = DEFAULT_TTL_S,
         code_cache_sweep_s: float = DEFAULT_SWEEP_INTERVAL_S,
+        code_cache_max_bytes: int = 0,
     ) -> None:
         super().__init__(
             pool_size=pool_size,
-            code_cache=CodeCache(Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s),
+            code_cache=CodeCache(
+                Path(cache_dir), ttl_s=code_cache_ttl_s, sweep_interval_s=code_cache_sweep_s, max_bytes=code_cache_max_bytes
+            ),
             journal_dir=Path(run_dir) / "journal",
         )
         self._socket_dir = Path(run_dir) / "instances"
