@@ -20,14 +20,20 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aetcd
-import aetcd.exceptions
+# gRPC's fork handlers, off before gRPC loads: the platform's processes fork only to exec (function
+# hosts, servers), never to use gRPC in the child, and with the handlers on, a fork while another
+# thread was inside gRPC ("skipping fork() handlers") left the child to crash (SIGSEGV) before its exec.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import aetcd  # noqa: E402
+import aetcd.exceptions  # noqa: E402
 
 from faas.core.errors import Unavailable
 from faas.core.tasks import TaskSet

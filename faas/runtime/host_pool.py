@@ -55,6 +55,7 @@ from faas.runtime.code_cache import CodeCache
 
 READY_POLL_INTERVAL_S = 0.005
 HEALTH_TIMEOUT_S = 0.5
+FILL_RETRY_DELAY_S = 0.5  # before starting again a pool host that failed to start
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
@@ -246,7 +247,12 @@ class PooledBackend(ABC, Generic[H]):
         self._instances[spec.instance_id] = host
         try:
             self.journal.write(
-                JournalEntry(host=host.name, spec=journal_spec(spec), address=host.address, handle=self._journal_handle(host))
+                JournalEntry(
+                    host=host.name,
+                    spec=journal_spec(spec),
+                    address=host.address,
+                    handle=self._journal_handle(host),
+                )
             )
         except OSError as exc:  # the instance runs; only its adoption after an agent restart is lost
             self._log.warning("cannot journal instance %s: %s", spec.instance_id, exc)
@@ -434,11 +440,26 @@ class PooledBackend(ABC, Generic[H]):
     async def _fill_pool(self) -> int:
         """Start ``pool_size`` generic hosts into the pool and return how many.
 
-        If any fails, the others are destroyed and ``Unavailable`` is raised.
+        A host that fails to start is tried once more (a one-off crash must not stop the node agent
+        from starting); if one still fails, the others are destroyed and ``Unavailable`` is raised.
         """
         results = await asyncio.gather(
             *(self._spawn() for _ in range(self._pool_size)), return_exceptions=True
         )
+        hosts = [r for r in results if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            self._log.warning(
+                "%d of %d pool %ss failed to start (%s); trying them again",
+                len(failed),
+                self._pool_size,
+                self._noun,
+                failed[0],
+            )
+            await asyncio.sleep(FILL_RETRY_DELAY_S)
+            results = hosts + list(
+                await asyncio.gather(*(self._spawn() for _ in failed), return_exceptions=True)
+            )
         failures = [r for r in results if isinstance(r, BaseException)]
         hosts = [r for r in results if not isinstance(r, BaseException)]
         if failures:
