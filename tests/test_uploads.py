@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from bench.zip_bomb import build_bomb
 from faas.core.errors import InvalidRequest, PayloadTooLarge
 from faas.core.models import name_problem
 from gateway.archive import MAX_COMPRESSION_RATIO, check_archive_layout, verify_archive_members
@@ -31,18 +32,6 @@ process_only = pytest.mark.parametrize("platform", ["process"], indirect=True)
 
 HANDLER = "def handler(event, context):\n    return 1\n"
 CONFIG = json.dumps({"handler": "handler.handler"})
-
-
-def zip_bomb(gib: int = 1) -> bytes:
-    """A real zip bomb: ``gib`` GiB of zeros in one member, about 4.5 MB per GiB on the wire."""
-    buffer = io.BytesIO()
-    zeros = bytes(16 * 1024 * 1024)
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        zf.writestr("handler.py", HANDLER)
-        with zf.open("bomb.bin", "w", force_zip64=True) as member:
-            for _ in range(gib * 64):
-                member.write(zeros)
-    return buffer.getvalue()
 
 
 def lying_zip() -> bytes:
@@ -87,7 +76,7 @@ async def _health_latencies(gw: httpx.AsyncClient, stop: asyncio.Event) -> list[
 async def test_a_zip_bomb_is_refused_from_its_directory_and_the_gateway_keeps_answering(
     platform: Platform, gw: httpx.AsyncClient
 ) -> None:
-    bomb = await asyncio.to_thread(zip_bomb, 1)
+    bomb = await asyncio.to_thread(build_bomb, 1)  # 1 GiB of zeros, about 4.5 MB sent
     async with httpx.AsyncClient(base_url=platform.settings.gateway_url, timeout=10, headers=platform.admin_headers) as other:
         stop = asyncio.Event()
         watcher = asyncio.create_task(_health_latencies(other, stop))

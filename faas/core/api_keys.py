@@ -202,7 +202,6 @@ class KeyIndex:
 
     def __init__(self, etcd: Etcd) -> None:
         self.mirror = PrefixMirror(etcd, KEYS_PREFIX.encode())
-        self._parsed: dict[bytes, tuple[bytes, ApiKeyRecord]] = {}
 
     def start(self) -> None:
         self.mirror.start()
@@ -228,17 +227,4 @@ class KeyIndex:
         return Principal(record.id, record.namespace, record.role, record.functions)
 
     def _record(self, key_id: str) -> ApiKeyRecord | None:
-        name = _etcd_key(key_id)
-        raw = self.mirror.items.get(name)
-        if raw is None:
-            self._parsed.pop(name, None)
-            return None
-        cached = self._parsed.get(name)
-        if cached is not None and cached[0] == raw:
-            return cached[1]
-        try:
-            record = ApiKeyRecord.model_validate_json(raw)
-        except ValueError:
-            return None
-        self._parsed[name] = (raw, record)
-        return record
+        return self.mirror.parsed(_etcd_key(key_id), ApiKeyRecord.model_validate_json)

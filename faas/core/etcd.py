@@ -25,7 +25,7 @@ import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 # gRPC's fork handlers, off before gRPC loads: the platform's processes fork only to exec (function
 # hosts, servers), never to use gRPC in the child, and with the handlers on, a fork while another
@@ -345,6 +345,7 @@ class Lease:
         self._set_valid_until(0.0)
 
 
+T = TypeVar("T")
 MirrorCallback = Callable[[str, bytes, bytes | None], None]  # (kind, key, value or None on delete)
 
 
@@ -364,8 +365,26 @@ class PrefixMirror:
         self.generation = 0  # counts changes of ``items``: a reader may cache what it derived from them
         self.ready = asyncio.Event()
         self.changed = asyncio.Condition()
+        self._parsed: dict[bytes, tuple[bytes, Any]] = {}  # key -> (the value parsed, what it gave)
         self._on_change = on_change
         self._tasks = TaskSet(f"mirror:{prefix.decode()}")
+
+    def parsed(self, key: bytes, parse: Callable[[bytes], T]) -> T | None:
+        """The value under ``key`` through ``parse``, parsed once per stored value; None when there is
+        none or ``parse`` raises ``ValueError`` (a per-call reader's lookup: a dict get and a compare)."""
+        raw = self.items.get(key)
+        if raw is None:
+            self._parsed.pop(key, None)
+            return None
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == raw:
+            return cast(T, cached[1])
+        try:
+            value = parse(raw)
+        except ValueError:
+            return None
+        self._parsed[key] = (raw, value)
+        return value
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name="watch", long_lived=True)

@@ -56,7 +56,6 @@ class LimitsIndex:
     def __init__(self, etcd: Etcd, settings: Settings) -> None:
         self.mirror = PrefixMirror(etcd, keys.namespaces_prefix())
         self.settings = settings
-        self._parsed: dict[bytes, tuple[bytes, NamespaceLimits]] = {}
 
     def start(self) -> None:
         self.mirror.start()
@@ -76,19 +75,8 @@ class LimitsIndex:
         )
 
     def _own(self, ns: str) -> NamespaceLimits:
-        name = keys.namespace_limits(ns)
-        raw = self.mirror.items.get(name)
-        if raw is None:
-            return NamespaceLimits()
-        cached = self._parsed.get(name)
-        if cached is not None and cached[0] == raw:
-            return cached[1]
-        try:
-            own = NamespaceLimits.model_validate_json(raw)
-        except ValueError:
-            own = NamespaceLimits()
-        self._parsed[name] = (raw, own)
-        return own
+        own = self.mirror.parsed(keys.namespace_limits(ns), NamespaceLimits.model_validate_json)
+        return own if own is not None else NamespaceLimits()
 
 
 async def set_limits(etcd: Etcd, ns: str, limits: NamespaceLimits) -> None:
