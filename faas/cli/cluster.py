@@ -410,12 +410,16 @@ def _expected_services(settings: Settings, state: dict[str, Any] | None) -> list
     return [(s.role, s.member_id) for s in default_services(settings)]
 
 
-# What keeps one function's instances from the platform and from each other, per runtime backend
-# (README, "Security model").
+# What keeps one function's instances from the platform and from each other, for nodes whose record
+# does not say it (README, "Security model").
 ISOLATION = {
     "process": "single-tenant: instances run as the platform's user",
     "docker": "containers",
 }
+
+
+def node_isolation(node: dict[str, Any]) -> str:
+    return str(node.get("isolation") or ISOLATION.get(str(node.get("runtime")), "?"))
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -436,7 +440,7 @@ def render_status(status: dict[str, Any]) -> str:
             [
                 str(n.get("node_id", "?")),
                 str(n.get("runtime", "?")),
-                ISOLATION.get(str(n.get("runtime")), "?"),
+                node_isolation(n),
                 str(n.get("address", "?")),
                 f"{n.get('memory_free_mb', '?')}/{n.get('memory_total_mb', '?')} MB",
                 str(n.get("instances", 0)),

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     node_id: str = "node-1"
     # process | docker | auto (Docker when a daemon answers, else processes)
     runtime: Literal["process", "docker", "auto"] = "process"
+    # The process backend's hosts: "sandbox" (bubblewrap namespaces, a user and a cgroup per host;
+    # the node agent fails to start without them), "none" (single-tenant), or "auto": sandboxed where
+    # the machine allows it (root, bwrap, cgroups), else none, said in `faas status`.
+    process_isolation: Literal["auto", "sandbox", "none"] = "auto"
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket
     pool_size: int = Field(default=2, ge=0)
     node_memory_mb: int = 0  # 0 = read the machine's memory

@@ -664,12 +664,14 @@ def kill_leftover_hosts(settings: Settings) -> int:
     prefix = f"{settings.home.resolve()}/"
 
     def ours(argv: list[str]) -> bool:
+        if "--die-with-parent" in argv:  # a sandboxed host's bubblewrap: it binds folders of the home
+            return any(a.startswith(prefix) for a in argv)
         if "--socket" not in argv or argv.index("--socket") + 1 >= len(argv):
             return False
         return any(a.endswith("host.py") for a in argv) and argv[argv.index("--socket") + 1].startswith(prefix)
 
     killed = 0
-    for pid, _ in processes_matching(ours):
+    for pid, _ in processes_matching(ours):  # a sandbox dies with its outer bubblewrap
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
             killed += 1
