@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from faas.core.api_keys import KEYS_PREFIX
-from faas.core.etcd import Etcd
+from faas.core.service import etcd_from_settings
 from tests.conftest import Platform
 from tests.helpers import deploy, make_zip, wait_until
 
@@ -212,7 +212,7 @@ async def test_keys_are_never_kept_or_shown_in_clear(platform: Platform, gw: htt
     mine = next(k for k in listed if k["id"] == created["id"])
     assert "key" not in mine and "secret_sha256" not in mine
     assert secret not in json.dumps(listed)
-    etcd = Etcd(*platform.settings.etcd_host_port)
+    etcd = etcd_from_settings(platform.settings)
     try:
         kvs, _ = await etcd.get_prefix(KEYS_PREFIX.encode())
     finally:

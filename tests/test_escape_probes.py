@@ -182,6 +182,7 @@ async def test_a_function_cannot_reach_the_platform_or_other_functions(
     sha = victim["config"]["code"]["sha256"]
     paths = [
         str(s.home / "admin.key"), str(s.home / "valkey.secret"), str(s.home / "s3.secret"),
+        str(s.home / "etcd-tls" / "client.key"),
         str(s.home / "valkey" / "valkey.conf"), str(s.home / "etcd"), f"/code/{sha}/handler.py",
         "/proc/1/root/etc/shadow",
     ]  # fmt: skip

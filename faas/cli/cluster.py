@@ -269,11 +269,10 @@ async def _outcome(coro: Any) -> tuple[bool, str]:
 
 
 async def _read_etcd_tree(settings: Settings) -> dict[str, Any]:
-    from faas.core.etcd import Etcd
+    from faas.core.service import etcd_from_settings
 
     members, leaders = await read_members(settings)
-    host, port = settings.etcd_host_port
-    etcd = Etcd(host, port, timeout_s=3.0)
+    etcd = etcd_from_settings(settings, timeout_s=3.0)
     try:
         nodes, _ = await etcd.get_prefix(keys.nodes_prefix())
         instances, _ = await etcd.get_prefix(keys.instances_prefix())
