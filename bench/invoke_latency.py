@@ -66,6 +66,7 @@ import httpx
 from faas.core import keys
 from faas.core.etcd import Etcd
 from faas.core.models import InstanceRecord, LeaderRecord
+from faas.core.procs import processes_matching
 from faas.core.rendezvous import rank
 from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
@@ -471,6 +472,17 @@ async def count_instances_with_prefix(etcd: Etcd, prefix: str) -> int:
 
 
 async def host_pid(record: InstanceRecord) -> int:
+    """The pid, on this machine, of the host serving ``record``."""
+    socket_path = Path(record.address.removeprefix("unix://"))
+    if socket_path.parent.parent.name == "sb":
+        # A sandboxed host reports its pid inside its PID namespace: find it by its host name instead.
+        name = socket_path.parent.name
+        found = processes_matching(  # the host itself, not the bubblewrap processes above it
+            lambda argv: "/faas/host.py" in argv and name in argv and not argv[0].endswith("bwrap")
+        )
+        if len(found) != 1:
+            raise BenchError(f"expected one sandboxed host process named {name}, found {len(found)}")
+        return found[0][0]
     client, slots = direct_client([record])
     async with client:
         resp = await client.get(slots[0].removesuffix("/_/invoke") + "/_/health")

@@ -157,7 +157,7 @@ async def probe(gw: httpx.AsyncClient, event: dict[str, object]) -> dict[str, ob
 def host_sockets(platform: Platform) -> list[str]:
     """Every instance socket of the platform's nodes, as paths on this machine."""
     home = platform.settings.home
-    patterns = ("nodes/*/run/sandboxes/*/sock/host.sock", "nodes/*/run/instances/*.sock", "nodes/*/run/containers/*/host.sock")
+    patterns = ("nodes/*/run/sb/*/host.sock", "nodes/*/run/instances/*.sock", "nodes/*/run/containers/*/host.sock")
     return sorted(str(path) for pattern in patterns for path in home.glob(pattern))
 
 
@@ -202,7 +202,7 @@ async def test_a_function_cannot_reach_the_platform_or_other_functions(
     # The other instances' sockets (the victim's among them): not in its file system.
     sockets = host_sockets(platform)
     if s.runtime == "process":  # every host is sandboxed (CI has root, bwrap and cgroups)
-        assert sockets and all("/sandboxes/" in path for path in sockets), sockets
+        assert sockets and all("/run/sb/" in path for path in sockets), sockets
     assert len(sockets) >= 2, sockets
     for path, outcome in (await probe(gw, {"action": "connect_unix", "paths": sockets})).items():
         assert not outcome["ok"], f"instance socket {path} answered from inside the probe: {outcome}"  # type: ignore[index]

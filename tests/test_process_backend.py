@@ -55,20 +55,20 @@ def alive(pid: int) -> bool:
 
 
 def sockets_in(run_dir: Path) -> list[str]:
-    """Every host socket: ``instances/<name>.sock``, or ``sandboxes/<name>/sock/host.sock`` when sandboxed."""
-    paths = [*(run_dir / "instances").glob("*.sock"), *(run_dir / "sandboxes").glob("*/sock/host.sock")]
+    """Every host socket: ``instances/<name>.sock``, or ``sb/<name>/host.sock`` when sandboxed."""
+    paths = [*(run_dir / "instances").glob("*.sock"), *(run_dir / "sb").glob("*/host.sock")]
     return [str(path) for path in paths]
 
 
 def host_name(socket_path: str | Path) -> str:
     path = Path(socket_path)
-    return path.parent.parent.name if path.name == "host.sock" else path.stem
+    return path.parent.name if path.name == "host.sock" else path.stem
 
 
 def sandbox_pid(run_dir: Path, name: str) -> int | None:
     """The pid of the bubblewrap process of sandboxed host ``name`` (what the backend watches)."""
-    prefix = f"{run_dir / 'sandboxes' / name}/"
-    found = processes_matching(lambda argv: "--die-with-parent" in argv and any(a.startswith(prefix) for a in argv))
+    socket_dir = str(run_dir / "sb" / name)
+    found = processes_matching(lambda argv: "--die-with-parent" in argv and socket_dir in argv)
     return next((pid for pid, _ in found if same_pid_namespace(pid)), None)
 
 

@@ -1,10 +1,24 @@
-"""The embedded runtime backend: every instance is a local ``host.py`` process on a unix socket.
+"""The embedded runtime backend: every instance is a local ``host.py`` process on a unix socket,
+sandboxed wherever the machine allows it.
 
 A cold start follows the Fission protocol, as ``host_pool.PooledBackend`` implements it: take a
 generic host from the warm pool (or start one when the pool is empty), ``POST /_/specialize`` to it,
-refill the pool in the background.  The address handed out is
-``unix://<run_dir>/instances/<host name>.sock``; the socket keeps its pool name while the backend's
-table knows the host by ``spec.instance_id``.
+refill the pool in the background.  The table knows a host by ``spec.instance_id``; its socket keeps
+its pool name.
+
+Isolation (``isolation``: ``auto``, ``sandbox``, ``none``; ``sandboxed`` says which one runs):
+
+- Sandboxed (``sandbox``, and ``auto`` where ``sandbox.probe`` passes: root, bwrap, setpriv,
+  cgroups): each host runs in a bubblewrap sandbox as a user of its own, in a cgroup of its own
+  (``sandbox`` says what it holds).  Its files are under ``<run_dir>/sb/``: the socket folder
+  ``<name>/`` (its user's; the address is ``unix://<run_dir>/sb/<name>/host.sock``), the code view
+  ``<name>.code/`` and the log ``<name>.log``.  The host has no network: the backend fetches the
+  archive into the node's cache itself (``code_views.CodeFetcher``), hard-links that one version into
+  the view, sets the cgroup's memory to the function's, and tells the host ``file:///code/<sha256>``.
+- Unsandboxed (``none``, or ``auto`` where the probe fails: said in ``isolation`` and the log): each
+  host is a plain process of the agent's user, on ``unix://<run_dir>/instances/<name>.sock``; it
+  downloads and unpacks its archive into the node's cache itself (``host._fetch_code``).  Single-
+  tenant: nothing but its ``RLIMIT_AS`` stands between it and the platform.
 
 Invariants (besides those of ``host_pool``; destroying a host kills its process group):
 
@@ -16,21 +30,22 @@ Invariants (besides those of ``host_pool``; destroying a host kills its process 
   retiring itself after a sync timeout or ``MemoryError``), never for ``stop`` or ``close``.  A pool
   member that dies is replaced without a callback.
 
-Code: a host downloads and unpacks its archive into the node's cache, ``<cache_dir>/<sha256>/``
-(``host._fetch_code``: a staging dir and an atomic rename), which hosts of one archive share and
-run in.  The cache is swept every ``code_cache_sweep_s``: a ``<sha256>/`` dir no running or
+Code: the node's cache, ``<cache_dir>/<sha256>/``, is written through a staging dir and an atomic
+rename; hosts of one archive share it (unsandboxed hosts run in it).  The cache is swept every ``code_cache_sweep_s``: a ``<sha256>/`` dir no running or
 launching instance of this backend uses, and unused for ``code_cache_ttl_s``, is evicted (see
 ``code_cache``); the next launch of that archive downloads it again.
 
 Restarts (see ``host_pool``): a host runs in its own session, so it outlives a node agent killed
-with SIGKILL.  On ``start`` the backend looks for every ``host.py`` process whose socket is in its
-socket folder (by command line, in ``/proc``): the ones its journal names as instances, that are
-still the same process (pid and start time) and answer their health check, are adopted (watched
-through a pidfd, since they are no longer its children); every other one is killed with its whole
-process group, and the files of what was not adopted are removed.  The agent's listening socket is
+with SIGKILL.  On ``start`` the backend looks for every host process of its folders (by command
+line, in ``/proc``: a ``host.py`` whose socket is in ``instances/``, a bubblewrap that binds folders
+of ``sb/``): the ones its journal names as instances, of the isolation it runs now, that are still
+the same process (pid and start time) and answer their health check, are adopted (watched through a
+pidfd, since they are no longer its children); every other one is killed with its whole process
+group (a sandbox dies with its bubblewrap), the files of what was not adopted are removed, and so
+are the cgroups of hosts not adopted, with whatever still runs in them.  The agent's listening socket is
 not inheritable, so a host never keeps the agent's port open.
 
-Caveats: the per-host log file (``<host name>.log`` beside the socket: host diagnostics and anything
+Caveats: the per-host log file (``<host name>.log`` beside the socket folder: host diagnostics and anything
 the user's code prints outside an invocation) is deleted when the backend stops the host and kept when
 the host exits on its own, for the post-mortem.  Nothing rotates the kept ones.
 """
@@ -139,12 +154,13 @@ class _Host:
     client: httpx.AsyncClient
     instance_id: str | None = None
     stopping: bool = False
-    uid: int | None = None  # sandboxed hosts only: its user, and its folder (socket, code view, log)
+    uid: int | None = None  # sandboxed hosts only: its user, and its socket folder ``sb/<name>/``
     sandbox_dir: Path | None = None
 
     @property
     def code_dir(self) -> Path | None:
-        return None if self.sandbox_dir is None else self.sandbox_dir / "code"
+        """A sandboxed host's code view, ``sb/<name>.code/`` (its ``/code``)."""
+        return None if self.sandbox_dir is None else self.sandbox_dir.with_name(f"{self.name}.code")
 
     @property
     def address(self) -> str:
@@ -190,7 +206,7 @@ class ProcessBackend(PooledBackend[_Host]):
             journal_dir=Path(run_dir) / "journal",
         )
         self._socket_dir = Path(run_dir) / "instances"
-        self._sandboxes_dir = Path(run_dir) / "sandboxes"
+        self._sandboxes_dir = Path(run_dir) / "sb"  # short: unix socket paths are limited to 107 bytes
         self._cache_dir = Path(cache_dir)
         self._python = python
         self._host_env = {key: os.environ[key] for key in INHERITED_ENV if key in os.environ}
@@ -215,7 +231,7 @@ class ProcessBackend(PooledBackend[_Host]):
             raise Unavailable(f"function host script missing: {HOST_SCRIPT}")
         self._choose_isolation()
         if self._sandbox is not None:
-            probe_path = self._sandboxes_dir / self._new_host_name() / "sock" / SOCKET_NAME
+            probe_path = self._sandboxes_dir / self._new_host_name() / SOCKET_NAME
             check_socket_path(probe_path, self._sandboxes_dir)
         else:
             check_socket_path(self._socket_dir / f"{self._new_host_name()}.sock", self._socket_dir)
@@ -326,7 +342,7 @@ class ProcessBackend(PooledBackend[_Host]):
         """(pid, host name, sandboxed) of every host process this backend's folders name.
 
         An unsandboxed host is its ``host.py`` process with a socket in ``instances/``; a sandboxed one
-        is its bubblewrap process, which binds a folder of ``sandboxes/``."""
+        is its bubblewrap process, which binds folders of ``sb/``."""
         plain = f"{self._socket_dir}/"
         boxed = f"{self._sandboxes_dir}/"
 
@@ -351,7 +367,7 @@ class ProcessBackend(PooledBackend[_Host]):
                 continue
             arg = sandbox_arg(argv)
             if arg is not None and same_pid_namespace(pid):
-                found.append((pid, Path(arg).relative_to(self._sandboxes_dir).parts[0], True))
+                found.append((pid, _host_name_of(Path(arg).relative_to(self._sandboxes_dir).parts[0]), True))
         return found
 
     async def _adopt_leftovers(self) -> None:
@@ -378,8 +394,12 @@ class ProcessBackend(PooledBackend[_Host]):
                 with contextlib.suppress(OSError):
                     path.unlink()
         for path in list(self._sandboxes_dir.iterdir()) if self._sandboxes_dir.is_dir() else []:
-            if path.name not in kept:
-                await asyncio.to_thread(shutil.rmtree, path, True)
+            if _host_name_of(path.name) not in kept:
+                if path.is_dir():
+                    await asyncio.to_thread(shutil.rmtree, path, True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
         if self._sandbox is not None:
             cgroups = self._sandbox.cgroups
             for name in cgroups.names():
@@ -418,7 +438,7 @@ class ProcessBackend(PooledBackend[_Host]):
         if not sandboxed:
             return self._socket_dir / f"{name}.sock", self._socket_dir / f"{name}.log", None
         sandbox_dir = self._sandboxes_dir / name
-        return sandbox_dir / "sock" / SOCKET_NAME, sandbox_dir / "host.log", sandbox_dir
+        return sandbox_dir / SOCKET_NAME, self._sandboxes_dir / f"{name}.log", sandbox_dir
 
     def _host_record(self, name: str, process: HostProcess, uid: int | None) -> _Host:
         socket_path, log_path, sandbox_dir = self._paths(name, uid is not None)
@@ -440,17 +460,16 @@ class ProcessBackend(PooledBackend[_Host]):
                 "--socket", str(socket_path), "--cache-dir", str(self._cache_dir), "--instance-id", name,
             ]  # fmt: skip
         return self._sandbox.argv(
-            name=name, uid=uid, socket_dir=sandbox_dir / "sock", code_dir=sandbox_dir / "code"
+            name=name, uid=uid, socket_dir=sandbox_dir, code_dir=sandbox_dir.with_name(f"{name}.code")
         )
 
     def _prepare_sandbox(self, name: str, uid: int, memory_mb: int) -> Path:
-        """The sandbox's folder (socket folder its user's, code view the agent's) and its cgroups."""
+        """The sandbox's folders (the socket folder its user's, the code view the agent's) and cgroups."""
         assert self._sandbox is not None
         sandbox_dir = self._sandboxes_dir / name
         sandbox_dir.mkdir(mode=0o700)
-        (sandbox_dir / "sock").mkdir(mode=0o700)
-        os.chown(sandbox_dir / "sock", uid, uid)
-        (sandbox_dir / "code").mkdir(mode=0o755)
+        os.chown(sandbox_dir, uid, uid)
+        (self._sandboxes_dir / f"{name}.code").mkdir(mode=0o755)
         self._sandbox.cgroups.create(name, memory_mb)
         return sandbox_dir
 
@@ -501,12 +520,11 @@ class ProcessBackend(PooledBackend[_Host]):
         """Kill what is left in the sandbox's cgroups, remove them and its folder (blocking)."""
         if self._sandbox is not None:
             self._sandbox.cgroups.kill_and_remove(name)
-        sandbox_dir = self._sandboxes_dir / name
-        if keep_log:
-            for sub in ("sock", "code"):
-                shutil.rmtree(sandbox_dir / sub, ignore_errors=True)
-        else:
-            shutil.rmtree(sandbox_dir, ignore_errors=True)
+        for folder in (name, f"{name}.code"):
+            shutil.rmtree(self._sandboxes_dir / folder, ignore_errors=True)
+        if not keep_log:
+            with contextlib.suppress(OSError):
+                (self._sandboxes_dir / f"{name}.log").unlink()
 
     async def _watch(self, host: _Host) -> None:
         returncode = await host.process.wait()
@@ -572,6 +590,11 @@ class ProcessBackend(PooledBackend[_Host]):
         for path in (host.socket_path, host.log_path):
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _host_name_of(entry: str) -> str:
+    """The host a file of ``sb/`` belongs to: ``<name>/``, ``<name>.code/``, ``<name>.log``."""
+    return entry.split(".", 1)[0]
 
 
 def _signal_group(host: _Host, signum: int) -> None:
