@@ -69,9 +69,11 @@ STOP_GRACE_S = 5.0
 GRPC_PORT_OFFSET = 10000  # SeaweedFS' convention: a server's gRPC port is its HTTP port + 10000
 # Where the gateway takes SeaweedFS filer notifications (gateway/object_events.py adapts them).
 SEAWEED_EVENTS_PATH = "/v1/events/object-store/seaweedfs"
-# Under the home folder, mode 0600: the admin API key the CLI finds, and the object-store webhooks' secret.
+# Under the home folder, mode 0600: the admin API key the CLI finds, the object-store webhooks' secret,
+# the internal services' token, and the embedded servers' credentials.
 ADMIN_KEY_FILE = "admin.key"
 WEBHOOK_SECRET_FILE = "webhook.secret"
+INTERNAL_TOKEN_FILE = "internal.token"
 VALKEY_SECRET_FILE = "valkey.secret"
 VALKEY_CONFIG_FILE = "valkey/valkey.conf"
 S3_SECRET_FILE = "s3.secret"
@@ -315,12 +317,14 @@ def redacted(url: str) -> str:
 def with_credentials(settings: Settings) -> Settings:
     """``settings`` with a credential for every server the embedded platform runs, each kept in a file
     of the home folder (mode 0600) and made on first use: Valkey's password (in ``redis_url``), an S3
-    secret key (instead of the well-known default), the webhook secret.  Values already configured
-    are kept."""
+    secret key (instead of the well-known default), the webhook secret, the internal services' token.
+    Values already configured are kept."""
     home = settings.home
     updates: dict[str, Any] = {}
     if not settings.webhook_secret:
         updates["webhook_secret"] = _secret_file(home / WEBHOOK_SECRET_FILE)
+    if not settings.internal_token:
+        updates["internal_token"] = _secret_file(home / INTERNAL_TOKEN_FILE)
     redis = urlparse(settings.redis_url)
     if not redis.password:
         password = _secret_file(home / VALKEY_SECRET_FILE)
