@@ -15,7 +15,8 @@ Authentication, once per connection: right after the preface a client sends a ``
 that requires the token (every internal service) runs no request of a connection before a ``HELLO``
 with the right token (compared in constant time); a connection whose first frame is anything else, or
 a ``HELLO`` with another token, gets one ``RESPONSE`` frame on stream 0 (401 ``unauthorized`` in the
-platform's error shape) and is closed, and none of its requests runs.  The client answers every call
+platform's error shape) and is closed (the server's side at once; what the client still sends is
+read away, unrun, until it closes or for 5 s), and none of its requests runs.  The client answers every call
 outstanding on a refused connection with that 401.  Calls then cost nothing more per call.
 
 Guarantees (the client, ``MuxClient``):
