@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 up: setup
+	scripts/ensure-sandbox
 	$(BIN)/faas up
 
 down: setup
@@ -23,6 +24,7 @@ status: setup
 
 test: setup
 	scripts/ensure-dockerd
+	scripts/ensure-sandbox
 	$(BIN)/pytest
 
 test-fast: setup

@@ -76,9 +76,9 @@ import invoke_latency as il  # noqa: E402  (machine info, CPU accounting, percen
 
 from faas.core import redis_keys  # noqa: E402
 from faas.core.errors import FaasError  # noqa: E402
-from faas.core.etcd import Etcd  # noqa: E402
 from faas.core.http import HopClient, HopError  # noqa: E402
 from faas.core.queue import AsyncEnvelope, EnqueueBatcher, InvocationQueue  # noqa: E402
+from faas.core.service import etcd_from_settings  # noqa: E402
 from faas.core.settings import Settings  # noqa: E402
 from faas.launcher.embedded import (  # noqa: E402
     EmbeddedCluster,
@@ -927,7 +927,7 @@ def filesystem_of(path: Path) -> str:
 
 
 async def count_instances(cluster: EmbeddedCluster, name: str) -> int:
-    etcd = Etcd(*cluster.settings.etcd_host_port)
+    etcd = etcd_from_settings(cluster.settings)
     try:
         await etcd.connect()
         return len(await il.instances_of(etcd, name))

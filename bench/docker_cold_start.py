@@ -70,6 +70,7 @@ import invoke_latency as il  # noqa: E402  (the measurement helpers of the other
 from faas.core.errors import Unavailable  # noqa: E402
 from faas.core.etcd import Etcd  # noqa: E402
 from faas.core.models import InstanceRecord  # noqa: E402
+from faas.core.service import etcd_from_settings  # noqa: E402
 from faas.core.settings import Settings  # noqa: E402
 from faas.launcher.embedded import EmbeddedCluster, settings_for_test  # noqa: E402
 from faas.runtime.image import DEFAULT_TAG, RuntimeLayout, ensure_runtime_image, runtime_layout  # noqa: E402
@@ -250,7 +251,7 @@ async def platform(
     settings = settings_for_test(home, keepalive_s=900.0, reap_interval_s=0.5, node_id=node_id(), **overrides)
     cluster = EmbeddedCluster(settings, progress=_progress)
     settings = cluster.settings
-    etcd = Etcd(*settings.etcd_host_port)
+    etcd = etcd_from_settings(settings)
     gw = il.new_gateway_client(home)
     record_errors(gw, f"{label} gateway")
     try:

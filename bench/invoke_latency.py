@@ -67,6 +67,7 @@ from faas.core import keys
 from faas.core.etcd import Etcd
 from faas.core.models import InstanceRecord, LeaderRecord
 from faas.core.rendezvous import rank
+from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
 from faas.launcher.embedded import ADMIN_KEY_FILE, EmbeddedCluster, settings_for_test
 
@@ -893,7 +894,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     settings = settings_for_test(home)  # default keepalive (300 s): warm instances stay for the whole run
     cluster = EmbeddedCluster(settings, progress=_progress)
     settings = cluster.settings
-    etcd = Etcd(*settings.etcd_host_port)
+    etcd = etcd_from_settings(settings)
     gw = new_gateway_client(home)
     try:
         async with asyncio.timeout(args.max_seconds):

@@ -70,6 +70,7 @@ from faas.core import keys, wire  # noqa: E402
 from faas.core.codestore import CodeStore  # noqa: E402
 from faas.core.etcd import Etcd  # noqa: E402
 from faas.core.models import FunctionRecord, VersionSpec  # noqa: E402
+from faas.core.service import etcd_from_settings  # noqa: E402
 from faas.core.settings import Settings  # noqa: E402
 from faas.launcher.embedded import EmbeddedCluster, find_free_port, settings_for_test  # noqa: E402
 from faas.runtime.backend import InstanceSpec  # noqa: E402
@@ -649,7 +650,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     home = Path(tempfile.mkdtemp(prefix="faas-warm-", dir="/tmp"))  # short: unix socket paths <= 107 bytes
     cluster = EmbeddedCluster(settings_for_test(home), progress=il._progress)
     settings = cluster.settings
-    etcd = Etcd(*settings.etcd_host_port)
+    etcd = etcd_from_settings(settings)
     gw = il.new_gateway_client(home)
     children = Children()
     try:

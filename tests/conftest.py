@@ -31,6 +31,7 @@ from faas.launcher.embedded import (
     settings_env,
     settings_for_test,
     state_records,
+    with_credentials,
 )
 from tests.code_server import CodeServer
 
@@ -167,7 +168,9 @@ async def supervised_platform(
     settings = settings_for_test(
         home, **{"keepalive_s": 30.0, "reap_interval_s": 0.5, "lease_ttl_s": 3, "pool_size": 2, **overrides}
     )
-    platform = SupervisedPlatform(embedded_settings(settings))
+    # With the credentials 'faas up' finds under the home (made here first): the tests' own clients of
+    # etcd need its client certificate.
+    platform = SupervisedPlatform(with_credentials(embedded_settings(settings)))
     up = await asyncio.to_thread(platform.cli, "up", "--home", platform.home, *up_args)
     if up.returncode != 0:
         await asyncio.to_thread(platform.cli, "down", "--home", platform.home)

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 
 from faas.core import keys, wire
-from faas.core.etcd import Etcd
 from faas.core.models import InstanceRecord, MemberRecord
+from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
 
 
@@ -45,8 +45,7 @@ def internal_headers(settings: Settings) -> dict[str, str]:
 
 
 async def instances_of(settings: Settings, name: str, ns: str = "default") -> list[InstanceRecord]:
-    host, port = settings.etcd_host_port
-    etcd = Etcd(host, port)
+    etcd = etcd_from_settings(settings)
     try:
         kvs, _ = await etcd.get_prefix(keys.instances_prefix(ns, name))
     finally:
@@ -55,8 +54,7 @@ async def instances_of(settings: Settings, name: str, ns: str = "default") -> li
 
 
 async def members_of(settings: Settings, role: str) -> list[MemberRecord]:
-    host, port = settings.etcd_host_port
-    etcd = Etcd(host, port)
+    etcd = etcd_from_settings(settings)
     try:
         kvs, _ = await etcd.get_prefix(keys.members_prefix(role))
     finally:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from faas.core import keys
-from faas.core.etcd import Etcd
 from faas.core.models import NodeRecord
+from faas.core.service import etcd_from_settings
 from tests.conftest import Platform
 
 pytestmark = pytest.mark.integration
@@ -111,8 +111,7 @@ def test_status_reports_every_component(platform: Platform) -> None:
 
 
 async def test_status_reports_a_node_whose_runtime_is_down(platform: Platform) -> None:
-    host, port = platform.settings.etcd_host_port
-    etcd = Etcd(host, port)
+    etcd = etcd_from_settings(platform.settings)
     lease_id = await etcd.grant_lease(30)
     record = NodeRecord(
         node_id="node-broken",

@@ -9,14 +9,14 @@ import pytest
 from faas.core.election import Election, LeaderWatch
 from faas.core.errors import NotLeader
 from faas.core.etcd import Etcd
+from faas.core.service import etcd_from_settings
 from tests.conftest import Platform
 
 pytestmark = pytest.mark.integration
 
 
 async def _etcd(platform: Platform) -> Etcd:
-    host, port = platform.settings.etcd_host_port
-    etcd = Etcd(host, port)
+    etcd = etcd_from_settings(platform.settings)
     await etcd.connect()
     return etcd
 

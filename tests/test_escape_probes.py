@@ -1,18 +1,22 @@
-"""A function that tries to escape, on the Docker backend (the process backend is single-tenant:
-README, "Security model").
+"""A function that tries to escape, on both backends: Docker containers, and the process backend's
+sandboxes (bubblewrap namespaces, a user and a cgroup per host: ``faas/runtime/sandbox.py``).
 
 One probe function, deployed beside a "victim" function with a secret in its environment and in its
 code, tries each escape issue 10 lists and reports what happened; the test asserts each attempt
 failed and says which mechanism stopped it:
 
 - read the environment of the platform's processes and of other functions (``/proc/*/environ``):
-  the container's PID namespace shows none of them;
-- read the platform's data (etcd's, Valkey's, the keys) and the victim's unpacked code: the container's
-  filesystem holds only its own code view (``/code``), read-only;
-- connect to etcd, Valkey, S3, the gateway and the node agent on loopback: no network (``none``);
+  the PID namespace shows none of them;
+- read the platform's data (etcd's, Valkey's, the keys) and the victim's unpacked code: the mount
+  namespace holds only its own code view (``/code``), read-only;
+- connect to etcd, Valkey, S3, the gateway and the node agent on loopback: the network namespace has
+  nothing listening (Docker: network ``none``);
+- connect to the victim's instance socket: its path is not in the probe's file system;
+- use a file descriptor inherited from the platform (a listening socket): none is inherited;
 - fork past the pids limit: the cgroup's ``pids.max`` stops it;
-- children that together exceed the memory limit: the memory cgroup kills them (whole container);
-- write to the image, or hold a capability: read-only root, every capability dropped.
+- children that together exceed the memory limit: the memory cgroup kills them (the whole instance);
+- write to the system files, or hold a capability: read-only binds, every capability dropped, and
+  (process backend) a user of its own, not root.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from faas.runtime.docker_backend import PIDS_LIMIT
+from faas.runtime.host_pool import PIDS_LIMIT
 from tests.conftest import Platform
 from tests.helpers import deploy
 
-pytestmark = [pytest.mark.integration, pytest.mark.parametrize("platform", ["docker"], indirect=True)]
+pytestmark = [pytest.mark.integration]
 
 VICTIM = """
 SECRET_IN_CODE = "victim-code-secret-7f3a"
@@ -34,7 +38,7 @@ def handler(event, context):
 """
 
 PROBE = r"""
-import os, socket, subprocess, time
+import os, socket, subprocess, sys, time
 
 def _attempt(fn):
     try:
@@ -61,6 +65,29 @@ def _connect(port):
     with socket.create_connection(("127.0.0.1", port), timeout=2):
         return "connected"
 
+def _connect_unix(path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        s.connect(path)
+        return "connected"
+
+def _fds():
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        family = None
+        if target.startswith("socket:"):
+            try:
+                with socket.socket(fileno=os.dup(int(fd))) as s:
+                    family = s.family.name
+            except OSError:
+                family = "unknown"
+        found[fd] = {"target": target, "family": family}
+    return found
+
 def _forks(limit):
     children, error = [], None
     for _ in range(limit):
@@ -80,7 +107,7 @@ def _forks(limit):
 
 def _memory_children(mib_each, count):
     script = f"b = bytearray({mib_each} * 1024 * 1024); import time; time.sleep(3)"
-    procs = [subprocess.Popen(["python3", "-c", script]) for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-S", "-c", script]) for _ in range(count)]
     return [p.wait() for p in procs]
 
 def _write_image():
@@ -102,6 +129,12 @@ def handler(event, context):
         return {path: _attempt(lambda path=path: sorted(os.listdir(path))) for path in event["paths"]}
     if action == "connect":
         return {str(port): _attempt(lambda port=port: _connect(port)) for port in event["ports"]}
+    if action == "connect_unix":
+        return {path: _attempt(lambda path=path: _connect_unix(path)) for path in event["paths"]}
+    if action == "fds":
+        return _fds()
+    if action == "uid":
+        return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
     if action == "fork":
         return _forks(event["limit"])
     if action == "memory":
@@ -121,7 +154,14 @@ async def probe(gw: httpx.AsyncClient, event: dict[str, object]) -> dict[str, ob
     return result
 
 
-async def test_a_function_in_a_container_cannot_reach_the_platform_or_other_functions(
+def host_sockets(platform: Platform) -> list[str]:
+    """Every instance socket of the platform's nodes, as paths on this machine."""
+    home = platform.settings.home
+    patterns = ("nodes/*/run/sandboxes/*/sock/host.sock", "nodes/*/run/instances/*.sock", "nodes/*/run/containers/*/host.sock")
+    return sorted(str(path) for pattern in patterns for path in home.glob(pattern))
+
+
+async def test_a_function_cannot_reach_the_platform_or_other_functions(
     platform: Platform, gw: httpx.AsyncClient
 ) -> None:
     s = platform.settings
@@ -142,6 +182,7 @@ async def test_a_function_in_a_container_cannot_reach_the_platform_or_other_func
     sha = victim["config"]["code"]["sha256"]
     paths = [
         str(s.home / "admin.key"), str(s.home / "valkey.secret"), str(s.home / "s3.secret"),
+        str(s.home / "etcd-tls" / "client.key"),
         str(s.home / "valkey" / "valkey.conf"), str(s.home / "etcd"), f"/code/{sha}/handler.py",
         "/proc/1/root/etc/shadow",
     ]  # fmt: skip
@@ -152,24 +193,44 @@ async def test_a_function_in_a_container_cannot_reach_the_platform_or_other_func
     assert listed["/code"]["ok"] and sha not in listed["/code"]["got"], listed  # type: ignore[index]
     assert not listed[str(s.home)]["ok"], listed  # type: ignore[index]
 
-    # The platform's servers on loopback: the container has no network.
+    # The platform's servers on loopback: the instance's network namespace has nothing listening.
     ports = [s.etcd_host_port[1], s.redis_port, s.s3_port, s.gateway_port]
     connected = await probe(gw, {"action": "connect", "ports": ports})
     for port, outcome in connected.items():
-        assert not outcome["ok"], f"port {port} answered from inside the container: {outcome}"  # type: ignore[index]
+        assert not outcome["ok"], f"port {port} answered from inside the instance: {outcome}"  # type: ignore[index]
+
+    # The other instances' sockets (the victim's among them): not in its file system.
+    sockets = host_sockets(platform)
+    if s.runtime == "process":  # every host is sandboxed (CI has root, bwrap and cgroups)
+        assert sockets and all("/sandboxes/" in path for path in sockets), sockets
+    assert len(sockets) >= 2, sockets
+    for path, outcome in (await probe(gw, {"action": "connect_unix", "paths": sockets})).items():
+        assert not outcome["ok"], f"instance socket {path} answered from inside the probe: {outcome}"  # type: ignore[index]
+
+    # No file descriptor of the platform's: no network socket at all, nothing of the platform's home.
+    for fd, info in (await probe(gw, {"action": "fds"})).items():
+        assert info["family"] in (None, "AF_UNIX"), f"fd {fd} is an inherited network socket: {info}"  # type: ignore[index]
+        assert str(s.home) not in info["target"] or info["target"].endswith(".log"), (  # type: ignore[index]
+            f"fd {fd} opens the platform's files: {info}"
+        )
+
+    # A user of its own: not root, no supplementary groups.
+    ids = await probe(gw, {"action": "uid"})
+    assert ids["uid"] != 0 and ids["gid"] != 0 and ids["groups"] in ([], [ids["gid"]]), ids
 
     # Forking past the pids limit: the cgroup's pids.max stops it.
     forks = await probe(gw, {"action": "fork", "limit": PIDS_LIMIT + 50})
     assert forks["error"] and forks["forked"] < PIDS_LIMIT, forks  # type: ignore[operator]
 
-    # The image is read-only, and no capability is left.
+    # The system files are read-only, and no capability is left.
     assert not (await probe(gw, {"action": "write"}))["ok"]
     assert (await probe(gw, {"action": "caps"}))["CapEff"] == "0000000000000000"
 
 
 async def test_children_that_together_exceed_the_memory_limit_are_killed(gw: httpx.AsyncClient) -> None:
     await deploy(gw, "escape-probe", PROBE, memory_mb=128, timeout_s=60)
-    # Four children of 100 MiB each: 400 MiB against a 128 MiB cgroup for the whole container.
+    # Four children of 100 MiB each: 400 MiB against the instance's cgroup (128 MiB in a container;
+    # 128 MiB + the host's own 32 MiB in a sandbox).
     resp = await gw.post(
         "/v1/functions/escape-probe/invoke", json={"action": "memory", "mib_each": 100, "count": 4}
     )

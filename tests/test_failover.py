@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from faas.core import keys
-from faas.core.etcd import Etcd
 from faas.core.models import LeaderRecord, MemberRecord
+from faas.core.service import etcd_from_settings
 from faas.launcher.embedded import settings_env
 from tests.conftest import ROOT, Platform, running_platform
 from tests.helpers import deploy, instances_of, internal_headers, wait_until
@@ -39,8 +39,7 @@ async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pl
 
 
 async def _members(platform: Platform, role: str) -> dict[str, MemberRecord]:
-    host, port = platform.settings.etcd_host_port
-    etcd = Etcd(host, port)
+    etcd = etcd_from_settings(platform.settings)
     try:
         kvs, _ = await etcd.get_prefix(keys.members_prefix(role))
         leader_kv = await etcd.get(keys.election(role))

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from faas.core import keys, redis_keys, wire
-from faas.core.etcd import Etcd
 from faas.core.models import FunctionRecord, InstanceRecord, LeaderRecord, VersionSpec
 from faas.core.queue import AsyncEnvelope
+from faas.core.service import etcd_from_settings
 from faas.scheduler.placement import StartBook
 from tests.conftest import Platform
 from tests.helpers import deploy, instances_of, internal_headers, members_of, wait_until
@@ -79,8 +79,7 @@ def test_once_scopes_are_per_function_uid() -> None:
 
 
 async def _scheduler_leader(platform: Platform) -> str:
-    host, port = platform.settings.etcd_host_port
-    etcd = Etcd(host, port)
+    etcd = etcd_from_settings(platform.settings)
     try:
         kv = await etcd.get(keys.election("scheduler"))
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import aetcd
+import aetcd.exceptions
 import boto3
 import pytest
 import redis.asyncio as aioredis
@@ -19,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from faas.core.errors import Conflict, Unavailable
+from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
 from faas.launcher.embedded import (
     EmbeddedCluster,
@@ -89,11 +91,20 @@ async def test_start_backing_serves_etcd_valkey_and_s3_then_stops_every_process(
 
         _assert_listening_on_loopback_only(pids)
 
-        host, port = settings.etcd_host_port
-        async with aetcd.Client(host=host, port=port, timeout=5) as etcd:
+        # etcd takes the platform's client certificate, and refuses a client without one.
+        etcd = etcd_from_settings(settings)
+        try:
             await etcd.put(b"/test/launcher", b"hello")
             got = await etcd.get(b"/test/launcher")
             assert got is not None and got.value == b"hello"
+            host, port = settings.etcd_host_port
+            async with aetcd.Client(host=host, port=port, timeout=5) as anonymous:
+                with pytest.raises(aetcd.exceptions.ClientError):
+                    await anonymous.put(b"/test/launcher", b"anonymous")
+            got = await etcd.get(b"/test/launcher")
+            assert got is not None and got.value == b"hello"
+        finally:
+            await etcd.close()
 
         valkey = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
         try:

@@ -1,4 +1,6 @@
-"""ProcessBackend with real host processes: pool, launch, stop, exit callbacks, close.
+"""ProcessBackend with real host processes: pool, launch, stop, exit callbacks, close, restarts;
+each test once with hosts unsandboxed and once sandboxed (``sandbox``: bubblewrap, a user and a cgroup
+per host; it needs root, bwrap and cgroups, which CI has).
 
 Code archives come from a local http.server, as they would from a presigned S3 URL.
 """
@@ -15,10 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from faas.core.errors import InstanceStartError
+from faas.core.errors import InstanceStartError, Unavailable
+from faas.core.procs import processes_matching
 from faas.runtime.backend import InstanceExit
 from faas.runtime.process_backend import ProcessBackend
+from faas.runtime.sandbox import same_pid_namespace
 from tests.code_server import CodeServer
+from tests.conftest import missing_service
 from tests.helpers import HostAnswer
 
 pytestmark = pytest.mark.timeout(30)
@@ -50,19 +55,51 @@ def alive(pid: int) -> bool:
 
 
 def sockets_in(run_dir: Path) -> list[str]:
-    return [str(path) for path in (run_dir / "instances").glob("*.sock")]
+    """Every host socket: ``instances/<name>.sock``, or ``sandboxes/<name>/sock/host.sock`` when sandboxed."""
+    paths = [*(run_dir / "instances").glob("*.sock"), *(run_dir / "sandboxes").glob("*/sock/host.sock")]
+    return [str(path) for path in paths]
+
+
+def host_name(socket_path: str | Path) -> str:
+    path = Path(socket_path)
+    return path.parent.parent.name if path.name == "host.sock" else path.stem
+
+
+def sandbox_pid(run_dir: Path, name: str) -> int | None:
+    """The pid of the bubblewrap process of sandboxed host ``name`` (what the backend watches)."""
+    prefix = f"{run_dir / 'sandboxes' / name}/"
+    found = processes_matching(lambda argv: "--die-with-parent" in argv and any(a.startswith(prefix) for a in argv))
+    return next((pid for pid, _ in found if same_pid_namespace(pid)), None)
 
 
 async def health_pids(run_dir: Path) -> dict[str, int]:
-    """pid of every host answering on a socket in run_dir/instances, by socket name."""
+    """The pid the backend knows (the host's, or its sandbox's) of every host answering, by host name."""
     pids = {}
-    for sock in sorted((run_dir / "instances").glob("*.sock")):
+    for sock in sorted(sockets_in(run_dir)):
         async with uds_client(sock) as client:
             try:
-                pids[sock.name] = (await client.get("/_/health")).json()["pid"]
+                reported = (await client.get("/_/health")).json()["pid"]
             except httpx.TransportError:
-                pass
+                continue
+        name = host_name(sock)
+        pid = sandbox_pid(run_dir, name) if Path(sock).name == "host.sock" else reported
+        if pid is not None:
+            pids[name] = pid
     return pids
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return tree
 
 
 def uds_client(path: str | Path) -> httpx.AsyncClient:
@@ -82,15 +119,25 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 5.0
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def make_backend(run_dir: Path) -> AsyncIterator[Callable[..., Awaitable[ProcessBackend]]]:
+@pytest.fixture(params=["none", "sandbox"])
+async def make_backend(
+    request: pytest.FixtureRequest, run_dir: Path
+) -> AsyncIterator[Callable[..., Awaitable[ProcessBackend]]]:
     backends: list[ProcessBackend] = []
     started_pids: set[int] = set()
 
     async def make(pool_size: int = 1) -> ProcessBackend:
-        backend = ProcessBackend(run_dir=run_dir, cache_dir=run_dir / "cache", pool_size=pool_size)
+        backend = ProcessBackend(
+            run_dir=run_dir, cache_dir=run_dir / "cache", pool_size=pool_size, isolation=request.param
+        )
         backends.append(backend)
-        await backend.start()
+        try:
+            await backend.start()
+        except Unavailable as exc:
+            if request.param == "sandbox" and "cannot sandbox" in str(exc):
+                missing_service(str(exc))
+            raise
+        assert backend.sandboxed == (request.param == "sandbox")
         return backend
 
     yield make
@@ -124,7 +171,7 @@ async def test_launch_specialises_a_pooled_host_and_refills(
 
     assert address.startswith("unix://")
     socket_path = address.removeprefix("unix://")
-    assert Path(socket_path).name in pooled  # the warm host was used, not a new one
+    assert host_name(socket_path) in pooled  # the warm host was used, not a new one
     async with uds_client(socket_path) as client:
         response = HostAnswer(await client.post("/_/invoke", json={"x": 1}, headers={"X-Faas-Request-Id": "r1"}))
     assert response.status_code == 200
@@ -138,7 +185,7 @@ async def test_launch_specialises_a_pooled_host_and_refills(
         True,
         "ready",
     )
-    assert status.invocations == 1 and status.pid == pooled[Path(socket_path).name]
+    assert status.invocations == 1 and status.pid == pooled[host_name(socket_path)]
 
     async def pool_refilled() -> bool:
         return len(await health_pids(run_dir)) == 2  # the instance plus a new warm host
@@ -312,12 +359,15 @@ async def test_unreachable_instance_is_listed_as_not_alive(
     await backend.launch(spec, timeout_s=10)
     [status] = await backend.list_instances()
     assert status.pid is not None
-    os.kill(status.pid, signal.SIGSTOP)  # alive but not answering
+    frozen_pids = process_tree(status.pid)  # a sandbox's host is under its bubblewrap
+    for pid in frozen_pids:
+        os.kill(pid, signal.SIGSTOP)  # alive but not answering
     try:
         [frozen] = await backend.list_instances()
         assert frozen.instance_id == spec.instance_id and frozen.alive is False
     finally:
-        os.kill(status.pid, signal.SIGCONT)
+        for pid in frozen_pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 async def test_close_stops_pool_and_instances(

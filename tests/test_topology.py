@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from faas.launcher.embedded import etcd_members, node_ids
+from faas.launcher.embedded import etcd_http_client, etcd_http_url, etcd_members, node_ids
 from tests.conftest import SupervisedPlatform, supervised_platform
 from tests.helpers import deploy, instances_of, wait_until
 from tests.test_resilience import RECOVERY_S, healthy
@@ -96,10 +96,11 @@ async def test_instances_spread_by_free_memory_and_move_when_a_node_is_lost(
 
 async def _etcd_leader(up: SupervisedPlatform) -> str:
     """The record name (etcd-N) of the member that leads the etcd cluster now."""
-    async with httpx.AsyncClient(timeout=3) as http:
+    async with etcd_http_client(up.settings, timeout_s=3) as http:
         for member in etcd_members(up.settings):
+            url = etcd_http_url(up.settings, "127.0.0.1", member.client_port, "/v3/maintenance/status")
             try:
-                body = (await http.post(f"http://127.0.0.1:{member.client_port}/v3/maintenance/status", json={})).json()
+                body = (await http.post(url, json={})).json()
             except (httpx.HTTPError, ValueError):
                 continue
             if body.get("leader") and body.get("leader") == body.get("header", {}).get("member_id"):

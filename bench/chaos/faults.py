@@ -36,7 +36,8 @@ from bench.chaos.platform import ChaosPlatform, PlatformError
 from faas.core.errors import Unavailable
 from faas.core.procs import pid_alive
 from faas.core.rendezvous import rank
-from faas.launcher.embedded import etcd_members
+from faas.core.settings import Settings
+from faas.launcher.embedded import etcd_http_client, etcd_http_url, etcd_members
 
 NAMESPACE = "default"
 SIGSTOP_BEYOND_TTL_S = 3.0
@@ -127,9 +128,9 @@ def server(name: str) -> Picker:
     return pick
 
 
-async def etcd_status(client: httpx.AsyncClient, port: int) -> dict[str, Any]:
+async def etcd_status(client: httpx.AsyncClient, settings: Settings, port: int) -> dict[str, Any]:
     """``POST /v3/maintenance/status`` of one member (etcd's JSON gateway)."""
-    resp = await client.post(f"http://127.0.0.1:{port}/v3/maintenance/status", json={})
+    resp = await client.post(etcd_http_url(settings, "127.0.0.1", port, "/v3/maintenance/status"), json={})
     resp.raise_for_status()
     data = resp.json()
     if not isinstance(data, dict):
@@ -142,10 +143,10 @@ def etcd_member(*, leader: bool) -> Picker:
         members = etcd_members(platform.settings)
         ids: dict[str, str] = {}
         leaders: set[str] = set()
-        async with httpx.AsyncClient(timeout=3.0, trust_env=False) as client:
+        async with etcd_http_client(platform.settings, timeout_s=3.0) as client:
             for member in members:
                 try:
-                    status = await etcd_status(client, member.client_port)
+                    status = await etcd_status(client, platform.settings, member.client_port)
                 except httpx.HTTPError as exc:
                     raise PlatformError(f"{member.name} does not answer its status: {exc}") from exc
                 ids[member.name] = str(status.get("header", {}).get("member_id"))

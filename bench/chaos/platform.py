@@ -26,11 +26,13 @@ from faas.core.settings import Settings
 from faas.launcher.embedded import (
     ADMIN_KEY_FILE,
     ProcessRecord,
+    embedded_settings,
     read_members,
     read_state,
     settings_env,
     settings_for_test,
     state_records,
+    with_credentials,
 )
 
 UP_TIMEOUT_S = 240.0
@@ -53,7 +55,10 @@ class ChaosPlatform:
     def __init__(self, home: Path, *, etcd_members: int = 1, log: Any = None, **overrides: Any) -> None:
         self.home = Path(home).resolve()
         self.etcd_members = etcd_members
-        self.settings: Settings = settings_for_test(self.home, etcd_members=etcd_members, **overrides)
+        # With the credentials 'faas up' finds under the home (made here first), so the runner's own
+        # clients of etcd (its TLS client certificate), Valkey and S3 get in too.
+        base = settings_for_test(self.home, etcd_members=etcd_members, **overrides)
+        self.settings: Settings = with_credentials(embedded_settings(base))
         self.started = False
         self._log = log or (lambda message: None)
 

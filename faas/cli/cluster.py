@@ -269,11 +269,10 @@ async def _outcome(coro: Any) -> tuple[bool, str]:
 
 
 async def _read_etcd_tree(settings: Settings) -> dict[str, Any]:
-    from faas.core.etcd import Etcd
+    from faas.core.service import etcd_from_settings
 
     members, leaders = await read_members(settings)
-    host, port = settings.etcd_host_port
-    etcd = Etcd(host, port, timeout_s=3.0)
+    etcd = etcd_from_settings(settings, timeout_s=3.0)
     try:
         nodes, _ = await etcd.get_prefix(keys.nodes_prefix())
         instances, _ = await etcd.get_prefix(keys.instances_prefix())
@@ -410,12 +409,16 @@ def _expected_services(settings: Settings, state: dict[str, Any] | None) -> list
     return [(s.role, s.member_id) for s in default_services(settings)]
 
 
-# What keeps one function's instances from the platform and from each other, per runtime backend
-# (README, "Security model").
+# What keeps one function's instances from the platform and from each other, for nodes whose record
+# does not say it (README, "Security model").
 ISOLATION = {
     "process": "single-tenant: instances run as the platform's user",
     "docker": "containers",
 }
+
+
+def node_isolation(node: dict[str, Any]) -> str:
+    return str(node.get("isolation") or ISOLATION.get(str(node.get("runtime")), "?"))
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -436,7 +439,7 @@ def render_status(status: dict[str, Any]) -> str:
             [
                 str(n.get("node_id", "?")),
                 str(n.get("runtime", "?")),
-                ISOLATION.get(str(n.get("runtime")), "?"),
+                node_isolation(n),
                 str(n.get("address", "?")),
                 f"{n.get('memory_free_mb', '?')}/{n.get('memory_total_mb', '?')} MB",
                 str(n.get("instances", 0)),

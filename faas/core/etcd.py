@@ -7,6 +7,10 @@ Guarantees:
   separated): gRPC picks the first that answers and moves to the next when it fails; it reconnects
   within a second of etcd coming back (gRPC's own backoff would grow to two minutes), and keepalive
   pings notice a member that stops answering without waiting on TCP;
+- given an ``EtcdTls``, the client speaks TLS, checks etcd's certificate against its CA and presents
+  its own certificate (an etcd with ``--client-cert-auth`` refuses a client without one).  Nothing
+  is negotiated per connection beyond the handshake, so a restarted etcd takes the client back as
+  before (no auth token to renew);
 - ``Lease`` keeps a lease alive across an etcd outage of any length: it retries with backoff and
   jitter and tells its owner apart "etcd said the lease is gone" (``lost``: write your keys again
   under a new lease) from "not confirmed lately" (``valid()`` false: an elected leader stops acting);
@@ -25,6 +29,7 @@ import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 # gRPC's fork handlers, off before gRPC loads: the platform's processes fork only to exec (function
@@ -34,6 +39,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd  # noqa: E402
 import aetcd.exceptions  # noqa: E402
+import grpc  # noqa: E402
+from aetcd import rpc, watcher  # noqa: E402
 
 from faas.core.errors import Unavailable
 from faas.core.tasks import TaskSet
@@ -95,6 +102,69 @@ def jittered(seconds: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """The files a client needs for an etcd that requires TLS (``https://`` endpoints).
+
+    ``ca_file``: the CA etcd's certificate must be signed by (None: the system's roots);
+    ``cert_file``/``key_file``: the client's certificate and key, both or neither."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC's channel credentials, read from the files now; raises ``Unavailable`` if one is unreadable."""
+        if (self.cert_file is None) != (self.key_file is None):
+            raise Unavailable("an etcd client certificate needs both its certificate and its key file")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file),
+            private_key=_read(self.key_file),
+            certificate_chain=_read(self.cert_file),
+        )
+
+
+def _read(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise Unavailable(f"cannot read the etcd TLS file {path}: {exc.strerror or exc}") from exc
+
+
+class _TlsClient(aetcd.Client):
+    """An ``aetcd.Client`` on a TLS channel.
+
+    aetcd 1.0 only makes plaintext channels; this is its ``connect`` with ``secure_channel`` instead
+    (and without its username/password login, which the platform does not use)."""
+
+    _is_connecting: bool  # aetcd's, set in its __init__
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another task is connecting: wait for it, as aetcd does
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = rpc.secure_channel(target, self._credentials, options=list(self._options.items()))
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+@dataclass(frozen=True, slots=True)
 class KV:
     key: bytes
     value: bytes
@@ -117,18 +187,25 @@ class Etcd:
         *,
         timeout_s: float = _OP_TIMEOUT_S,
         endpoints: Sequence[Endpoint] | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         self.endpoints: tuple[Endpoint, ...] = tuple(endpoints) if endpoints else ((host, port),)
         self.host, self.port = self.endpoints[0]
         self.timeout_s = timeout_s
+        self.tls = tls
         target_host, target_port = grpc_target(self.endpoints)
-        self.client = aetcd.Client(
-            host=target_host,
-            port=target_port,
-            timeout=int(timeout_s) or 1,
-            connect_wait_timeout=3,
-            options=dict(GRPC_OPTIONS),
-        )
+        options: dict[str, Any] = dict(GRPC_OPTIONS)
+        common: dict[str, Any] = {
+            "host": target_host, "port": target_port, "timeout": int(timeout_s) or 1, "connect_wait_timeout": 3,
+        }  # fmt: skip
+        if tls is None:
+            self.client = aetcd.Client(**common, options=options)
+        else:
+            if len(self.endpoints) > 1:
+                # A list target has no host name of its own to check certificates against: every
+                # member's certificate is checked against the first endpoint's host.
+                options["grpc.ssl_target_name_override"] = self.host
+            self.client = _TlsClient(**common, options=options, credentials=tls.credentials())
 
     @property
     def where(self) -> str:
@@ -145,7 +222,7 @@ class Etcd:
 
     def fork(self) -> Etcd:
         """A separate connection to the same etcd (its own gRPC channel and watch stream)."""
-        return Etcd(self.host, self.port, timeout_s=self.timeout_s, endpoints=self.endpoints)
+        return Etcd(self.host, self.port, timeout_s=self.timeout_s, endpoints=self.endpoints, tls=self.tls)
 
     async def connect(self) -> None:
         await self._call("connect", self.client.connect())

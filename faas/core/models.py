@@ -230,6 +230,7 @@ class NodeRecord(BaseModel):
     address: str  # the node agent's HTTP address
     lease_id: int
     runtime: str
+    isolation: str = ""  # what keeps its instances apart (the backend's ``isolation``; "" before it said)
     memory_total_mb: int
     memory_free_mb: int
     cpu_load: float = 0.0

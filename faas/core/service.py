@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 
 from faas.core import keys, wire
 from faas.core.errors import FaasError, InvalidRequest
-from faas.core.etcd import Etcd, Lease, jittered
+from faas.core.etcd import Etcd, EtcdTls, Lease, jittered
 from faas.core.hop_server import HopServer, Router
 from faas.core.models import MemberRecord
 from faas.core.settings import Settings
@@ -76,12 +76,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def etcd_from_settings(settings: Settings, *, timeout_s: float | None = None) -> Etcd:
-    """A client of every etcd endpoint the settings name."""
+    """A client of every etcd endpoint the settings name, over TLS with the client certificate they
+    name when they say so (``etcd_tls``)."""
     endpoints = settings.etcd_endpoints
     host, port = endpoints[0]
+    tls = EtcdTls(settings.etcd_ca_file, settings.etcd_cert_file, settings.etcd_key_file) if settings.etcd_tls else None
     if timeout_s is None:
-        return Etcd(host, port, endpoints=endpoints)
-    return Etcd(host, port, endpoints=endpoints, timeout_s=timeout_s)
+        return Etcd(host, port, endpoints=endpoints, tls=tls)
+    return Etcd(host, port, endpoints=endpoints, timeout_s=timeout_s, tls=tls)
 
 
 def redis_from_settings(settings: Settings) -> aioredis.Redis:

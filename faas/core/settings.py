@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     # member of a cluster, comma separated; clients use them all.
     etcd_url: str = "http://127.0.0.1:2379"
     etcd_peer_port: int = 2380
+    # TLS to etcd (``https://`` in ``etcd_url``, or any of these set): the CA that signed etcd's
+    # certificate (unset: the system's roots) and this client's certificate and key, both or neither
+    # (an etcd with ``--client-cert-auth`` refuses a client without them).  ``faas up`` makes all of
+    # them under ``<home>/etcd-tls/`` (faas/launcher/etcd_tls.py).
+    etcd_ca_file: Path | None = None
+    etcd_cert_file: Path | None = None
+    etcd_key_file: Path | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint: str = "http://127.0.0.1:8333"
     s3_access_key: str = "faas"
@@ -93,6 +100,10 @@ class Settings(BaseSettings):
     node_id: str = "node-1"
     # process | docker | auto (Docker when a daemon answers, else processes)
     runtime: Literal["process", "docker", "auto"] = "process"
+    # The process backend's hosts: "sandbox" (bubblewrap namespaces, a user and a cgroup per host;
+    # the node agent fails to start without them), "none" (single-tenant), or "auto": sandboxed where
+    # the machine allows it (root, bwrap, cgroups), else none, said in `faas status`.
+    process_isolation: Literal["auto", "sandbox", "none"] = "auto"
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket
     pool_size: int = Field(default=2, ge=0)
     node_memory_mb: int = 0  # 0 = read the machine's memory
@@ -126,6 +137,20 @@ class Settings(BaseSettings):
         if value not in (1, 3, 5):
             raise ValueError("etcd_members must be 1, 3 or 5 (a quorum needs an odd count)")
         return value
+
+    @model_validator(mode="after")
+    def _etcd_cert_and_key(self) -> Settings:
+        if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
+            raise ValueError("etcd_cert_file and etcd_key_file go together: set both or neither")
+        return self
+
+    @property
+    def etcd_tls(self) -> bool:
+        """Whether clients speak TLS to etcd."""
+        files = (self.etcd_ca_file, self.etcd_cert_file, self.etcd_key_file)
+        return any(f is not None for f in files) or any(
+            urlparse(url.strip()).scheme == "https" for url in self.etcd_url.split(",")
+        )
 
     @property
     def etcd_endpoints(self) -> list[tuple[str, int]]:

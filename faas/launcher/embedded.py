@@ -14,6 +14,10 @@ Invariants:
 - every component binds 127.0.0.1 only: etcd and Valkey through their flags, SeaweedFS through
   ``-ip``/``-ip.bind`` with every HTTP and gRPC port set explicitly; its telemetry is switched off, so
   nothing here sends traffic off the machine;
+- every server needs a credential: etcd a client certificate signed by the platform's own CA (TLS,
+  ``--client-cert-auth``; faas/launcher/etcd_tls.py), Valkey a password, S3 a generated secret key;
+  each is kept under the home folder, mode 0600 (``with_credentials``).  etcd's peer traffic (between
+  the members of ``--etcd-members 3``) stays plain HTTP on loopback;
 - a failed start stops what that call started, so a start either leaves a ready cluster or nothing.
 
 Caveats:
@@ -37,6 +41,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -55,6 +60,7 @@ from faas.core.errors import Conflict, NotFound, Unavailable
 from faas.core.procs import pid_alive, proc_stat, processes_matching
 from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
+from faas.launcher.etcd_tls import EtcdTlsFiles, ensure_etcd_tls
 
 Kind = Literal["backing", "service"]
 
@@ -151,9 +157,10 @@ def etcd_members(settings: Settings) -> list[EtcdMember]:
 
 
 def embedded_settings(settings: Settings) -> Settings:
-    """``settings`` with ``etcd_url`` naming every embedded etcd member (what the services are given)."""
+    """``settings`` with ``etcd_url`` naming every embedded etcd member (what the services are given);
+    the embedded etcd speaks TLS only (``https://``)."""
     members = etcd_members(settings)
-    url = ",".join(f"http://127.0.0.1:{m.client_port}" for m in members)
+    url = ",".join(f"https://127.0.0.1:{m.client_port}" for m in members)
     return settings.model_copy(update={"etcd_url": url})
 
 
@@ -195,7 +202,8 @@ def weed_binary() -> Path:
 def etcd_argv(settings: Settings, member: EtcdMember | None = None) -> list[str]:
     members = etcd_members(settings)
     member = member or members[0]
-    client = f"http://127.0.0.1:{member.client_port}"
+    tls = EtcdTlsFiles.under(settings.home)
+    client = f"https://127.0.0.1:{member.client_port}"
     peer = f"http://127.0.0.1:{member.peer_port}"
     cluster = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
     argv = [
@@ -213,6 +221,12 @@ def etcd_argv(settings: Settings, member: EtcdMember | None = None) -> list[str]
         "--auto-compaction-retention=1h",
         # Clients ping every 2 s to notice a member that stops answering (faas/core/etcd.py).
         "--grpc-keepalive-min-time=1s",
+        # Clients need a certificate signed by the platform's CA (made by ensure_etcd_tls); the peer
+        # URLs above stay plain HTTP on loopback.
+        f"--cert-file={tls.server_cert_file}",
+        f"--key-file={tls.server_key_file}",
+        f"--trusted-ca-file={tls.ca_file}",
+        "--client-cert-auth",
     ]
     if len(members) > 1:
         argv.append(f"--initial-cluster-token=faas-{zlib.crc32(str(settings.home).encode()):08x}")
@@ -316,11 +330,15 @@ def redacted(url: str) -> str:
 
 def with_credentials(settings: Settings) -> Settings:
     """``settings`` with a credential for every server the embedded platform runs, each kept in a file
-    of the home folder (mode 0600) and made on first use: Valkey's password (in ``redis_url``), an S3
-    secret key (instead of the well-known default), the webhook secret, the internal services' token.
-    Values already configured are kept."""
+    of the home folder (mode 0600) and made on first use: etcd's CA and the platform's client
+    certificate (``<home>/etcd-tls/``), Valkey's password (in ``redis_url``), an S3 secret key
+    (instead of the well-known default), the webhook secret, the internal services' token.  Values
+    already configured are kept."""
     home = settings.home
     updates: dict[str, Any] = {}
+    if settings.etcd_ca_file is None and settings.etcd_cert_file is None:
+        tls = ensure_etcd_tls(home)
+        updates.update(etcd_ca_file=tls.ca_file, etcd_cert_file=tls.client_cert_file, etcd_key_file=tls.client_key_file)
     if not settings.webhook_secret:
         updates["webhook_secret"] = _secret_file(home / WEBHOOK_SECRET_FILE)
     if not settings.internal_token:
@@ -668,12 +686,14 @@ def kill_leftover_hosts(settings: Settings) -> int:
     prefix = f"{settings.home.resolve()}/"
 
     def ours(argv: list[str]) -> bool:
+        if "--die-with-parent" in argv:  # a sandboxed host's bubblewrap: it binds folders of the home
+            return any(a.startswith(prefix) for a in argv)
         if "--socket" not in argv or argv.index("--socket") + 1 >= len(argv):
             return False
         return any(a.endswith("host.py") for a in argv) and argv[argv.index("--socket") + 1].startswith(prefix)
 
     killed = 0
-    for pid, _ in processes_matching(ours):
+    for pid, _ in processes_matching(ours):  # a sandbox dies with its outer bubblewrap
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
             killed += 1
@@ -773,11 +793,31 @@ def _loopback(url_host: str | None) -> str:
     return "127.0.0.1" if url_host in (None, "", "0.0.0.0", "localhost") else url_host
 
 
+def etcd_http_client(settings: Settings, *, timeout_s: float) -> httpx.AsyncClient:
+    """An HTTP client of etcd's own HTTP endpoints (``/health``, the ``/v3/...`` JSON gateway): over
+    TLS with etcd's CA and the platform's client certificate when the settings say so; raises
+    ``Unavailable`` when those files cannot be loaded.  See ``etcd_http_url``."""
+    verify: ssl.SSLContext | bool = True
+    if settings.etcd_tls:
+        ca = settings.etcd_ca_file
+        try:
+            verify = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+            if settings.etcd_cert_file is not None and settings.etcd_key_file is not None:
+                verify.load_cert_chain(settings.etcd_cert_file, settings.etcd_key_file)
+        except OSError as exc:  # ssl.SSLError included
+            raise Unavailable(f"etcd: cannot load its TLS files: {exc}") from exc
+    return httpx.AsyncClient(trust_env=False, timeout=timeout_s, verify=verify)
+
+
+def etcd_http_url(settings: Settings, host: str, port: int, path: str) -> str:
+    return f"{'https' if settings.etcd_tls else 'http'}://{host}:{port}{path}"
+
+
 async def probe_etcd(settings: Settings, *, timeout_s: float = 2.0) -> str:
     """Every etcd endpoint the settings name answers ``/health`` as healthy."""
-    async with httpx.AsyncClient(trust_env=False, timeout=timeout_s) as client:
+    async with etcd_http_client(settings, timeout_s=timeout_s) as client:
         for host, port in settings.etcd_endpoints:
-            url = f"http://{host}:{port}/health"
+            url = etcd_http_url(settings, host, port, "/health")
             try:
                 resp = await client.get(url)
                 body = resp.json()
@@ -847,10 +887,7 @@ async def probe_gateway(settings: Settings, *, timeout_s: float = 2.0) -> str:
 
 async def read_members(settings: Settings) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """(members by member id, leaders by role) as stored in etcd; raises Unavailable."""
-    from faas.core.etcd import Etcd
-
-    host, port = settings.etcd_host_port
-    etcd = Etcd(host, port, timeout_s=3.0)
+    etcd = etcd_from_settings(settings, timeout_s=3.0)
     try:
         kvs, _ = await etcd.get_prefix(keys.members_prefix())
         leaders: dict[str, dict[str, Any]] = {}
@@ -984,6 +1021,7 @@ class EmbeddedCluster:
                 (s.home / sub).mkdir(parents=True, exist_ok=True)
             for member in members:
                 member.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ensure_etcd_tls(s.home)  # made by with_credentials; again in case the folder was removed since
             self._write_s3_config()
             password = urlparse(s.redis_url).password or ""
             _write_text_atomic(s.home / VALKEY_CONFIG_FILE, f"requirepass {json.dumps(password)}\n")

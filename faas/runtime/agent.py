@@ -98,6 +98,7 @@ async def start_backend(settings: Settings, node_id: str) -> RuntimeBackend:
         code_cache_ttl_s=settings.code_cache_ttl_s,
         code_cache_sweep_s=settings.code_cache_sweep_s,
         code_cache_max_bytes=settings.code_cache_max_bytes,
+        isolation=settings.process_isolation,
     )
     await backend.start()
     return backend
@@ -151,6 +152,7 @@ class NodeAgent:
             address=self.address,
             lease_id=self.lease.lease_id,
             runtime=self.backend.name,
+            isolation=getattr(self.backend, "isolation", ""),
             memory_total_mb=total,
             memory_free_mb=avail,
             cpu_load=os.getloadavg()[0] / (os.cpu_count() or 1),

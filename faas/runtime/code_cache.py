@@ -1,7 +1,7 @@
 """The node's cache of unpacked code archives, ``<cache_dir>/<sha256>/``, and its eviction.
 
 Writers: the process backend's hosts (``host._fetch_code``) and the Docker backend
-(``docker_backend._fetch_into_cache``).  Both unpack into a staging dir ``.unpack-*`` and rename it
+(``code_views.CodeFetcher``).  Both unpack into a staging dir ``.unpack-*`` and rename it
 into place, so a ``<sha256>/`` dir is always complete and verified.  The backend owns one
 ``CodeCache`` and runs ``sweep_forever`` while it runs.
 
@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_SWEEP_INTERVAL_S = 600.0
 STAGING_MAX_AGE_S = 3600.0
-UNPACK_PREFIX = ".unpack-"  # host._fetch_code and docker_backend._fetch_into_cache use it
+UNPACK_PREFIX = ".unpack-"  # host._fetch_code and code_views._fetch_into_cache use it
 EVICT_PREFIX = ".evict-"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -16,7 +16,7 @@ the handler's import already runs under the function's limit.
 
 Code delivery (the container has no network, so it cannot use the presigned URL itself):
 
-- The backend downloads the archive by its presigned URL on the node, checks its sha256, and unpacks
+- The backend (``code_views``) downloads the archive by its presigned URL on the node, checks its sha256, and unpacks
   it into the node's cache, ``<cache_dir>/<sha256>/``, with host.py's own download and unpack
   functions (size caps, unsafe paths refused), through a staging dir and an atomic rename.  Only the
   backend writes the cache; concurrent launches of one archive share one download.
@@ -77,7 +77,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,10 +86,10 @@ import aiodocker
 import httpx
 
 from faas.core.errors import InstanceStartError, Unavailable
-from faas.runtime import host as _host
 from faas.runtime.backend import InstanceExit, InstanceSpec
 from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
-from faas.runtime.host_pool import PooledBackend, check_socket_path, host_client
+from faas.runtime.code_views import CodeFetcher, link_tree
+from faas.runtime.host_pool import PIDS_LIMIT, POOL_MEMORY_MB, PooledBackend, check_socket_path, host_client
 from faas.runtime.image import (
     CODE_DIR_IN_CONTAINER,
     DEFAULT_TAG,
@@ -120,13 +119,8 @@ DOCKER_PING_TIMEOUT_S = 5.0
 EVENTS_RECONNECT_S = 1.0
 REMOVAL_WAIT_S = 10.0
 LOG_TAIL_LINES = 30
-PIDS_LIMIT = 128
 NANO_CPUS = 1_000_000_000
 TMPFS = {"/tmp": "rw,size=64m,noexec,nosuid,nodev"}
-# Memory of a generic pool member, until specialising sets the function's own (a running container's
-# memory can be changed; its mounts, network and user cannot).  The default function memory, so the
-# common case needs no update call.
-POOL_MEMORY_MB = 256
 CONTAINER_ENV = (
     "HOME=/tmp",
     "TMPDIR=/tmp",
@@ -174,6 +168,7 @@ class DockerBackend(PooledBackend[_Container]):
     name = "docker"
     _noun = "container"
     _log = logger
+    isolation = "containers: namespaces, a non-root user, no network, cgroup limits"
 
     def __init__(
         self,
@@ -205,7 +200,7 @@ class DockerBackend(PooledBackend[_Container]):
         self._docker: aiodocker.Docker | None = None
         self._layout: RuntimeLayout | None = None
         self._by_id: dict[str, _Container] = {}  # every created container not yet removed
-        self._prefetches: dict[str, asyncio.Task[Path | BaseException]] = {}
+        self._code = CodeFetcher(self._cache_dir, self._tasks)
 
     @property
     def _daemon(self) -> str:
@@ -274,7 +269,7 @@ class DockerBackend(PooledBackend[_Container]):
         async with asyncio.timeout_at(deadline):
             container, code = await self._take_or_spawn(spec)
         try:
-            await asyncio.to_thread(_link_tree, code, container.code_dir / spec.sha256)
+            await asyncio.to_thread(link_tree, code, container.code_dir / spec.sha256)
         except BaseException as exc:
             self._destroy_later(container)
             if isinstance(exc, OSError):
@@ -322,7 +317,7 @@ class DockerBackend(PooledBackend[_Container]):
             self._refill_pool()
             return await self._spawn_and_prefetch(spec)
         # Fetch first, take a warm container after: a failed download then wastes no pool member.
-        code = await self._prefetch(spec)
+        code = await self._code.fetch(spec)
         container = self._take_pooled()
         self._refill_pool()
         if container is None:
@@ -339,7 +334,7 @@ class DockerBackend(PooledBackend[_Container]):
     async def _spawn_and_prefetch(self, spec: InstanceSpec) -> tuple[_Container, Path]:
         spawn = asyncio.ensure_future(self._spawn(spec))  # awaited below on every path
         try:
-            code = await self._prefetch(spec)
+            code = await self._code.fetch(spec)
         except BaseException:
             spawn.cancel()
             await asyncio.wait([spawn])
@@ -540,38 +535,6 @@ class DockerBackend(PooledBackend[_Container]):
             return ""
         return "".join(lines).strip()[-2000:]
 
-    # -- code ---------------------------------------------------------------------------------------
-
-    async def _prefetch(self, spec: InstanceSpec) -> Path:
-        """The verified, unpacked code of ``spec`` in the node cache; one download per archive."""
-        final = self._cache_dir / spec.sha256
-        if final.is_dir():
-            return final
-        task = self._prefetches.get(spec.sha256)
-        if task is None:
-            task = self._tasks.spawn(
-                asyncio.to_thread(_fetch_into_cache, self._cache_dir, spec.code_url, spec.sha256),
-                name=f"prefetch-{spec.sha256[:12]}",
-            )
-            self._prefetches[spec.sha256] = task
-            sha256 = spec.sha256
-
-            def forget(_task: asyncio.Task[Path | BaseException]) -> None:
-                self._prefetches.pop(sha256, None)
-
-            task.add_done_callback(forget)
-        # Shielded: one caller's cancellation must not cancel the others' download.
-        outcome = await asyncio.shield(task)
-        if isinstance(outcome, _host._StartError):
-            raise InstanceStartError(
-                outcome.message, error_type=outcome.error_type, fault="function" if outcome.user_fault else None
-            )
-        if isinstance(outcome, BaseException):
-            raise InstanceStartError(
-                f"cannot fetch the code archive: {outcome}", error_type=type(outcome).__name__
-            )
-        return outcome
-
     # -- specialise ---------------------------------------------------------------------------------
 
     async def _set_memory(self, container: _Container, spec: InstanceSpec) -> None:
@@ -743,58 +706,3 @@ def _make_folders(container: _Container) -> None:
 def _remove_folders(container: _Container) -> None:
     shutil.rmtree(container.socket_dir, ignore_errors=True)
     shutil.rmtree(container.code_dir, ignore_errors=True)
-
-
-def _fetch_into_cache(cache_dir: Path, code_url: str, sha256: str) -> Path | BaseException:
-    """Download, verify and unpack an archive into ``cache_dir/<sha256>``, as the host would.
-
-    Returns the exception instead of raising it: the task is shared by every waiter and an expected
-    failure (a bad archive) is theirs to report, not the task guard's to log.
-    """
-    final = cache_dir / sha256
-    if final.is_dir():
-        return final
-    try:
-        staging = tempfile.mkdtemp(prefix=f".unpack-{sha256[:16]}-", dir=cache_dir)
-    except OSError as exc:
-        return exc
-    try:
-        archive = os.path.join(staging, "archive.zip")
-        _host._download(code_url, archive, sha256)
-        unpacked = os.path.join(staging, "code")
-        _host._unpack(archive, unpacked)
-        _make_world_readable(unpacked)  # the container user is not the agent's user
-        try:
-            os.rename(unpacked, final)
-        except OSError as exc:
-            if not final.is_dir():  # another agent thread renamed the same verified content first
-                return exc
-        return final
-    except (_host._StartError, OSError) as exc:
-        return exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _make_world_readable(root: str) -> None:
-    os.chmod(root, 0o755)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o755)
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            os.chmod(path, 0o644 | (os.stat(path).st_mode & 0o111))
-
-
-def _link_tree(source: Path, dest: Path) -> None:
-    """Hard-link ``source`` into ``dest`` (a copy when they are on different file systems)."""
-    try:
-        shutil.copytree(source, dest, copy_function=os.link)
-    except shutil.Error:
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(source, dest)
-    except OSError as exc:
-        if exc.errno != 18:  # EXDEV
-            raise
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(source, dest)

@@ -56,6 +56,11 @@ from faas.runtime.code_cache import CodeCache
 READY_POLL_INTERVAL_S = 0.005
 HEALTH_TIMEOUT_S = 0.5
 FILL_RETRY_DELAY_S = 0.5  # before starting again a pool host that failed to start
+# Limits of every instance, on both backends: tasks (processes and threads), and the memory of a
+# generic pool member until specialising gives it the function's (the default function memory, so
+# the common case needs no update).
+PIDS_LIMIT = 128
+POOL_MEMORY_MB = 256
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 

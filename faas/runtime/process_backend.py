@@ -39,22 +39,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
-from faas.core.errors import Unavailable
+from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.procs import pid_alive, proc_stat, processes_matching
 from faas.runtime.backend import InstanceExit, InstanceSpec
 from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
-from faas.runtime.host_pool import PooledBackend, check_socket_path, host_client
+from faas.runtime.code_views import CodeFetcher, link_tree
+from faas.runtime.host_pool import POOL_MEMORY_MB, PooledBackend, check_socket_path, host_client
+from faas.runtime.sandbox import CODE_DIR_IN_SANDBOX, Sandbox, probe, same_pid_namespace, uid_for
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,10 @@ LOG_TAIL_BYTES = 2000
 # glibc gives each thread its own malloc arena, reserving 64 MiB of address space apiece; under the
 # host's RLIMIT_AS cap a concurrency-16 instance then fails with "can't start new thread".
 HOST_ENV = {"MALLOC_ARENA_MAX": "2"}
+# A sandboxed host's whole environment (its paths are the sandbox's).
+SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", **HOST_ENV}
+SOCKET_NAME = "host.sock"
+Isolation = Literal["auto", "sandbox", "none"]
 
 INHERITED_ENV = (
     "PATH",
@@ -131,6 +139,12 @@ class _Host:
     client: httpx.AsyncClient
     instance_id: str | None = None
     stopping: bool = False
+    uid: int | None = None  # sandboxed hosts only: its user, and its folder (socket, code view, log)
+    sandbox_dir: Path | None = None
+
+    @property
+    def code_dir(self) -> Path | None:
+        return None if self.sandbox_dir is None else self.sandbox_dir / "code"
 
     @property
     def address(self) -> str:
@@ -166,6 +180,7 @@ class ProcessBackend(PooledBackend[_Host]):
         code_cache_ttl_s: float = DEFAULT_TTL_S,
         code_cache_sweep_s: float = DEFAULT_SWEEP_INTERVAL_S,
         code_cache_max_bytes: int = 0,
+        isolation: Isolation = "auto",
     ) -> None:
         super().__init__(
             pool_size=pool_size,
@@ -175,20 +190,38 @@ class ProcessBackend(PooledBackend[_Host]):
             journal_dir=Path(run_dir) / "journal",
         )
         self._socket_dir = Path(run_dir) / "instances"
+        self._sandboxes_dir = Path(run_dir) / "sandboxes"
         self._cache_dir = Path(cache_dir)
         self._python = python
         self._host_env = {key: os.environ[key] for key in INHERITED_ENV if key in os.environ}
         self._host_env.update(HOST_ENV)
         self._hosts: set[_Host] = set()  # every started process not yet reaped
+        self._isolation_wanted = isolation
+        self._sandbox: Sandbox | None = None
+        # One parent cgroup per backend folder: two agents on one machine never touch each other's.
+        digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+        self._cgroup_parent = f"faas-{digest}"
+        self._code = CodeFetcher(self._cache_dir, self._tasks)
+        self.isolation = "none: single-tenant (not started)"
+
+    @property
+    def sandboxed(self) -> bool:
+        return self._sandbox is not None
 
     # -- RuntimeBackend -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         if not HOST_SCRIPT.is_file():
             raise Unavailable(f"function host script missing: {HOST_SCRIPT}")
-        check_socket_path(self._socket_dir / f"{self._new_host_name()}.sock", self._socket_dir)
+        self._choose_isolation()
+        if self._sandbox is not None:
+            probe_path = self._sandboxes_dir / self._new_host_name() / "sock" / SOCKET_NAME
+            check_socket_path(probe_path, self._sandboxes_dir)
+        else:
+            check_socket_path(self._socket_dir / f"{self._new_host_name()}.sock", self._socket_dir)
         try:
-            self._socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for directory in (self._socket_dir, self._sandboxes_dir):
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._cache_dir.mkdir(parents=True, exist_ok=True)
             self.journal.prepare()
         except OSError as exc:
@@ -196,10 +229,30 @@ class ProcessBackend(PooledBackend[_Host]):
         await self._adopt_leftovers()
         count = await self._fill_pool()
         self._sweep_code_cache_forever()
-        logger.info("process backend started with %d warm hosts in %s", count, self._socket_dir)
+        logger.info("process backend started with %d warm hosts (isolation %s)", count, self.isolation)
+
+    def _choose_isolation(self) -> None:
+        """Sandbox the hosts when asked to or, with ``auto``, when this machine can; say which."""
+        if self._isolation_wanted == "none":
+            self.isolation = "none: single-tenant (isolation turned off)"
+            return
+        found = probe(self._cgroup_parent)
+        if isinstance(found, str):
+            if self._isolation_wanted == "sandbox":
+                raise Unavailable(f"cannot sandbox function hosts: {found}")
+            logger.warning("function hosts run unsandboxed (single-tenant): %s", found)
+            self.isolation = f"none: single-tenant ({found})"
+            return
+        self._sandbox = Sandbox(found, HOST_SCRIPT, self._python)
+        self.isolation = f"sandbox: namespaces, a user per instance, cgroup {found.version}"
 
     async def check(self) -> None:
         """Local processes need no daemon: nothing can be down here that start() did not check."""
+
+    async def close(self) -> None:
+        await super().close()
+        if self._sandbox is not None:
+            self._sandbox.cgroups.remove_parents()
 
     # -- PooledBackend hooks ------------------------------------------------------------------------
 
@@ -208,12 +261,41 @@ class ProcessBackend(PooledBackend[_Host]):
             raise Unavailable("the process backend is closed")
 
     async def _acquire(self, spec: InstanceSpec, deadline: float) -> _Host:
-        host = self._take_pooled()
-        self._refill_pool()
-        if host is None:
-            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            host = await asyncio.wait_for(self._spawn(), remaining)
+        if self._sandbox is None:  # the host downloads its code itself
+            host = self._take_pooled()
+            self._refill_pool()
+            if host is None:
+                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+                host = await asyncio.wait_for(self._spawn(), remaining)
+            return host
+        # Sandboxed: the host has no network; the agent fetches the code and links it into its view.
+        # Fetch first, take a warm host after: a failed download then wastes no pool member.
+        async with asyncio.timeout_at(deadline):
+            code = await self._code.fetch(spec)
+            host = self._take_pooled()
+            self._refill_pool()
+            if host is None:
+                host = await self._spawn(spec.memory_mb)
+        try:
+            cgroups = self._sandbox.cgroups
+            if host.uid is not None and spec.memory_mb != POOL_MEMORY_MB:
+                await asyncio.to_thread(cgroups.set_memory, host.name, spec.memory_mb)
+            assert host.code_dir is not None
+            await asyncio.to_thread(link_tree, code, host.code_dir / spec.sha256)
+        except BaseException as exc:
+            self._destroy_later(host)
+            if isinstance(exc, OSError):
+                raise InstanceStartError(
+                    f"cannot give the code and limits to the sandboxed host: {exc}", error_type="OSError"
+                ) from exc
+            raise
         return host
+
+    def _specialize_body(self, spec: InstanceSpec) -> dict[str, object]:
+        body = spec.specialize_body()
+        if self._sandbox is not None:
+            body["code_url"] = f"file://{CODE_DIR_IN_SANDBOX}/{spec.sha256}"
+        return body
 
     def _started_hosts(self) -> list[_Host]:
         return list(self._hosts)
@@ -236,37 +318,53 @@ class ProcessBackend(PooledBackend[_Host]):
 
     def _journal_handle(self, host: _Host) -> dict[str, Any]:
         stat = proc_stat(host.process.pid)
-        return {"pid": host.process.pid, "start_ticks": stat[1] if stat else None}
+        return {"pid": host.process.pid, "start_ticks": stat[1] if stat else None, "uid": host.uid}
 
     # -- restarts -----------------------------------------------------------------------------------
 
-    def _leftover_hosts(self) -> list[tuple[int, str]]:
-        """(pid, host name) of every host process serving a socket in this backend's folder."""
-        prefix = f"{self._socket_dir}/"
+    def _leftover_hosts(self) -> list[tuple[int, str, bool]]:
+        """(pid, host name, sandboxed) of every host process this backend's folders name.
 
-        def ours(argv: list[str]) -> bool:
-            return (
-                str(HOST_SCRIPT) in argv
-                and "--socket" in argv
-                and argv.index("--socket") + 1 < len(argv)
-                and argv[argv.index("--socket") + 1].startswith(prefix)
-            )
+        An unsandboxed host is its ``host.py`` process with a socket in ``instances/``; a sandboxed one
+        is its bubblewrap process, which binds a folder of ``sandboxes/``."""
+        plain = f"{self._socket_dir}/"
+        boxed = f"{self._sandboxes_dir}/"
+
+        def socket_arg(argv: list[str]) -> str | None:
+            if str(HOST_SCRIPT) in argv and "--socket" in argv and argv.index("--socket") + 1 < len(argv):
+                arg = argv[argv.index("--socket") + 1]
+                return arg if arg.startswith(plain) else None
+            return None
+
+        def sandbox_arg(argv: list[str]) -> str | None:
+            if "--die-with-parent" not in argv:
+                return None
+            return next((arg for arg in argv if arg.startswith(boxed)), None)
 
         found = []
-        for pid, argv in processes_matching(ours):
+        for pid, argv in processes_matching(lambda argv: bool(socket_arg(argv) or sandbox_arg(argv))):
             if pid == os.getpid():
                 continue
-            socket_arg = argv[argv.index("--socket") + 1]
-            found.append((pid, Path(socket_arg).stem))
+            arg = socket_arg(argv)
+            if arg is not None:
+                found.append((pid, Path(arg).stem, False))
+                continue
+            arg = sandbox_arg(argv)
+            if arg is not None and same_pid_namespace(pid):
+                found.append((pid, Path(arg).relative_to(self._sandboxes_dir).parts[0], True))
         return found
 
     async def _adopt_leftovers(self) -> None:
         entries = self.journal.read_all()
         kept: set[str] = set()
         killed = 0
-        for pid, name in self._leftover_hosts():
+        for pid, name, sandboxed in self._leftover_hosts():
             entry = entries.get(name)
-            if entry is not None and await self._adopt_process(pid, name, entry):
+            if (
+                entry is not None
+                and sandboxed == self.sandboxed
+                and await self._adopt_process(pid, name, entry)
+            ):
                 kept.add(name)
                 continue
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -274,29 +372,33 @@ class ProcessBackend(PooledBackend[_Host]):
             killed += 1
         for name in set(entries) - kept:
             self.journal.remove(name)
-        # The files of every host that was not adopted: sockets, logs of pool members.
+        # The files of every host that was not adopted: sockets, logs of pool members, sandboxes.
         for path in list(self._socket_dir.iterdir()) if self._socket_dir.is_dir() else []:
             if path.stem not in kept and path.suffix in (".sock", ".log"):
                 with contextlib.suppress(OSError):
                     path.unlink()
+        for path in list(self._sandboxes_dir.iterdir()) if self._sandboxes_dir.is_dir() else []:
+            if path.name not in kept:
+                await asyncio.to_thread(shutil.rmtree, path, True)
+        if self._sandbox is not None:
+            cgroups = self._sandbox.cgroups
+            for name in cgroups.names():
+                if name not in kept:  # whatever is still in it: a sandbox whose bubblewrap was killed
+                    await asyncio.to_thread(cgroups.kill_and_remove, name)
         if killed:
             logger.warning("killed %d function hosts a previous agent left (not adoptable)", killed)
 
     async def _adopt_process(self, pid: int, name: str, entry: Any) -> bool:
         if entry.handle.get("pid") != pid or not pid_alive(pid, entry.handle.get("start_ticks")):
             return False
-        socket_path = self._socket_dir / f"{name}.sock"
+        uid = entry.handle.get("uid") if self.sandboxed else None
+        if self.sandboxed and not isinstance(uid, int):
+            return False
         try:
             process = AdoptedProcess(pid)
         except OSError:
             return False
-        host = _Host(
-            name=name,
-            socket_path=socket_path,
-            log_path=self._socket_dir / f"{name}.log",
-            process=process,
-            client=host_client(socket_path),
-        )
+        host = self._host_record(name, process, uid)
         if not await self._is_ready_instance(host):
             await host.client.aclose()
             return False
@@ -311,41 +413,100 @@ class ProcessBackend(PooledBackend[_Host]):
     def _new_host_name() -> str:
         return f"h-{secrets.token_hex(5)}"  # short: unix socket paths are limited to 107 bytes
 
-    async def _spawn(self) -> _Host:
+    def _paths(self, name: str, sandboxed: bool) -> tuple[Path, Path, Path | None]:
+        """Host ``name``'s socket, log and (sandboxed) folder."""
+        if not sandboxed:
+            return self._socket_dir / f"{name}.sock", self._socket_dir / f"{name}.log", None
+        sandbox_dir = self._sandboxes_dir / name
+        return sandbox_dir / "sock" / SOCKET_NAME, sandbox_dir / "host.log", sandbox_dir
+
+    def _host_record(self, name: str, process: HostProcess, uid: int | None) -> _Host:
+        socket_path, log_path, sandbox_dir = self._paths(name, uid is not None)
+        return _Host(
+            name=name,
+            socket_path=socket_path,
+            log_path=log_path,
+            process=process,
+            client=host_client(socket_path),
+            uid=uid,
+            sandbox_dir=sandbox_dir,
+        )
+
+    def _argv(self, name: str, uid: int | None, sandbox_dir: Path | None) -> list[str]:
+        if self._sandbox is None or uid is None or sandbox_dir is None:
+            socket_path = self._socket_dir / f"{name}.sock"
+            return [
+                self._python, "-S", "-E", str(HOST_SCRIPT),
+                "--socket", str(socket_path), "--cache-dir", str(self._cache_dir), "--instance-id", name,
+            ]  # fmt: skip
+        return self._sandbox.argv(
+            name=name, uid=uid, socket_dir=sandbox_dir / "sock", code_dir=sandbox_dir / "code"
+        )
+
+    def _prepare_sandbox(self, name: str, uid: int, memory_mb: int) -> Path:
+        """The sandbox's folder (socket folder its user's, code view the agent's) and its cgroups."""
+        assert self._sandbox is not None
+        sandbox_dir = self._sandboxes_dir / name
+        sandbox_dir.mkdir(mode=0o700)
+        (sandbox_dir / "sock").mkdir(mode=0o700)
+        os.chown(sandbox_dir / "sock", uid, uid)
+        (sandbox_dir / "code").mkdir(mode=0o755)
+        self._sandbox.cgroups.create(name, memory_mb)
+        return sandbox_dir
+
+    async def _spawn(self, memory_mb: int = POOL_MEMORY_MB) -> _Host:
         """Start a generic host and wait until it answers ``GET /_/health``."""
         self._check_open()
         name = self._new_host_name()
-        socket_path = self._socket_dir / f"{name}.sock"
-        log_path = self._socket_dir / f"{name}.log"
+        uid: int | None = None
+        sandbox_dir: Path | None = None
+        if self._sandbox is not None:
+            uid = uid_for(name, (h.uid for h in self._hosts if h.uid is not None))
+            try:
+                sandbox_dir = await asyncio.to_thread(self._prepare_sandbox, name, uid, memory_mb)
+            except OSError as exc:
+                await asyncio.to_thread(self._remove_sandbox, name)
+                raise Unavailable(f"cannot prepare a sandbox for a function host: {exc}") from exc
+        _, log_path, _ = self._paths(name, uid is not None)
+        env = dict(SANDBOX_ENV) if sandbox_dir is not None else self._host_env
         try:
             with log_path.open("ab") as log:
                 process = await asyncio.create_subprocess_exec(
-                    self._python,
-                    "-S",
-                    "-E",
-                    str(HOST_SCRIPT),
-                    "--socket",
-                    str(socket_path),
-                    "--cache-dir",
-                    str(self._cache_dir),
-                    "--instance-id",
-                    name,
+                    *self._argv(name, uid, sandbox_dir),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
-                    env=self._host_env,
+                    env=env,
                     cwd=self._cache_dir,
                 )
         except OSError as exc:
+            if sandbox_dir is not None:
+                await asyncio.to_thread(self._remove_sandbox, name)
             raise Unavailable(f"cannot start a function host with {self._python}: {exc}") from exc
-        client = host_client(socket_path)
-        host = _Host(name=name, socket_path=socket_path, log_path=log_path, process=process, client=client)
+        host = self._host_record(name, process, uid)
         self._hosts.add(host)
         self._tasks.spawn(self._watch(host), name=f"watch-{name}")
         async with self._destroy_on_failure(host):
             await self._wait_ready(host, HOST_READY_TIMEOUT_S)
         return host
+
+    def _signal(self, host: _Host, signum: int) -> None:
+        """Signal every process of the host: its process group, and its sandbox's cgroup."""
+        _signal_group(host, signum)
+        if host.uid is not None and self._sandbox is not None:
+            self._sandbox.cgroups.signal(host.name, signum)
+
+    def _remove_sandbox(self, name: str, *, keep_log: bool = False) -> None:
+        """Kill what is left in the sandbox's cgroups, remove them and its folder (blocking)."""
+        if self._sandbox is not None:
+            self._sandbox.cgroups.kill_and_remove(name)
+        sandbox_dir = self._sandboxes_dir / name
+        if keep_log:
+            for sub in ("sock", "code"):
+                shutil.rmtree(sandbox_dir / sub, ignore_errors=True)
+        else:
+            shutil.rmtree(sandbox_dir, ignore_errors=True)
 
     async def _watch(self, host: _Host) -> None:
         returncode = await host.process.wait()
@@ -353,7 +514,12 @@ class ProcessBackend(PooledBackend[_Host]):
         if host.stopping:
             return
         self.journal.remove(host.name)
-        _signal_group(host, signal.SIGKILL)  # whatever the user's code left behind in its session
+        oom_killed = False
+        if host.uid is not None and self._sandbox is not None:
+            oom_killed = self._sandbox.cgroups.oom_killed(host.name)
+        self._signal(host, signal.SIGKILL)  # whatever the user's code left behind
+        if host.sandbox_dir is not None:
+            await asyncio.to_thread(self._remove_sandbox, host.name, keep_log=True)
         self._release_code(host)
         await host.client.aclose()
         with contextlib.suppress(OSError):
@@ -364,18 +530,22 @@ class ProcessBackend(PooledBackend[_Host]):
         if iid is not None and self._instances.get(iid) is host:
             del self._instances[iid]
             logger.warning(
-                "instance %s (host %s) exited on its own with code %s; log kept at %s",
+                "instance %s (host %s) exited on its own with code %s%s; log kept at %s",
                 iid,
                 host.name,
                 returncode,
+                " (OOM-killed: over its memory limit)" if oom_killed else "",
                 host.log_path,
             )
             if self._exit_callback is not None:
-                # Memory over the limit shows in-band here (RLIMIT_AS raises MemoryError: a 507), so an
-                # exit is reported as such; a SIGKILL may be anyone's, the kernel's OOM killer included.
+                # Memory over RLIMIT_AS shows in-band (MemoryError: a 507); a sandbox over its cgroup's
+                # limit is OOM-killed and said so; another SIGKILL may be anyone's.
                 await self._exit_callback(
                     InstanceExit(
-                        instance_id=iid, exit_code=returncode, detail=f"function host exited with code {returncode}"
+                        instance_id=iid,
+                        exit_code=returncode,
+                        oom_killed=oom_killed,
+                        detail=f"function host exited with code {returncode}" + (" (OOM-killed)" if oom_killed else ""),
                     )
                 )
         elif host in self._pool:
@@ -384,26 +554,29 @@ class ProcessBackend(PooledBackend[_Host]):
             self._refill_pool()
 
     async def _destroy(self, host: _Host) -> None:
-        """SIGTERM the host's process group, SIGKILL after ``STOP_GRACE_S``; remove socket and log."""
+        """SIGTERM the host's processes, SIGKILL after ``STOP_GRACE_S``; remove its files (and sandbox)."""
         host.stopping = True
         if host.process.returncode is None:
-            _signal_group(host, signal.SIGTERM)
+            self._signal(host, signal.SIGTERM)
             try:
                 await asyncio.wait_for(host.process.wait(), STOP_GRACE_S)
             except TimeoutError:
-                _signal_group(host, signal.SIGKILL)
+                self._signal(host, signal.SIGKILL)
                 await host.process.wait()
-        _signal_group(host, signal.SIGKILL)
+        self._signal(host, signal.SIGKILL)
         self._hosts.discard(host)
         self.journal.remove(host.name)
         await host.client.aclose()
+        if host.sandbox_dir is not None:
+            await asyncio.to_thread(self._remove_sandbox, host.name)
         for path in (host.socket_path, host.log_path):
             with contextlib.suppress(OSError):
                 path.unlink()
 
 
 def _signal_group(host: _Host, signum: int) -> None:
-    # The host is its session's leader, so its pid is the group id.  The group outlives the leader
-    # while the user's code has processes in it, and its id is not reused before the group is gone.
+    # The host (or its bubblewrap) is its session's leader, so its pid is the group id.  The group
+    # outlives the leader while the user's code has processes in it, and its id is not reused before
+    # the group is gone.  A sandbox's processes are in sessions of their own: ``_signal`` finds them.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(host.process.pid, signum)
