@@ -6,6 +6,8 @@ from gateway.app import build_app
 
 if __name__ == "__main__":
     _settings = Settings()
+    # The public face: callers present API keys (gateway/auth.py), not the internal token.
     run_service(
-        role="gateway", build_app=build_app, default_host=_settings.gateway_host, default_port=_settings.gateway_port
-    )
+        role="gateway", build_app=build_app, default_host=_settings.gateway_host,
+        default_port=_settings.gateway_port, internal=False,
+    )  # fmt: skip

@@ -103,7 +103,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         app.state.registry = FunctionRegistry(etcd)
         app.state.catalog = catalog
         app.state.code_store = code_store
-        app.state.trigger = TriggerClient(leader)
+        app.state.trigger = TriggerClient(leader, internal_token=settings.internal_token)
         app.state.trigger.start()
         app.state.redis = redis
         app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from faas.core import keys
+from faas.core import keys, wire
 from faas.core.models import InstanceRecord, MemberRecord
 from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
@@ -37,6 +37,11 @@ async def deploy(
     )
     assert resp.status_code == 201, resp.text
     return resp.json()
+
+
+def internal_headers(settings: Settings) -> dict[str, str]:
+    """What a call to an internal service (trigger, dispatcher, scheduler, node agent) must carry."""
+    return {wire.INTERNAL_TOKEN: settings.internal_token}
 
 
 async def instances_of(settings: Settings, name: str, ns: str = "default") -> list[InstanceRecord]:

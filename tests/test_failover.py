@@ -25,7 +25,7 @@ from faas.core.models import LeaderRecord, MemberRecord
 from faas.core.service import etcd_from_settings
 from faas.launcher.embedded import settings_env
 from tests.conftest import ROOT, Platform, running_platform
-from tests.helpers import deploy, instances_of, wait_until
+from tests.helpers import deploy, instances_of, internal_headers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ async def test_standby_answers_503_not_leader(platform: Platform, role: str) -> 
     standbys = [m for m in members.values() if m.member_id != leader.member_id]
     assert standbys, f"no standby {role}"
     path = "/v1/invoke/default/x/1" if role == "trigger" else "/v1/acquire/default/x/1?uid=0"
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=internal_headers(platform.settings)) as client:
         resp = await client.post(standbys[0].address + path, content=b"{}")
     assert resp.status_code == 503
     assert resp.json()["error"]["kind"] == "not_leader"

@@ -21,7 +21,7 @@ from faas.core.queue import AsyncEnvelope
 from faas.core.service import etcd_from_settings
 from faas.scheduler.placement import StartBook
 from tests.conftest import Platform
-from tests.helpers import deploy, instances_of, members_of, wait_until
+from tests.helpers import deploy, instances_of, internal_headers, members_of, wait_until
 
 ANSWER = """
 def handler(event, context):
@@ -91,7 +91,7 @@ async def _scheduler_leader(platform: Platform) -> str:
 async def _pool_uids(platform: Platform, name: str) -> set[str]:
     """The function uids of the pools any dispatcher keeps for ``name``."""
     out: set[str] = set()
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=internal_headers(platform.settings)) as client:
         for member in await members_of(platform.settings, "dispatcher"):
             pools = (await client.get(member.address + "/v1/pools")).json()["pools"]
             out |= {p["function_uid"] for p in pools if p["function"] == name}
@@ -134,7 +134,7 @@ async def test_deleted_and_redeployed_function_never_answers_with_old_code(
 
     # A hop that still names the old function is refused, not served by the new one's instances.
     dispatcher = (await members_of(platform.settings, "dispatcher"))[0]
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=30, headers=internal_headers(platform.settings)) as client:
         stale = await client.post(
             f"{dispatcher.address}/v1/invoke/default/{name}/1", content=b"{}", headers={wire.FUNCTION_UID: old_uid}
         )

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Platform
-from tests.helpers import deploy, instances_of, make_zip, members_of, wait_until
+from tests.helpers import deploy, instances_of, internal_headers, make_zip, members_of, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ async def test_cold_then_warm_then_new_version_then_reaped(platform: Platform, g
 async def _pooled(platform: Platform) -> set[tuple[str, int]]:
     """(function, version) of every pool any dispatcher keeps."""
     out: set[tuple[str, int]] = set()
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=internal_headers(platform.settings)) as client:
         for member in await members_of(platform.settings, "dispatcher"):
             pools = (await client.get(member.address + "/v1/pools")).json()["pools"]
             out |= {(p["function"], p["version"]) for p in pools}

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import Platform, running_platform
-from tests.helpers import deploy, members_of
+from tests.helpers import deploy, internal_headers, members_of
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pl
 
 async def _waiters_on_dispatchers(platform: Platform) -> int:
     total = 0
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx.AsyncClient(timeout=10, headers=internal_headers(platform.settings)) as client:
         for member in await members_of(platform.settings, "dispatcher"):
             pools = (await client.get(f"{member.address}/v1/pools")).json()["pools"]
             total += sum(p["waiters"] for p in pools)

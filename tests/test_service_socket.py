@@ -55,7 +55,7 @@ async def test_services_serve_the_hops_on_a_private_unix_socket(platform: Platfo
             assert stat.S_IMODE(mode) & 0o077 == 0  # only the platform's user
             assert wire.hop_address(member) == member.local_address
             # The same service answers on both.
-            client = HopClient()
+            client = HopClient(internal_token=platform.settings.internal_token)
             via_unix = await client.request("GET", f"{member.local_address}/healthz", timeout_s=5)
             via_tcp = await client.request("GET", f"{member.address}/healthz", timeout_s=5)
             await client.close()

@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from faas.core import keys
-from faas.core.errors import FaasError, NotFound
+from faas.core.errors import Forbidden, NotFound, Unauthorized  # re-exported: the gateway names them here
 from faas.core.etcd import Etcd, PrefixMirror
 from faas.core.models import name_problem
 
@@ -44,21 +44,6 @@ ROLES: tuple[Role, ...] = ("admin", "developer", "invoker")
 KEYS_PREFIX = keys.api_keys_prefix().decode()
 _KEY_TEXT = re.compile(r"faas_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
-
-
-class Unauthorized(FaasError):
-    http_status = 401
-    kind = "unauthorized"
-
-    def response_headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": 'Bearer realm="faas"'}
-
-
-class Forbidden(FaasError):
-    """The key is valid but its role does not allow the call (in its own namespace: nothing leaks)."""
-
-    http_status = 403
-    kind = "forbidden"
 
 
 NO_KEY = "an API key is required: send 'Authorization: Bearer <key>' (or 'X-Api-Key: <key>')"

@@ -17,6 +17,11 @@ Caveat: a sync call a dead trigger forwarded, whose dispatcher already finished 
 
 ``DispatcherClient`` and ``NodeClient`` call one given member (the trigger ranks dispatchers
 itself; node agents are addressed by their node record).
+
+Every client is made with the platform's internal token (``Settings.internal_token``) and sends it
+with each call (``faas.core.http``).  A service that refuses it (401: the two processes were given
+different tokens) is a platform fault the caller cannot mend: the call fails with ``TokenRefused``
+(500, its message names the setting), never with a 401 a user would read as their API key's.
 """
 
 from __future__ import annotations
@@ -51,12 +56,24 @@ def raise_for_error(resp: HopResponse) -> None:
         raise error_from_body(response_json(resp), resp.status)
 
 
-class LeaderClient:
-    """Calls the elected leader of ``leader.role``; ``start`` it before the first call."""
+class TokenRefused(FaasError):
+    """A platform service refused this process's internal token."""
 
-    def __init__(self, leader: LeaderWatch, *, http: HopClient | None = None) -> None:
+
+def token_refused(service: str, what: str) -> TokenRefused:
+    return TokenRefused(
+        f"{what}: {service} refused this process's internal token "
+        "(every platform process must run with the same FAAS_INTERNAL_TOKEN)"
+    )
+
+
+class LeaderClient:
+    """Calls the elected leader of ``leader.role``; ``start`` it before the first call.  ``http``
+    replaces the transport (it must send ``internal_token`` itself)."""
+
+    def __init__(self, leader: LeaderWatch, *, internal_token: str, http: HopClient | None = None) -> None:
         self.leader = leader
-        self.http = http or HopClient()
+        self.http = http or HopClient(internal_token=internal_token)
         # Requests outstanding on each leader's address, cancelled when another leader is elected.
         self._outstanding: dict[str, set[asyncio.Future[HopResponse]]] = {}
         self._follower: asyncio.Task[None] | None = None
@@ -133,6 +150,9 @@ class LeaderClient:
                 continue
             finally:
                 pending.discard(request)
+            if resp.status == 401:
+                resp.close()
+                raise token_refused(f"the {self.leader.role} leader", what)
             if resp.status == 503 or not stream:
                 await resp.read()
             if resp.status == 503 and error_from_body(response_json(resp), 503).kind == "not_leader":
@@ -214,8 +234,8 @@ class SchedulerClient(LeaderClient):
 class DispatcherClient:
     """The trigger's calls to a dispatcher it chose (at its ``wire.hop_address``)."""
 
-    def __init__(self, http: HopClient | None = None) -> None:
-        self.http = http or HopClient()
+    def __init__(self, *, internal_token: str, http: HopClient | None = None) -> None:
+        self.http = http or HopClient(internal_token=internal_token)
 
     async def invoke(
         self, address: str, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
@@ -225,10 +245,14 @@ class DispatcherClient:
         headers = {wire.REQUEST_ID: request_id, wire.DEADLINE_MS: wire.deadline_header(deadline)}
         if function_uid is not None:
             headers[wire.FUNCTION_UID] = function_uid
-        return await self.http.post(
+        resp = await self.http.post(
             address + wire.dispatcher_invoke(ns, name, version), body=body, headers=headers,
             timeout_s=deadline - time.time() + 0.5, stream=True,
         )  # fmt: skip
+        if resp.status == 401:
+            resp.close()
+            raise token_refused(f"the dispatcher at {address}", f"invocation of {name!r}")
+        return resp
 
     async def close(self) -> None:
         await self.http.close()
@@ -241,16 +265,16 @@ class NodeUnreachable(Unavailable):
 class NodeClient:
     """Calls to node agents, addressed by their node records."""
 
-    def __init__(self, *, timeout_s: float, http: HopClient | None = None) -> None:
+    def __init__(self, *, timeout_s: float, internal_token: str, http: HopClient | None = None) -> None:
         self.timeout_s = timeout_s
-        self.http = http or HopClient()
+        self.http = http or HopClient(internal_token=internal_token)
 
     async def _request(
         self, node: NodeRecord, method: str, path: str, *, body: object = None, timeout_s: float | None = None
     ) -> HopResponse:
         data = b"" if body is None else json.dumps(body).encode()
         try:
-            return await self.http.request(
+            resp = await self.http.request(
                 method, node.address + path, body=data, headers=_JSON if body is not None else {},
                 timeout_s=timeout_s or self.timeout_s,
             )  # fmt: skip
@@ -258,6 +282,9 @@ class NodeClient:
             raise NodeUnreachable(f"node agent {node.node_id} at {node.address} refused the connection") from exc
         except HopError as exc:
             raise Unavailable(f"node agent {node.node_id} at {node.address} failed: {exc}") from exc
+        if resp.status == 401:
+            raise token_refused(f"node agent {node.node_id}", f"{method} {path}")
+        return resp
 
     async def start_instance(self, node: NodeRecord, body: dict[str, Any]) -> str:
         """Start an instance on ``node``; its address."""

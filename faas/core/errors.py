@@ -46,6 +46,24 @@ class InvalidRequest(FaasError):
     kind = "invalid_request"
 
 
+class Unauthorized(FaasError):
+    """No credential, or not a valid one: an API key at the gateway, the platform's internal token
+    (``wire.INTERNAL_TOKEN``) at an internal service."""
+
+    http_status = 401
+    kind = "unauthorized"
+
+    def response_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="faas"'}
+
+
+class Forbidden(FaasError):
+    """The key is valid but its role does not allow the call (in its own namespace: nothing leaks)."""
+
+    http_status = 403
+    kind = "forbidden"
+
+
 class NotFound(FaasError):
     http_status = 404
     kind = "not_found"
@@ -117,6 +135,8 @@ ERROR_CLASSES: dict[str, type[FaasError]] = {
     for cls in (
         FaasError,
         InvalidRequest,
+        Unauthorized,
+        Forbidden,
         NotFound,
         Conflict,
         PayloadTooLarge,

@@ -7,6 +7,12 @@ machinery, one ``write`` for a response whose body is bytes.  Any other request 
 ASGI app (the FastAPI management API), so the one port serves both.
 
 Guarantees:
+- a server made with ``internal_token`` (every internal service) answers a request that does not
+  carry the token (``wire.INTERNAL_TOKEN``, compared in constant time) 401 ``unauthorized`` before
+  anything else runs or its body is read, then closes the connection, whatever the route: only the
+  ``open_paths`` (the health check) answer without it.  A multiplexed connection presents the token
+  once, in its ``HELLO`` frame; one that does not is refused before any of its requests runs
+  (``faas.core.mux``), and stays open no longer than an idle HTTP connection;
 - requests on one connection are answered in order (a pipelined request waits for the one before);
 - request bodies are read on demand (``Request.body``, ``faas.core.body``): a handler that forwards the
   body chunk by chunk holds at most about ``body.HIGH_WATER`` bytes of it; a response body may be an
@@ -26,6 +32,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -39,7 +46,7 @@ import httptools
 
 from faas.core import mux, wire
 from faas.core.body import Body, BodyIncomplete, BodyTooLarge, WriteFlow, complete_body, set_nodelay
-from faas.core.errors import FaasError, PayloadTooLarge
+from faas.core.errors import FaasError, PayloadTooLarge, Unauthorized
 from faas.core.http import HopResponse
 
 log = logging.getLogger("faas.server")
@@ -365,7 +372,12 @@ class _Connection(asyncio.Protocol, WriteFlow):
         keep_alive = request.keep_alive and not self._force_close
         response: Response | None = None
         try:
-            response = await _respond(self.server, request)
+            server = self.server
+            if server.token is not None and not server.admits(request):
+                # Before the route, its body or the fallback's guards; the connection then ends.
+                keep_alive = await self._send(server.refusal, False)
+                return
+            response = await _respond(server, request)
             if response is None:
                 keep_alive = await self._asgi(request) and keep_alive
                 return
@@ -417,7 +429,7 @@ class _Connection(asyncio.Protocol, WriteFlow):
             self._close()
 
     def close_if_idle_since(self, before: float) -> None:
-        if self._mux is not None:
+        if self._mux is not None and self._mux.authenticated:
             return  # a multiplexed connection is its client's for as long as it runs
         if self._current is not None and self.last_data < before and self.transport is not None:
             # A request whose head or body stopped arriving (a client that trickles or vanished).
@@ -677,18 +689,26 @@ class _MuxServer:
     """The server side of a multiplexed connection (``faas.core.mux``): each request frame runs as
     the same route it would over HTTP, its response goes back in one frame."""
 
-    __slots__ = ("conn", "reader", "writer")
+    __slots__ = ("conn", "reader", "writer", "authenticated", "greeted", "refused")
 
     def __init__(self, conn: _Connection, transport: asyncio.Transport) -> None:
         self.conn = conn
         self.reader = mux.FrameReader()
         self.writer = mux.Coalescer(transport)
+        # Requests run only once the connection presented the server's token (if it has one).
+        self.authenticated = conn.server.token is None
+        self.greeted = False  # a HELLO was received
+        self.refused = False
 
     def feed(self, data: bytes) -> None:
+        if self.refused:
+            return
         try:
             for kind, stream, payload in self.reader.feed(data):
-                if kind != mux.REQUEST:
-                    raise mux.FrameError(f"unexpected frame type {kind}")
+                if kind != mux.REQUEST or not self.authenticated:
+                    if self._greeting(kind, payload):
+                        continue
+                    return
                 lines, body = mux.split_head(payload)
                 method, target = lines[0].split(b" ", 1)
                 raw_path, _, query = target.partition(b"?")
@@ -701,6 +721,31 @@ class _MuxServer:
         except (mux.FrameError, ValueError) as exc:
             log.warning("closing a multiplexed connection: %s", exc)
             self.writer.transport.abort()
+
+    def _greeting(self, kind: int, payload: bytes) -> bool:
+        """A frame other than an authenticated connection's request: True when the connection goes on
+        (its HELLO carried the token); else it is refused or broken, and nothing more of it runs."""
+        if kind == mux.HELLO and not self.greeted:
+            self.greeted = True
+            token = self.conn.server.token
+            if token is None or hmac.compare_digest(payload, token):
+                self.authenticated = True
+                return True
+        if self.authenticated:
+            raise mux.FrameError(f"unexpected frame type {kind}")
+        # No HELLO first, or not the token: one refusal on stream 0, then the connection ends.  Our
+        # side is shut at once; what the client still sends is read away (unrun) for a while, so it
+        # reads the refusal rather than a broken pipe on the calls it wrote meanwhile.
+        self.refused = True
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.write(self.conn.server.mux_refusal)
+            if transport.can_write_eof():
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+            else:
+                transport.close()
+        return False
 
     async def _run(self, stream: int, request: Request) -> None:
         server = self.conn.server
@@ -723,17 +768,9 @@ class _MuxServer:
                 body = response.body
             else:
                 body = b"".join([chunk async for chunk in response.stream])
-            parts = [b"%d\r\n" % response.status]
-            if response.content_type is not None:
-                parts.append(b"content-type: %s\r\n" % response.content_type.encode("latin-1"))
-            if response.headers:
-                for name, value in response.headers.items():
-                    if name not in ("content-length", "connection", "transfer-encoding"):
-                        parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
-            parts.append(b"\r\n")
-            parts.append(body)
+            payload = mux.response_payload(response.status, response.headers, response.content_type, body)
             if not self.conn._closed:
-                self.writer.write(mux.frame(mux.RESPONSE, stream, b"".join(parts)))
+                self.writer.write(mux.frame(mux.RESPONSE, stream, payload))
         except Exception as exc:  # noqa: BLE001 - e.g. a relayed body that broke: the caller's call breaks
             log.warning("a multiplexed call to %s failed: %r", request.path, exc)
             if not self.conn._closed:
@@ -744,13 +781,32 @@ class _MuxServer:
             server._running -= 1
 
 
+REFUSED = (
+    "this internal service answers only the platform's own processes: send the platform's internal "
+    f"token ({wire.INTERNAL_TOKEN}, from FAAS_INTERNAL_TOKEN)"
+)
+
+
 class HopServer:
-    """Serves ``router``'s routes, and everything else through ``fallback`` (an ASGI app), on one socket."""
+    """Serves ``router``'s routes, and everything else through ``fallback`` (an ASGI app), on one socket.
+
+    With ``internal_token`` only callers that send it are served, but on ``open_paths``."""
 
     def __init__(
         self, router: Router, fallback: ASGIApp | None = None, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
-        state: dict[str, Any] | None = None,
+        state: dict[str, Any] | None = None, internal_token: str | None = None,
+        open_paths: frozenset[str] = wire.OPEN_PATHS,
     ) -> None:  # fmt: skip
+        if internal_token is not None and not internal_token:
+            raise ValueError("an empty internal token would let anyone in: pass None for an open server")
+        self.token = internal_token.encode("latin-1") if internal_token is not None else None
+        self.open_paths = open_paths
+        refusal = Unauthorized(REFUSED)
+        self.refusal = error_response(refusal)  # the same answer every time: built once
+        self.mux_refusal = mux.frame(
+            mux.RESPONSE, mux.REFUSAL_STREAM,
+            mux.response_payload(401, refusal.response_headers(), "application/json", self.refusal.body),
+        )  # fmt: skip
         self.router = router
         self.fallback = fallback
         self.idle_timeout_s = idle_timeout_s
@@ -759,6 +815,13 @@ class HopServer:
         self._running = 0
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def admits(self, request: Request) -> bool:
+        """Whether ``request`` carries the internal token, or asks for an open path."""
+        given = request.headers.get(wire.INTERNAL_TOKEN)
+        if given is not None and self.token is not None and hmac.compare_digest(given.encode("latin-1"), self.token):
+            return True
+        return request.path in self.open_paths
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()

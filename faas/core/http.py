@@ -6,6 +6,9 @@ costs a fraction of aiohttp's CPU); management calls keep httpx.  Guarantees:
   path>/...`` URLs, or every URL of a client made with ``unix_socket``), one request at a time on
   each; a connection idle longer than ``IDLE_REUSE_S`` (shorter than the servers' idle timeout) is
   not reused, so a request is not written on a connection the peer is closing;
+- a client made with ``internal_token`` sends it (``wire.INTERNAL_TOKEN``) with every request, as a
+  header line built once, and presents it once per multiplexed connection; a client of a function
+  host is made without it (user code never sees the platform's token);
 - every call has a timeout; transport failures come out as exactly three exceptions, which tell a
   caller whether the request may be re-sent: ``NotDelivered`` (the connection could not be opened: the
   peer never saw the request), ``ConnectionBroken`` (the connection failed after the request may have
@@ -27,6 +30,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from faas.core import wire
 from faas.core.body import Body, BodyIncomplete, WriteFlow, set_nodelay
 
 IDLE_REUSE_S = 50.0
@@ -224,10 +228,17 @@ class _Connection(asyncio.Protocol, WriteFlow):
 
 
 class HopClient:
-    """A keep-alive client to one unix socket (``unix_socket``) or to TCP peers named by absolute URLs."""
+    """A keep-alive client to one unix socket (``unix_socket``) or to TCP peers named by absolute URLs;
+    with ``internal_token``, a client of the platform's internal services."""
 
-    def __init__(self, *, unix_socket: str | None = None, max_connections: int = 0, multiplex: bool = True) -> None:
+    def __init__(
+        self, *, unix_socket: str | None = None, max_connections: int = 0, multiplex: bool = True,
+        internal_token: str | None = None,
+    ) -> None:  # fmt: skip
         self._unix = unix_socket
+        self._token = internal_token
+        # Built once: every request's head carries it right after its host line.
+        self._token_line = f"{wire.INTERNAL_TOKEN}: {internal_token}\r\n" if internal_token else ""
         # Calls to http+unix:// services go over faas.core.mux (whole bodies only; a streamed body
         # takes an HTTP connection); a client made with ``unix_socket`` (a function host) never does.
         self._multiplex = multiplex
@@ -271,7 +282,7 @@ class HopClient:
                 if self._mux is None:
                     from faas.core.mux import MuxClient
 
-                    self._mux = MuxClient()
+                    self._mux = MuxClient(token=self._token)
                 return await self._mux.request(unix, method, path, headers, body, max(timeout_s, 0.001))
         else:
             authority, path = "", url
@@ -332,12 +343,11 @@ class HopClient:
             conn.abort(ConnectionBroken("not reusable"))
         return HopResponse(status, resp_headers, data)
 
-    @staticmethod
     def _head(
-        method: str, path: str, authority: str, headers: dict[str, str] | None, length: int | None
+        self, method: str, path: str, authority: str, headers: dict[str, str] | None, length: int | None
     ) -> tuple[list[str], bool]:
         """The request head's lines (without the blank line) and whether the caller gave a length."""
-        lines = [f"{method} {path} HTTP/1.1\r\nhost: {authority or 'localhost'}\r\n"]
+        lines = [f"{method} {path} HTTP/1.1\r\nhost: {authority or 'localhost'}\r\n{self._token_line}"]
         length_given = False
         if headers:
             for name, value in headers.items():

@@ -10,6 +10,15 @@ Frame: a 9-byte header (payload length u32, type u8, stream id u32, big-endian) 
 Payload of a request: ``METHOD PATH[?QUERY]\\r\\n`` then ``name: value\\r\\n`` lines, a blank line,
 the body; of a response: ``STATUS\\r\\n``, the header lines, a blank line, the body.
 
+Authentication, once per connection: right after the preface a client sends a ``HELLO`` frame
+(stream 0) whose payload is the platform's internal token (``Settings.internal_token``).  A server
+that requires the token (every internal service) runs no request of a connection before a ``HELLO``
+with the right token (compared in constant time); a connection whose first frame is anything else, or
+a ``HELLO`` with another token, gets one ``RESPONSE`` frame on stream 0 (401 ``unauthorized`` in the
+platform's error shape) and is closed (the server's side at once; what the client still sends is
+read away, unrun, until it closes or for 5 s), and none of its requests runs.  The client answers every call
+outstanding on a refused connection with that 401.  Calls then cost nothing more per call.
+
 Guarantees (the client, ``MuxClient``):
 - the same three failures as the HTTP hop client: ``NotDelivered`` when the connection could not be
   opened or broke before the request's frame was handed to the kernel (the service never saw it),
@@ -31,6 +40,8 @@ PREFACE = b"FAAS-MUX/1\r\n\r\n"
 HEADER = struct.Struct(">IBI")
 REQUEST = 1
 RESPONSE = 2
+HELLO = 3  # client -> server, stream 0, once, first: the internal token
+REFUSAL_STREAM = 0  # the stream of a server's refusal of the connection (no call has stream 0)
 MAX_FRAME = 64 * 1024 * 1024
 
 
@@ -117,16 +128,43 @@ class Coalescer:
             self.on_flush()
 
 
+def hello(token: str | None) -> bytes:
+    """What a client sends first on a connection: the preface, and its token's ``HELLO`` if it has one."""
+    return PREFACE if token is None else PREFACE + frame(HELLO, REFUSAL_STREAM, token.encode("latin-1"))
+
+
+def response_payload(status: int, headers: dict[str, str] | None, content_type: str | None, body: bytes) -> bytes:
+    """The payload of a ``RESPONSE`` frame."""
+    parts = [b"%d\r\n" % status]
+    if content_type is not None:
+        parts.append(b"content-type: %s\r\n" % content_type.encode("latin-1"))
+    if headers:
+        for name, value in headers.items():
+            if name not in ("content-length", "connection", "transfer-encoding"):
+                parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
+
+
+def parse_response(payload: bytes) -> HopResponse:
+    lines, body = split_head(payload)
+    headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in parse_headers(lines[1:])}
+    return HopResponse(int(lines[0]), headers, body)
+
+
 class _MuxConnection(asyncio.Protocol):
     """One client connection and the calls outstanding on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        self._hello = hello(token)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reader = FrameReader()
         self.writer: Coalescer | None = None
         # stream id -> (the caller's future, whether its request frame reached the kernel)
         self.pending: dict[int, list[Any]] = {}
+        self.refusal: HopResponse | None = None  # the service's answer when it refused the connection
         self._unsent: list[int] = []
         self._next = 1
 
@@ -134,7 +172,7 @@ class _MuxConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.writer = Coalescer(self.transport)
         self.writer.on_flush = self._flushed
-        self.transport.write(PREFACE)
+        self.transport.write(self._hello)
 
     def _flushed(self) -> None:
         for stream in self._unsent:
@@ -156,16 +194,29 @@ class _MuxConnection(asyncio.Protocol):
             for kind, stream, payload in self.reader.feed(data):
                 if kind != RESPONSE:
                     raise FrameError(f"unexpected frame type {kind}")
+                if stream == REFUSAL_STREAM:
+                    self._refused(parse_response(payload))
+                    return
                 entry = self.pending.pop(stream, None)
                 if entry is None or entry[0].done():
                     continue  # a call that timed out or was given up
-                lines, body = split_head(payload)
-                headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in parse_headers(lines[1:])}
-                entry[0].set_result(HopResponse(int(lines[0]), headers, body))
+                entry[0].set_result(parse_response(payload))
         except (FrameError, ValueError) as exc:
             if self.transport is not None:
                 self.transport.abort()
             self.connection_lost(ConnectionError(f"malformed frame from the service: {exc}"))
+
+    def _refused(self, answer: HopResponse) -> None:
+        """The service refused this connection (no token, or another one): none of its calls ran,
+        and each gets the refusal as its answer; the next call opens a new connection."""
+        self.closed = True
+        self.refusal = answer
+        for future, _ in self.pending.values():
+            if not future.done():
+                future.set_result(answer)
+        self.pending.clear()
+        if self.transport is not None:
+            self.transport.close()
 
     def send(self, head: str, body: bytes) -> tuple[int, asyncio.Future[HopResponse]]:
         stream = self._next
@@ -179,9 +230,11 @@ class _MuxConnection(asyncio.Protocol):
 
 
 class MuxClient:
-    """Calls to services over one multiplexed connection per unix socket."""
+    """Calls to services over one multiplexed connection per unix socket; each connection presents
+    ``token`` once, when it opens."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, token: str | None = None) -> None:
+        self._token = token
         self._connections: dict[str, _MuxConnection] = {}
         self._connecting: dict[str, asyncio.Future[_MuxConnection]] = {}
 
@@ -200,7 +253,7 @@ class MuxClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                _, conn = await loop.create_unix_connection(_MuxConnection, path)
+                _, conn = await loop.create_unix_connection(lambda: _MuxConnection(self._token), path)
         except TimeoutError as exc:
             raise NotDelivered(f"could not connect to {path} within {timeout_s:.1f} s") from exc
         except OSError as exc:
@@ -214,6 +267,10 @@ class MuxClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         conn = await self._connection(path, timeout_s)
+        if conn.closed:  # refused, or lost, between its opening and this call
+            if conn.refusal is not None:
+                return conn.refusal
+            raise NotDelivered(f"the connection to {path} closed before the call was sent")
         lines = [f"{method} {target}\r\n"]
         if headers:
             lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())

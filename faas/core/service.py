@@ -1,8 +1,10 @@
 """How every platform process runs: one bound socket, one hop server (``faas.core.hop_server``), one
 membership lease.
 
-``run_service`` binds the listening socket *before* building the app, so the app knows the address
-it registers in etcd (the socket is not inherited by child processes); ``Membership`` keeps
+``run_service`` refuses to start without the platform's internal token (``check_internal_token``),
+then binds the listening socket *before* building the app, so the app knows the address
+it registers in etcd (the socket is not inherited by child processes); an internal service's hop
+server answers only callers that send that token (``faas.core.hop_server``), the gateway's anyone; ``Membership`` keeps
 ``/faas/members/{role}/{id}`` alive under a lease through etcd outages and re-registers after the
 lease is lost.  ``install_error_handlers`` turns every ``FaasError`` into the
 platform's JSON error shape once, for the whole app.
@@ -246,13 +248,35 @@ def hot_routes(app: FastAPI) -> Router:
     return router
 
 
+# The shortest internal token a service accepts (``faas up`` makes 43 characters).
+MIN_TOKEN_CHARS = 16
+
+
+def check_internal_token(role: str, token: str) -> None:
+    """Refuse to run without a usable internal token: a service must never answer anyone who
+    reaches its port, and a process without the token could call no other."""
+    how = (
+        "set the same FAAS_INTERNAL_TOKEN (at least 16 visible ASCII characters, e.g. "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`) in every platform process's "
+        "environment, or start the platform with `faas up`, which makes one in <home>/internal.token"
+    )
+    if not token:
+        raise SystemExit(f"faas {role}: FAAS_INTERNAL_TOKEN is not set; refusing to run the internal services open: {how}")
+    if len(token) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
+        raise SystemExit(f"faas {role}: FAAS_INTERNAL_TOKEN is too short or has characters a header cannot carry: {how}")
+
+
 async def serve(
-    app: FastAPI, socks: list[socket.socket], *, stop: asyncio.Event, grace_s: float = 3.0
-) -> None:
+    app: FastAPI, socks: list[socket.socket], *, stop: asyncio.Event, grace_s: float = 3.0,
+    internal_token: str | None = None,
+) -> None:  # fmt: skip
     """Run ``app`` on ``socks`` until ``stop`` is set: its lifespan around a ``HopServer`` per socket,
-    serving its hot routes directly and everything else through FastAPI."""
+    serving its hot routes directly and everything else through FastAPI; with ``internal_token``,
+    only to callers that send it (but the health check)."""
     async with app.router.lifespan_context(app) as state:
-        servers = [HopServer(hot_routes(app), app, state=dict(state or {})) for _ in socks]
+        servers = [
+            HopServer(hot_routes(app), app, state=dict(state or {}), internal_token=internal_token) for _ in socks
+        ]
         for server, sock in zip(servers, socks, strict=True):
             await server.start(sock)
         try:
@@ -267,12 +291,16 @@ def run_service(
     build_app: Callable[[Settings, str, str], FastAPI],
     default_host: str | None = None,
     default_port: int = 0,
+    internal: bool = True,
 ) -> None:
-    """Entry point shared by every service: ``python -m faas.<role> --id ID``."""
+    """Entry point shared by every service: ``python -m faas.<role> --id ID``.  An ``internal``
+    service answers only callers with the internal token; the gateway (not ``internal``) answers
+    anyone, and checks their API keys itself.  Every one needs the token, to call the others."""
     import uvloop
 
     args = parse_service_args(role)
     settings = Settings()
+    check_internal_token(role, settings.internal_token)
     configure_logging(role, args.id)
     host = args.host or default_host or settings.bind_host
     port = args.port or default_port
@@ -294,6 +322,6 @@ def run_service(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info("%s %s listening on %s", role, args.id, address)
-        await serve(app, socks, stop=stop)
+        await serve(app, socks, stop=stop, internal_token=settings.internal_token if internal else None)
 
     uvloop.run(main())

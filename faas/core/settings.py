@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # Services also listen on a unix socket under ``<home>/run/hop/`` (mode 0600), which callers on
     # the same machine use for the invocation hops instead of TCP (cheaper per call).
     local_sockets: bool = True
+    # The platform's internal token: the trigger, dispatchers, schedulers and node agents refuse any
+    # request without it (401) but their health check, and every platform process sends it to them.
+    # A service started without one refuses to start (faas.core.service.check_internal_token);
+    # ``faas up`` makes one on first start, in ``<home>/internal.token`` (mode 0600).
+    internal_token: str = ""
 
     # Leases and elections.  A frozen leader is replaced after about this long (a killed one sooner,
     # see faas/core/election.py); 3 s showed no spurious election under load, two CPU hogs included

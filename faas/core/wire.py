@@ -20,6 +20,10 @@ from urllib.parse import quote, unquote
 
 # -- headers ---------------------------------------------------------------------------------------
 
+# The platform's internal token (``Settings.internal_token``): every internal service refuses a
+# request without it (401), except its health check (``OPEN_PATHS``).  HTTP hops send it on every
+# request; a multiplexed connection presents it once, in its first frame (``faas.core.mux.HELLO``).
+INTERNAL_TOKEN = "x-faas-internal-token"
 REQUEST_ID = "x-faas-request-id"
 DEADLINE_MS = "x-faas-deadline-ms"  # absolute deadline of the call, epoch milliseconds
 FUNCTION_UID = "x-faas-function-uid"
@@ -137,6 +141,10 @@ def node_instance(instance_id: str) -> str:
 def node_instance_exit(instance_id: str) -> str:
     return f"{NODE_INSTANCES}/{instance_id}/exit"
 
+
+HEALTH = "/healthz"
+# What an internal service answers without the internal token: its liveness check only.
+OPEN_PATHS = frozenset({HEALTH})
 
 # The routes the services declare (the same paths, as route templates).
 TRIGGER_INVOKE_ROUTE = "/v1/invoke/{ns}/{name}/{version:int}"

@@ -118,8 +118,8 @@ class Dispatcher:
         self.instances = PrefixMirror(etcd, keys.instances_prefix(), on_change=self._on_instance_change)
         self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
         self.scheduler_leader = LeaderWatch(etcd, "scheduler")
-        self.scheduler = SchedulerClient(self.scheduler_leader)
-        self.node_agents = NodeClient(timeout_s=settings.cold_start_timeout_s)
+        self.scheduler = SchedulerClient(self.scheduler_leader, internal_token=settings.internal_token)
+        self.node_agents = NodeClient(timeout_s=settings.cold_start_timeout_s, internal_token=settings.internal_token)
         self.logs = LogSink(redis, settings.logs_per_function)
         self.tasks = TaskSet("dispatcher")
         self._calls: dict[str, asyncio.Future[InvocationResult]] = {}  # in flight, by request id

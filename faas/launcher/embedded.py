@@ -75,9 +75,11 @@ STOP_GRACE_S = 5.0
 GRPC_PORT_OFFSET = 10000  # SeaweedFS' convention: a server's gRPC port is its HTTP port + 10000
 # Where the gateway takes SeaweedFS filer notifications (gateway/object_events.py adapts them).
 SEAWEED_EVENTS_PATH = "/v1/events/object-store/seaweedfs"
-# Under the home folder, mode 0600: the admin API key the CLI finds, and the object-store webhooks' secret.
+# Under the home folder, mode 0600: the admin API key the CLI finds, the object-store webhooks' secret,
+# the internal services' token, and the embedded servers' credentials.
 ADMIN_KEY_FILE = "admin.key"
 WEBHOOK_SECRET_FILE = "webhook.secret"
+INTERNAL_TOKEN_FILE = "internal.token"
 VALKEY_SECRET_FILE = "valkey.secret"
 VALKEY_CONFIG_FILE = "valkey/valkey.conf"
 S3_SECRET_FILE = "s3.secret"
@@ -330,7 +332,8 @@ def with_credentials(settings: Settings) -> Settings:
     """``settings`` with a credential for every server the embedded platform runs, each kept in a file
     of the home folder (mode 0600) and made on first use: etcd's CA and the platform's client
     certificate (``<home>/etcd-tls/``), Valkey's password (in ``redis_url``), an S3 secret key
-    (instead of the well-known default), the webhook secret.  Values already configured are kept."""
+    (instead of the well-known default), the webhook secret, the internal services' token.  Values
+    already configured are kept."""
     home = settings.home
     updates: dict[str, Any] = {}
     if settings.etcd_ca_file is None and settings.etcd_cert_file is None:
@@ -338,6 +341,8 @@ def with_credentials(settings: Settings) -> Settings:
         updates.update(etcd_ca_file=tls.ca_file, etcd_cert_file=tls.client_cert_file, etcd_key_file=tls.client_key_file)
     if not settings.webhook_secret:
         updates["webhook_secret"] = _secret_file(home / WEBHOOK_SECRET_FILE)
+    if not settings.internal_token:
+        updates["internal_token"] = _secret_file(home / INTERNAL_TOKEN_FILE)
     redis = urlparse(settings.redis_url)
     if not redis.password:
         password = _secret_file(home / VALKEY_SECRET_FILE)

@@ -77,7 +77,7 @@ class Scheduler:
         self.nodes = PrefixMirror(etcd, keys.nodes_prefix())
         self.limits = LimitsIndex(etcd, settings)
         self.book = StartBook()
-        self.node_agents = NodeClient(timeout_s=settings.cold_start_timeout_s)
+        self.node_agents = NodeClient(timeout_s=settings.cold_start_timeout_s, internal_token=settings.internal_token)
         self.tasks = TaskSet("scheduler")
         self._orphan_suspects: set[str] = set()
         self._starting_mb: dict[str, int] = defaultdict(int)  # memory of starts under way, per node

@@ -37,7 +37,7 @@ class Trigger:
         self.settings = settings
         self.election = election
         self.dispatchers = PrefixMirror(etcd, keys.members_prefix("dispatcher"))
-        self.dispatcher_client = DispatcherClient()
+        self.dispatcher_client = DispatcherClient(internal_token=settings.internal_token)
         self.tasks = TaskSet("trigger")
         self._addresses: dict[bytes, tuple[bytes, str]] = {}
         # The dispatcher ranking of each function, for the membership of ``_ranked_generation``.
