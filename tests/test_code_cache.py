@@ -255,7 +255,9 @@ async def test_a_sweep_keeps_running_code_and_evicts_stopped_code(
     assert running.sha256 in names(cache) and stopped.sha256 not in names(cache)
     response = await invoke(address)  # the running instance never noticed
     assert response.status_code == 200
-    assert response.json()["result"] == {"marker": "running", "cwd": str(cache / running.sha256)}
+    # A sandboxed host runs in its read-only view of the cache (its own hard links), on /code.
+    run_in = f"/code/{running.sha256}" if backend.sandboxed else str(cache / running.sha256)
+    assert response.json()["result"] == {"marker": "running", "cwd": run_in}
 
 
 async def test_a_launch_after_eviction_downloads_again_and_works(

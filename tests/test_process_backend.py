@@ -21,7 +21,7 @@ from faas.core.errors import InstanceStartError, Unavailable
 from faas.core.procs import processes_matching
 from faas.runtime.backend import InstanceExit
 from faas.runtime.process_backend import ProcessBackend
-from faas.runtime.sandbox import same_pid_namespace
+from faas.runtime.sandbox import is_sandbox, same_pid_namespace
 from tests.code_server import CodeServer
 from tests.conftest import missing_service
 from tests.helpers import HostAnswer
@@ -68,7 +68,7 @@ def host_name(socket_path: str | Path) -> str:
 def sandbox_pid(run_dir: Path, name: str) -> int | None:
     """The pid of the bubblewrap process of sandboxed host ``name`` (what the backend watches)."""
     socket_dir = str(run_dir / "sb" / name)
-    found = processes_matching(lambda argv: "--die-with-parent" in argv and socket_dir in argv)
+    found = processes_matching(lambda argv: is_sandbox(argv) and socket_dir in argv)
     return next((pid for pid, _ in found if same_pid_namespace(pid)), None)
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from faas.core.procs import pid_alive, processes_matching
 from faas.launcher.embedded import read_members
+from faas.runtime.sandbox import is_sandbox, same_pid_namespace
 from tests.conftest import SupervisedPlatform, supervised_platform
 from tests.helpers import deploy, instances_of, wait_until
 
@@ -65,12 +66,15 @@ async def healthy(platform: SupervisedPlatform) -> dict[str, Any]:
 
 
 def host_processes(platform: SupervisedPlatform) -> list[int]:
+    """One pid per function host under the platform's home: the host, or its sandbox's bubblewrap
+    (not the copy of it that is PID 1 inside the sandbox)."""
     prefix = f"{platform.settings.home}/"
     return [
         pid
         for pid, argv in processes_matching(
             lambda a: any(x.endswith("host.py") for x in a) and any(x.startswith(prefix) for x in a)
         )
+        if not is_sandbox(argv) or same_pid_namespace(pid)
     ]
 
 

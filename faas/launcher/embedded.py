@@ -61,6 +61,7 @@ from faas.core.procs import pid_alive, proc_stat, processes_matching
 from faas.core.service import etcd_from_settings
 from faas.core.settings import Settings
 from faas.launcher.etcd_tls import EtcdTlsFiles, ensure_etcd_tls
+from faas.runtime.sandbox import is_sandbox
 
 Kind = Literal["backing", "service"]
 
@@ -686,17 +687,20 @@ def kill_leftover_hosts(settings: Settings) -> int:
     prefix = f"{settings.home.resolve()}/"
 
     def ours(argv: list[str]) -> bool:
-        if "--die-with-parent" in argv:  # a sandboxed host's bubblewrap: it binds folders of the home
+        if is_sandbox(argv):  # a sandboxed host's bubblewrap (or its copy, PID 1 inside): binds of the home
             return any(a.startswith(prefix) for a in argv)
         if "--socket" not in argv or argv.index("--socket") + 1 >= len(argv):
             return False
         return any(a.endswith("host.py") for a in argv) and argv[argv.index("--socket") + 1].startswith(prefix)
 
     killed = 0
-    for pid, _ in processes_matching(ours):  # a sandbox dies with its outer bubblewrap
+    for pid, _ in processes_matching(ours):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            # A sandbox's PID 1 is no group leader: it is killed itself, and its namespace with it.
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-            killed += 1
     return killed
 
 

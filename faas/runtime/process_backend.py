@@ -41,7 +41,7 @@ line, in ``/proc``: a ``host.py`` whose socket is in ``instances/``, a bubblewra
 of ``sb/``): the ones its journal names as instances, of the isolation it runs now, that are still
 the same process (pid and start time) and answer their health check, are adopted (watched through a
 pidfd, since they are no longer its children); every other one is killed with its whole process
-group (a sandbox dies with its bubblewrap), the files of what was not adopted are removed, and so
+group (and a sandbox's cgroup with it), the files of what was not adopted are removed, and so
 are the cgroups of hosts not adopted, with whatever still runs in them.  The agent's listening socket is
 not inheritable, so a host never keeps the agent's port open.
 
@@ -73,7 +73,7 @@ from faas.runtime.backend import InstanceExit, InstanceSpec
 from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
 from faas.runtime.code_views import CodeFetcher, link_tree
 from faas.runtime.host_pool import POOL_MEMORY_MB, PooledBackend, check_socket_path, host_client
-from faas.runtime.sandbox import CODE_DIR_IN_SANDBOX, Sandbox, probe, same_pid_namespace, uid_for
+from faas.runtime.sandbox import CODE_DIR_IN_SANDBOX, Sandbox, is_sandbox, probe, same_pid_namespace, uid_for
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class ProcessBackend(PooledBackend[_Host]):
             return None
 
         def sandbox_arg(argv: list[str]) -> str | None:
-            if "--die-with-parent" not in argv:
+            if not is_sandbox(argv):
                 return None
             return next((arg for arg in argv if arg.startswith(boxed)), None)
 

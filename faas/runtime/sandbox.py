@@ -18,9 +18,9 @@ What a sandboxed host gets (``Sandbox.argv``; bubblewrap runs as root, only to b
   and ``/tmp`` included; swap capped), ``PIDS_LIMIT`` tasks, one CPU.  cgroup v2 where the machine
   mounts it unified; else the v1 ``memory``, ``pids`` and ``cpu`` hierarchies.
 - Its file descriptors: stdin ``/dev/null``, stdout and stderr its log file; nothing else is inherited.
-- ``--die-with-parent``: the sandbox dies with the bubblewrap process the backend watches, and killing
-  the sandbox's PID 1 takes every process in it.  The backend kills a host by signalling every
-  process of its cgroup (``Cgroups.signal``).
+- It outlives the node agent (an agent killed with SIGKILL finds it again and adopts it), so nothing
+  ties it to the agent's life: the backend kills a host by signalling every process of its cgroup
+  (``Cgroups.signal``); killing the sandbox's PID 1 takes every process in its PID namespace.
 
 Availability (``probe``): root (to set up namespaces and cgroups and switch users), ``bwrap`` and
 ``setpriv`` on the ``PATH``, and the three cgroup controllers writable.  Where any is missing the
@@ -47,7 +47,7 @@ from pathlib import Path
 
 from faas.runtime.host_pool import PIDS_LIMIT
 
-__all__ = ["Cgroups", "Sandbox", "probe", "same_pid_namespace", "uid_for"]
+__all__ = ["Cgroups", "Sandbox", "is_sandbox", "probe", "same_pid_namespace", "uid_for"]
 
 CPU_PERIOD_US = 100_000
 CPU_QUOTA_US = 100_000  # one CPU
@@ -62,6 +62,11 @@ HOST_IN_SANDBOX = "/faas/host.py"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpu")
 KILL_WAIT_S = 5.0
+
+
+def is_sandbox(argv: list[str]) -> bool:
+    """True if ``argv`` is a sandbox's bubblewrap (the one the backend started, or its copy inside)."""
+    return bool(argv) and os.path.basename(argv[0]) == "bwrap" and "--unshare-pid" in argv
 
 
 def same_pid_namespace(pid: int) -> bool:
@@ -263,7 +268,7 @@ class Sandbox:
         sandbox = [
             self.bwrap,
             "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-            "--new-session", "--die-with-parent",
+            "--new-session",
             # For setpriv only, inside: it drops them all before the interpreter starts.
             "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
             "--ro-bind", "/usr", "/usr",
