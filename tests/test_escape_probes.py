@@ -21,11 +21,14 @@ failed and says which mechanism stopped it:
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import httpx
 import pytest
 
 from faas.runtime.host_pool import PIDS_LIMIT
-from tests.conftest import Platform
+from tests.conftest import Platform, missing_service
 from tests.helpers import deploy
 
 pytestmark = [pytest.mark.integration]
@@ -154,6 +157,12 @@ async def probe(gw: httpx.AsyncClient, event: dict[str, object]) -> dict[str, ob
     return result
 
 
+def require_isolation(platform: Platform) -> None:
+    """Skip (fail in CI) where the process backend cannot sandbox: it then runs single-tenant."""
+    if platform.settings.runtime == "process" and (os.geteuid() != 0 or shutil.which("bwrap") is None):
+        missing_service("the process backend sandboxes hosts only as root with bubblewrap (make test installs it)")
+
+
 def host_sockets(platform: Platform) -> list[str]:
     """Every instance socket of the platform's nodes, as paths on this machine."""
     home = platform.settings.home
@@ -165,6 +174,7 @@ async def test_a_function_cannot_reach_the_platform_or_other_functions(
     platform: Platform, gw: httpx.AsyncClient
 ) -> None:
     s = platform.settings
+    require_isolation(platform)
     victim = await deploy(gw, "escape-victim", VICTIM, environment={"VICTIM_TOKEN": "victim-env-secret-91c2"})
     assert (await gw.post("/v1/functions/escape-victim/invoke", json={})).status_code == 200
     # 512 MB: room for a fork bomb's children to reach the pids limit before the memory limit.
@@ -227,7 +237,10 @@ async def test_a_function_cannot_reach_the_platform_or_other_functions(
     assert (await probe(gw, {"action": "caps"}))["CapEff"] == "0000000000000000"
 
 
-async def test_children_that_together_exceed_the_memory_limit_are_killed(gw: httpx.AsyncClient) -> None:
+async def test_children_that_together_exceed_the_memory_limit_are_killed(
+    platform: Platform, gw: httpx.AsyncClient
+) -> None:
+    require_isolation(platform)
     await deploy(gw, "escape-probe", PROBE, memory_mb=128, timeout_s=60)
     # Four children of 100 MiB each: 400 MiB against the instance's cgroup (128 MiB in a container;
     # 128 MiB + the host's own 32 MiB in a sandbox).
