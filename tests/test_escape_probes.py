@@ -16,7 +16,8 @@ failed and says which mechanism stopped it:
 - fork past the pids limit: the cgroup's ``pids.max`` stops it;
 - children that together exceed the memory limit: the memory cgroup kills them (the whole instance);
 - write to the system files, or hold a capability: read-only binds, every capability dropped, and
-  (process backend) a user of its own, not root.
+  (process backend) a user of its own, not root;
+- make a user or network namespace, mount, or use the kernel keyrings: the seccomp filter refuses them.
 """
 
 from __future__ import annotations
@@ -136,6 +137,17 @@ def handler(event, context):
         return {path: _attempt(lambda path=path: _connect_unix(path)) for path in event["paths"]}
     if action == "fds":
         return _fds()
+    if action == "syscalls":
+        import ctypes, errno
+        libc = ctypes.CDLL(None, use_errno=True)
+        def outcome(result):
+            return "ok" if result == 0 else errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+        return {
+            "unshare(CLONE_NEWUSER)": outcome(libc.unshare(0x10000000)),
+            "unshare(CLONE_NEWNET)": outcome(libc.unshare(0x40000000)),
+            "keyctl": outcome(libc.syscall(250, 0, 0, 0, 0)),
+            "mount": outcome(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+        }
     if action == "uid":
         return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
     if action == "fork":
@@ -223,6 +235,11 @@ async def test_a_function_cannot_reach_the_platform_or_other_functions(
         assert str(s.home) not in info["target"] or info["target"].endswith(".log"), (  # type: ignore[index]
             f"fd {fd} opens the platform's files: {info}"
         )
+
+    # No new namespaces (a user namespace would give it capabilities in one), no mounts, no kernel
+    # keyrings: the seccomp filter (Docker's default profile; the sandbox's own) refuses them.
+    for call, result in (await probe(gw, {"action": "syscalls"})).items():
+        assert result == "EPERM", f"{call} answered {result} inside the instance"
 
     # A user of its own: not root, no supplementary groups.
     ids = await probe(gw, {"action": "uid"})

@@ -260,7 +260,8 @@ class ProcessBackend(PooledBackend[_Host]):
             self.isolation = f"none: single-tenant ({found})"
             return
         self._sandbox = Sandbox(found, HOST_SCRIPT, self._python)
-        self.isolation = f"sandbox: namespaces, a user per instance, cgroup {found.version}"
+        seccomp = "seccomp" if self._sandbox.seccomp is not None else "no seccomp filter on this CPU"
+        self.isolation = f"sandbox: namespaces, a user per instance, {seccomp}, cgroup {found.version}"
 
     async def check(self) -> None:
         """Local processes need no daemon: nothing can be down here that start() did not check."""
@@ -452,7 +453,7 @@ class ProcessBackend(PooledBackend[_Host]):
             sandbox_dir=sandbox_dir,
         )
 
-    def _argv(self, name: str, uid: int | None, sandbox_dir: Path | None) -> list[str]:
+    def _argv(self, name: str, uid: int | None, sandbox_dir: Path | None, seccomp_fd: int | None) -> list[str]:
         if self._sandbox is None or uid is None or sandbox_dir is None:
             socket_path = self._socket_dir / f"{name}.sock"
             return [
@@ -460,7 +461,11 @@ class ProcessBackend(PooledBackend[_Host]):
                 "--socket", str(socket_path), "--cache-dir", str(self._cache_dir), "--instance-id", name,
             ]  # fmt: skip
         return self._sandbox.argv(
-            name=name, uid=uid, socket_dir=sandbox_dir, code_dir=sandbox_dir.with_name(f"{name}.code")
+            name=name,
+            uid=uid,
+            socket_dir=sandbox_dir,
+            code_dir=sandbox_dir.with_name(f"{name}.code"),
+            seccomp_fd=seccomp_fd,
         )
 
     def _prepare_sandbox(self, name: str, uid: int, memory_mb: int) -> Path:
@@ -488,10 +493,12 @@ class ProcessBackend(PooledBackend[_Host]):
                 raise Unavailable(f"cannot prepare a sandbox for a function host: {exc}") from exc
         _, log_path, _ = self._paths(name, uid is not None)
         env = dict(SANDBOX_ENV) if sandbox_dir is not None else self._host_env
+        seccomp_fd = self._sandbox.seccomp_fd() if sandbox_dir is not None and self._sandbox is not None else None
         try:
             with log_path.open("ab") as log:
                 process = await asyncio.create_subprocess_exec(
-                    *self._argv(name, uid, sandbox_dir),
+                    *self._argv(name, uid, sandbox_dir, seccomp_fd),
+                    pass_fds=() if seccomp_fd is None else (seccomp_fd,),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
@@ -503,6 +510,9 @@ class ProcessBackend(PooledBackend[_Host]):
             if sandbox_dir is not None:
                 await asyncio.to_thread(self._remove_sandbox, name)
             raise Unavailable(f"cannot start a function host with {self._python}: {exc}") from exc
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)  # bubblewrap has its copy
         host = self._host_record(name, process, uid)
         self._hosts.add(host)
         self._tasks.spawn(self._watch(host), name=f"watch-{name}")

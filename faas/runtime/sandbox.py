@@ -17,6 +17,8 @@ What a sandboxed host gets (``Sandbox.argv``; bubblewrap runs as root, only to b
   process of the sandbox is in it from its first instruction: memory for the whole sandbox (children
   and ``/tmp`` included; swap capped), ``PIDS_LIMIT`` tasks, one CPU.  cgroup v2 where the machine
   mounts it unified; else the v1 ``memory``, ``pids`` and ``cpu`` hierarchies.
+- A seccomp filter (``seccomp``, x86-64): no new namespaces, mounts, kernel modules, keyrings, ``bpf``
+  and the like; every other system call as usual.
 - Its file descriptors: stdin ``/dev/null``, stdout and stderr its log file; nothing else is inherited.
 - It outlives the node agent (an agent killed with SIGKILL finds it again and adopts it), so nothing
   ties it to the agent's life: the backend kills a host by signalling every process of its cgroup
@@ -26,7 +28,7 @@ Availability (``probe``): root (to set up namespaces and cgroups and switch user
 ``setpriv`` on the ``PATH``, and the three cgroup controllers writable.  Where any is missing the
 process backend runs without isolation and says so (``faas status``: single-tenant).
 
-Caveats: no seccomp filter (the Docker backend has Docker's default profile); the uid is derived from
+Caveats: the seccomp filter is a deny list for x86-64 only (elsewhere there is none); the uid is derived from
 the host's random name, so two node agents on one machine may, rarely, give two hosts the same uid
 (their namespaces still keep them apart); the interpreter is the platform's own, so its standard
 library is visible read-only.
@@ -46,6 +48,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from faas.runtime.host_pool import PIDS_LIMIT
+from faas.runtime.seccomp import filter_program
 
 __all__ = ["Cgroups", "Sandbox", "is_sandbox", "probe", "same_pid_namespace", "uid_for"]
 
@@ -262,8 +265,18 @@ class Sandbox:
         self.prefix = os.path.realpath(sys.base_prefix)
         self.bwrap = shutil.which("bwrap") or "bwrap"
         self.setpriv = shutil.which("setpriv") or "setpriv"
+        self.seccomp = filter_program()
 
-    def argv(self, *, name: str, uid: int, socket_dir: Path, code_dir: Path) -> list[str]:
+    def seccomp_fd(self) -> int | None:
+        """A file holding the seccomp filter, for one start (the caller passes it on and closes it)."""
+        if self.seccomp is None:
+            return None
+        fd = os.memfd_create("faas-seccomp")
+        os.write(fd, self.seccomp)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def argv(self, *, name: str, uid: int, socket_dir: Path, code_dir: Path, seccomp_fd: int | None) -> list[str]:
         """The command that starts host ``name`` in its sandbox, already in its cgroups."""
         sandbox = [
             self.bwrap,
@@ -284,6 +297,7 @@ class Sandbox:
             "--dev", "/dev",
             "--size", str(TMP_BYTES), "--perms", "1777", "--tmpfs", "/tmp",
             "--chdir", "/tmp",
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             self.setpriv,
             f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
