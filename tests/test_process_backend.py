@@ -359,7 +359,10 @@ async def test_unreachable_instance_is_listed_as_not_alive(
     await backend.launch(spec, timeout_s=10)
     [status] = await backend.list_instances()
     assert status.pid is not None
-    frozen_pids = process_tree(status.pid)  # a sandbox's host is under its bubblewrap
+    # A sandbox's host is under its bubblewrap: freeze every process named after the host as well.
+    name = host_name(status.address.removeprefix("unix://"))
+    named = [pid for pid, argv in processes_matching(lambda argv: name in argv)]
+    frozen_pids = sorted(set(process_tree(status.pid)) | set(named))
     for pid in frozen_pids:
         os.kill(pid, signal.SIGSTOP)  # alive but not answering
     try:
