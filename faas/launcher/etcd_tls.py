@@ -95,15 +95,22 @@ def _make_set(files: EtcdTlsFiles) -> dict[Path, bytes]:
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = name("faas embedded etcd CA")
+
+    def signed_by_ca(subject: x509.Name, key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.CertificateBuilder:
+        """A certificate of ``subject``'s ``key``, issued by the CA, valid the whole period."""
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        )
+
     ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        signed_by_ca(ca_name, ca_key, ca=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False, content_commitment=False, key_encipherment=False,
@@ -119,14 +126,7 @@ def _make_set(files: EtcdTlsFiles) -> dict[Path, bytes]:
     def leaf(common_name: str, usages: list[x509.ObjectIdentifier], san: list[x509.GeneralName] | None) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(common_name))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            signed_by_ca(name(common_name), key, ca=False)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True, content_commitment=False, key_encipherment=False,

@@ -268,15 +268,8 @@ class DockerBackend(PooledBackend[_Container]):
         """A generic container with ``spec``'s limits and, in its view, ``spec``'s code."""
         async with asyncio.timeout_at(deadline):
             container, code = await self._take_or_spawn(spec)
-        try:
+        async with self._handing_over(container, "the code"):
             await asyncio.to_thread(link_tree, code, container.code_dir / spec.sha256)
-        except BaseException as exc:
-            self._destroy_later(container)
-            if isinstance(exc, OSError):
-                raise InstanceStartError(
-                    f"cannot give the code to the container: {exc}", error_type="OSError"
-                ) from exc
-            raise
         return container
 
     def _started_hosts(self) -> list[_Container]:

@@ -544,6 +544,20 @@ class PooledBackend(ABC, Generic[H]):
             await self._destroy(host)
             raise
 
+    @contextlib.asynccontextmanager
+    async def _handing_over(self, host: H, what: str) -> AsyncIterator[None]:
+        """Give an acquired ``host`` ``what`` it needs (its code, its limits): if that fails, the host
+        is destroyed in the background and an ``OSError`` becomes an ``InstanceStartError``."""
+        try:
+            yield
+        except BaseException as exc:
+            self._destroy_later(host)
+            if isinstance(exc, OSError):
+                raise InstanceStartError(
+                    f"cannot give {what} to the {self._noun}: {exc}", error_type="OSError"
+                ) from exc
+            raise
+
     def _destroy_later(self, host: H) -> None:
         self._tasks.spawn(self._destroy(host), name=f"destroy-{host.name}")
 

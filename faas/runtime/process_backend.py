@@ -67,7 +67,7 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
-from faas.core.errors import InstanceStartError, Unavailable
+from faas.core.errors import Unavailable
 from faas.core.procs import pid_alive, proc_stat, processes_matching
 from faas.runtime.backend import InstanceExit, InstanceSpec
 from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
@@ -293,19 +293,11 @@ class ProcessBackend(PooledBackend[_Host]):
             self._refill_pool()
             if host is None:
                 host = await self._spawn(spec.memory_mb)
-        try:
-            cgroups = self._sandbox.cgroups
-            if host.uid is not None and spec.memory_mb != POOL_MEMORY_MB:
-                await asyncio.to_thread(cgroups.set_memory, host.name, spec.memory_mb)
+        async with self._handing_over(host, "the code and the memory limit"):
+            if spec.memory_mb != POOL_MEMORY_MB:
+                await asyncio.to_thread(self._sandbox.cgroups.set_memory, host.name, spec.memory_mb)
             assert host.code_dir is not None
             await asyncio.to_thread(link_tree, code, host.code_dir / spec.sha256)
-        except BaseException as exc:
-            self._destroy_later(host)
-            if isinstance(exc, OSError):
-                raise InstanceStartError(
-                    f"cannot give the code and limits to the sandboxed host: {exc}", error_type="OSError"
-                ) from exc
-            raise
         return host
 
     def _specialize_body(self, spec: InstanceSpec) -> dict[str, object]:
