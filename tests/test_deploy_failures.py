@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 @contextmanager
-def broken_gateway(platform: Platform, **overrides: str) -> Iterator[str]:
+def broken_gateway(platform: Platform, *, keys_load: bool = True, **overrides: str) -> Iterator[str]:
     port = find_free_port()
     env = dict(os.environ)
     env.update(settings_env(platform.settings))
@@ -41,7 +41,11 @@ def broken_gateway(platform: Platform, **overrides: str) -> Iterator[str]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                # Healthy, and (when etcd is reachable) the API keys loaded: a call is then judged by them.
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200 and (
+                    not keys_load
+                    or httpx.get(f"{url}/v1/whoami", headers=platform.admin_headers, timeout=1).status_code == 200
+                ):
                     break
             except httpx.HTTPError:
                 pass
@@ -80,7 +84,7 @@ def test_s3_unreachable_at_deploy_is_503_and_nothing_is_created(platform: Platfo
 
 def test_etcd_unreachable_at_deploy_is_503_and_nothing_is_created(platform: Platform) -> None:
     closed = find_free_port()
-    with broken_gateway(platform, FAAS_ETCD_URL=f"http://127.0.0.1:{closed}") as url:
+    with broken_gateway(platform, keys_load=False, FAAS_ETCD_URL=f"http://127.0.0.1:{closed}") as url:
         resp = _deploy(url, "no-etcd", platform.admin_headers)
     assert resp.status_code == 503, resp.text
     err = resp.json()["error"]
