@@ -73,6 +73,7 @@ import redis.asyncio as aioredis
 # bench/ is sys.path[0] when this file is run as a script; make sure of it when imported otherwise.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import invoke_latency as il  # noqa: E402  (machine info, CPU accounting, percentiles, deploy)
+import wrk  # noqa: E402  (the compiled load generator for the accepted/s rows)
 
 from faas.core import redis_keys  # noqa: E402
 from faas.core.errors import FaasError  # noqa: E402
@@ -657,6 +658,109 @@ async def measure_accepted(
     )  # fmt: skip
 
 
+@dataclass(slots=True)
+class WrkAccepted:
+    """Accepted/s under wrk (a compiled client: the load generator is not the limit), with the
+    dispatchers consuming meanwhile and with them stopped (ingestion alone), and how fast the
+    dispatchers, started again, drain the backlog that left (consumption alone)."""
+
+    with_consumers: wrk.WrkResult
+    with_consumers_cpu: il.CpuUsage
+    ingest_only: wrk.WrkResult
+    ingest_only_cpu: il.CpuUsage
+    drained: int  # events of the backlog counted while it drained
+    drain_s: float  # from the first event of the backlog gone to the last
+    drain_cpu: il.CpuUsage
+    restart_s: float  # from starting the dispatchers again to the backlog's first drop
+    roles_before: dict[int, str]  # pid -> role of the processes of 2w and 2i (the dispatchers got new pids)
+
+    @property
+    def drain_per_s(self) -> float:
+        return self.drained / self.drain_s if self.drain_s > 0 else math.nan
+
+
+async def wait_backlog_empty(redis: aioredis.Redis, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (left := await backlog(redis)) > 0:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: {left} events still queued after {timeout_s:g} s")
+        await asyncio.sleep(BACKLOG_POLL_S)
+
+
+async def stop_dispatchers(cluster: EmbeddedCluster) -> list[str]:
+    """SIGTERM every dispatcher (a graceful stop: each finishes what it runs and leaves the membership);
+    returns their names once all have exited."""
+    stopped = [rec for rec in cluster.records if rec.role == "dispatcher"]
+    for rec in stopped:
+        if not pid_alive(rec.pid, rec.start_ticks):
+            raise BenchError(f"{rec.name} (pid {rec.pid}) was not running when it was to be stopped")
+        os.kill(rec.pid, signal.SIGTERM)  # a process this script's launcher started (pid and start time match)
+    deadline = time.monotonic() + MEMBER_WAIT_S
+    while any(pid_alive(rec.pid, rec.start_ticks) and not _zombie(rec.pid) for rec in stopped):
+        if time.monotonic() > deadline:
+            raise BenchError("the dispatchers did not stop within 30 s of SIGTERM")
+        await asyncio.sleep(0.1)
+    return [rec.name for rec in stopped]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
+async def measure_accepted_wrk(
+    cluster: EmbeddedCluster, redis: aioredis.Redis, settings: Settings, plan: Plan, script_dir: Path
+) -> WrkAccepted:
+    wrk_path = wrk.find_wrk()
+    script = script_dir / "invoke-async.lua"
+    script.write_text(wrk.post_script(EVENT.decode(), JSON_HEADERS))
+    url = async_url(settings, NOOP_FUNCTION)
+    c = plan.concurrency
+
+    async def load(label: str) -> tuple[wrk.WrkResult, il.CpuUsage]:
+        log(f"accepted/s under wrk, {label}: c={c}, {plan.warmup_s:g} s warm-up + {plan.load_s:g} s")
+        await wrk.run(wrk_path, url, script=script, threads=2, connections=c, duration_s=plan.warmup_s)
+        result, usage = await il.with_cpu(
+            wrk.run(wrk_path, url, script=script, threads=2, connections=c, duration_s=plan.load_s)
+        )
+        if result.errors:
+            raise BenchError(f"wrk, {label}: {result.non_2xx} non-2xx answers, socket errors {dict(result.socket_errors)}")
+        return result, usage
+
+    with_consumers, with_consumers_cpu = await load("the dispatchers running the events meanwhile")
+    await wait_backlog_empty(redis, plan.drain_timeout_s, "the backlog of the wrk phase")
+    roles_before = {rec.pid: rec.role or rec.name for rec in cluster.records}
+    names = await stop_dispatchers(cluster)
+    log(f"stopped {', '.join(names)} (SIGTERM)")
+    ingest_only, ingest_only_cpu = await load("the dispatchers stopped (ingestion alone)")
+    queued = await backlog(redis)
+    before = il.CpuSnapshot.take()
+    restarted_at = time.monotonic()
+    for name in names:
+        cluster.restart(name)
+    first_drop_at = math.nan
+    at_first_drop = queued
+    deadline = restarted_at + plan.drain_timeout_s
+    while (left := await backlog(redis)) > 0:
+        if math.isnan(first_drop_at) and left < queued:
+            first_drop_at, at_first_drop = time.monotonic(), left
+        if time.monotonic() > deadline:
+            raise BenchError(f"the dispatchers started again left {left} of {queued} events after {plan.drain_timeout_s:g} s")
+        await asyncio.sleep(0.05)
+    done_at = time.monotonic()
+    drain_cpu = il.CpuUsage.between(before, il.CpuSnapshot.take())
+    if math.isnan(first_drop_at):
+        first_drop_at = done_at
+    log(f"the dispatchers, started again, drained {queued} events in {done_at - restarted_at:.1f} s")
+    return WrkAccepted(
+        with_consumers, with_consumers_cpu, ingest_only, ingest_only_cpu,
+        at_first_drop, done_at - first_drop_at, drain_cpu, first_drop_at - restarted_at, roles_before,
+    )  # fmt: skip
+
+
 async def measure_burst(
     client: HopClient,
     redis: aioredis.Redis,
@@ -939,9 +1043,12 @@ async def count_instances(cluster: EmbeddedCluster, name: str) -> int:
 # Report
 
 
-def cpu_per_event(usage: il.CpuUsage, events: int, clusters: Sequence[EmbeddedCluster]) -> str:
-    """CPU ms per event of each kind of process: the load generator, each role, the servers, the hosts."""
-    roles = {rec.pid: rec.role or rec.name for cluster in clusters for rec in cluster.records}
+def cpu_per_event(
+    usage: il.CpuUsage, events: int, clusters: Sequence[EmbeddedCluster], roles_then: dict[int, str] | None = None
+) -> str:
+    """CPU ms per event of each kind of process: the load generator, each role, the servers, the hosts
+    (``roles_then``: the roles of processes that have been replaced since)."""
+    roles = {**(roles_then or {}), **{rec.pid: rec.role or rec.name for cluster in clusters for rec in cluster.records}}
     roles[os.getpid()] = "load generator"
     totals: dict[str, float] = defaultdict(float)
     for pid, cpu in usage.per_pid.items():
@@ -966,6 +1073,7 @@ def errors_text(errors: Counter[str]) -> str:
 def report(
     plan: Plan,
     acc: Accepted,
+    accw: WrkAccepted,
     burst: Burst,
     delays: Delays,
     rel: Reliability,
@@ -1011,6 +1119,25 @@ def report(
     )
     row("    202 latency p50, ms", pct(acc.gateway.latencies, 50), 1)
     row("    202 latency p99, ms", pct(acc.gateway.latencies, 99), 1)
+    row(
+        f"2w accepted under wrk, c={c}, dispatchers running the events, 202/s",
+        accw.with_consumers.ok_rps,
+        0,
+        times(accw.with_consumers.ok_rps, floor, "of XADD"),
+    )
+    row(
+        f"2i accepted under wrk, c={c}, dispatchers stopped (ingestion alone), 202/s",
+        accw.ingest_only.ok_rps,
+        0,
+        times(accw.ingest_only.ok_rps, floor, "of XADD"),
+    )
+    row("    202 latency p50 / p99, ms", accw.ingest_only.p50_ms, 1, f"{il.fmt(accw.ingest_only.p99_ms, 1)} (p99)")
+    row(
+        "2d completions: that backlog drained by the dispatchers started again, /s",
+        accw.drain_per_s,
+        0,
+        times(accw.drain_per_s, accw.ingest_only.ok_rps, "of 2i"),
+    )
     row(
         f"3 completions, {burst.events} events at once, /s",
         burst.completions_per_s,
@@ -1073,6 +1200,18 @@ def report(
         f"{acc.backlog_succeeded} succeeded. Against the group-commit row: {times(acc.gateway.per_s, acc.floor_group_commit.per_s, 'of it')}.",
         f"  cpu: {acc.gateway_cpu.summary()}",
         f"    ms per event (accepting and running it): {cpu_per_event(acc.gateway_cpu, acc.gateway.done, clusters)}",
+        f"2w/2i/2d: wrk -t2 -c{c} on the same route, {plan.warmup_s:g} s of warm-up then {plan.load_s:g} s measured "
+        "(wrk's own CPU is not in the lines below). 2w: the dispatchers ran the events meanwhile, as in 2. 2i: "
+        "both dispatchers stopped first (SIGTERM, waited for), so the gateway, the trigger and Valkey had the "
+        "cores to themselves; the events stayed queued. 2d: both started again; from the backlog's first "
+        f"event gone ({accw.restart_s:.1f} s after the start) to the last, {accw.drained} events in "
+        f"{accw.drain_s:.1f} s with nothing arriving.",
+        f"  cpu, 2w: {accw.with_consumers_cpu.summary()}",
+        f"    ms per event: {cpu_per_event(accw.with_consumers_cpu, accw.with_consumers.ok_requests, clusters, accw.roles_before)}",
+        f"  cpu, 2i: {accw.ingest_only_cpu.summary()}",
+        f"    ms per event: {cpu_per_event(accw.ingest_only_cpu, accw.ingest_only.ok_requests, clusters, accw.roles_before)}",
+        f"  cpu, 2d: {accw.drain_cpu.summary()}",
+        f"    ms per event: {cpu_per_event(accw.drain_cpu, accw.drained, clusters)}",
         f"3 completions: {burst.events} events by {c} callers back to back, all answered in {burst.submit_s:.1f} s "
         f"({burst.events / burst.submit_s:.0f}/s); the last finished {burst.completion_s:.1f} s after the first "
         f"send ({status_counts(burst.outcomes)}; non-202: {burst.sent.error_report()}); {NOOP_FUNCTION} had "
@@ -1126,7 +1265,9 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     plan = Plan.from_args(args)
     code = il.code_version()  # before the services start: what they run
     home = Path(tempfile.mkdtemp(prefix="faas-bench-async-", dir="/tmp"))  # short: unix socket paths
-    settings = settings_for_test(home)
+    # Unsandboxed hosts: the ledger function appends to one file of the bench's from every instance,
+    # which a sandboxed host cannot see (the sandbox costs nothing measurable: README, "Process isolation").
+    settings = settings_for_test(home, process_isolation="none")
     cluster = EmbeddedCluster(settings, progress=il._progress)
     settings = cluster.settings
     replacements: list[EmbeddedCluster] = []
@@ -1154,6 +1295,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             )
             await warm_noop(gw, client, redis, settings, plan)
             accepted = await measure_accepted(client, redis, settings, plan)
+            accepted_wrk = await measure_accepted_wrk(cluster, redis, settings, plan, home)
             burst = await measure_burst(
                 client, redis, settings, plan, lambda: count_instances(cluster, NOOP_FUNCTION)
             )
@@ -1161,7 +1303,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             reliability = await measure_reliability(client, gw, redis, cluster, replacements, plan, ledger)
             print(
                 report(
-                    plan, accepted, burst, delays, reliability, argv=argv, code=code, valkey=valkey,
+                    plan, accepted, accepted_wrk, burst, delays, reliability, argv=argv, code=code, valkey=valkey,
                     clusters=[cluster, *replacements],
                 ),
                 flush=True,

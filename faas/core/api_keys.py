@@ -13,9 +13,10 @@ Guarantees:
 - a secret never leaves this module but in the text returned by ``new_key``: records, listings and
   logs carry the id and the hash, never the secret;
 - ``KeyIndex.authenticate`` answers from an in-memory copy of ``/faas/keys/`` kept current by a
-  watch (``PrefixMirror``): one dict lookup and one SHA-256 per call; a revoked key stops working on a
-  gateway as soon as its watch delivers the deletion (milliseconds), and within the mirror's resync
-  period if the watch was broken;
+  watch (``PrefixMirror``): one SHA-256 the first time a key is seen, then a dict lookup per call (a
+  key that passed is remembered, in the gateway's memory only, for as long as its record is the one
+  it was checked against); a revoked key stops working on a gateway as soon as its watch delivers
+  the deletion (milliseconds), and within the mirror's resync period if the watch was broken;
 - the comparison of hashes is constant-time;
 - an unknown, malformed or revoked key, and a missing one, are all ``Unauthorized`` (401) with the
   same message: nothing tells a caller which keys exist.
@@ -187,6 +188,10 @@ class KeyIndex:
 
     def __init__(self, etcd: Etcd) -> None:
         self.mirror = PrefixMirror(etcd, KEYS_PREFIX.encode())
+        # Keys checked already: key text -> (its record's etcd key, the stored value it was checked
+        # against, the caller).  Valid while that stored value is the one in the mirror: a revoked or
+        # changed key is checked again (and fails) on its next call.
+        self._verified: dict[str, tuple[bytes, bytes, Principal]] = {}
 
     def start(self) -> None:
         self.mirror.start()
@@ -202,14 +207,24 @@ class KeyIndex:
     def authenticate(self, key: str | None) -> Principal:
         if key is None:
             raise Unauthorized(NO_KEY)
+        verified = self._verified.get(key)
+        if verified is not None and self.mirror.items.get(verified[0]) is verified[1]:
+            return verified[2]
         match = _KEY_TEXT.fullmatch(key)
         if match is None:
             raise Unauthorized(BAD_KEY)
         key_id, secret = match.groups()
+        etcd_key = _etcd_key(key_id)
+        raw = self.mirror.items.get(etcd_key)
         record = self._record(key_id)
         if record is None or not hmac.compare_digest(_hash(secret), record.secret_sha256):
             raise Unauthorized(BAD_KEY)
-        return Principal(record.id, record.namespace, record.role, record.functions)
+        principal = Principal(record.id, record.namespace, record.role, record.functions)
+        if raw is not None:
+            if len(self._verified) >= 10_000:
+                self._verified.clear()
+            self._verified[key] = (etcd_key, raw, principal)
+        return principal
 
     def _record(self, key_id: str) -> ApiKeyRecord | None:
         return self.mirror.parsed(_etcd_key(key_id), ApiKeyRecord.model_validate_json)

@@ -45,6 +45,8 @@ class NamespaceLimits(BaseModel):
 class Limits(BaseModel):
     """The limits in force for one namespace (defaults applied); 0 is no limit."""
 
+    model_config = ConfigDict(frozen=True)  # shared: ``LimitsIndex`` hands out the same copy
+
     max_functions: int
     max_instances: int
     max_invocations_per_s: float
@@ -56,6 +58,10 @@ class LimitsIndex:
     def __init__(self, etcd: Etcd, settings: Settings) -> None:
         self.mirror = PrefixMirror(etcd, keys.namespaces_prefix())
         self.settings = settings
+        # Each namespace's limits as last worked out, for the mirror's ``_generation`` (every call
+        # asks: building them again each time was a twentieth of the gateway's CPU per call).
+        self._limits: dict[str, Limits] = {}
+        self._generation = -1
 
     def start(self) -> None:
         self.mirror.start()
@@ -64,6 +70,17 @@ class LimitsIndex:
         await self.mirror.stop()
 
     def of(self, ns: str) -> Limits:
+        if self._generation != self.mirror.generation:
+            self._limits.clear()
+            self._generation = self.mirror.generation
+        limits = self._limits.get(ns)
+        if limits is None:
+            if len(self._limits) > 10_000:
+                self._limits.clear()
+            limits = self._limits[ns] = self._work_out(ns)
+        return limits
+
+    def _work_out(self, ns: str) -> Limits:
         own = self._own(ns)
         s = self.settings
         return Limits(
