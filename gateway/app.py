@@ -36,6 +36,8 @@ from faas.core.hop_server import Response as HopServerResponse
 from faas.core.hop_server import relay
 from faas.core.http import HopResponse
 from faas.core.models import (
+    AliasSpec,
+    AliasView,
     FunctionRecord,
     FunctionView,
     VersionConfig,
@@ -269,6 +271,50 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     async def list_versions(name: str, namespace: NamespaceQuery = None) -> dict[str, list[VersionSpec]]:
         registry: FunctionRegistry = app.state.registry
         return {"versions": await registry.list_versions(namespace_of(namespace), check_name(name))}
+
+    # -- aliases --------------------------------------------------------------------------------
+
+    async def alias_written(ns: str, record: FunctionRecord) -> None:
+        """Wait until this gateway's own copy shows the alias change (its next call sees it)."""
+        await app.state.catalog.wait_until_seen(
+            ns, record.name, uid=record.uid, version=record.latest_version, updated_at=record.updated_at
+        )
+
+    @app.get("/v1/functions/{name}/aliases", tags=["aliases"])
+    async def list_aliases(name: str, namespace: NamespaceQuery = None) -> dict[str, list[AliasView]]:
+        """The function's aliases: each one's version, its split between two versions if it has one,
+        and the version ``rollback`` would take it back to."""
+        ns = namespace_of(namespace)
+        record = await app.state.registry.get_function(ns, check_name(name))
+        return {"aliases": [record.alias_view(alias) for alias in sorted(record.aliases)]}
+
+    @app.put("/v1/functions/{name}/aliases/{alias}", response_model=AliasView, tags=["aliases"])
+    async def set_alias(name: str, alias: str, spec: AliasSpec, namespace: NamespaceQuery = None) -> AliasView:
+        """Point an alias at a version, or split its calls between two versions by percent
+        (``{"version": 2, "weights": {"2": 90, "3": 10}}``); creates the alias if it is new."""
+        ns = namespace_of(namespace)
+        registry: FunctionRegistry = app.state.registry
+        record = await registry.set_alias(ns, check_name(name), alias, spec)
+        await alias_written(ns, record)
+        return record.alias_view(alias)
+
+    @app.delete("/v1/functions/{name}/aliases/{alias}", status_code=204, tags=["aliases"])
+    async def delete_alias(name: str, alias: str, namespace: NamespaceQuery = None) -> Response:
+        ns = namespace_of(namespace)
+        registry: FunctionRegistry = app.state.registry
+        record = await registry.delete_alias(ns, check_name(name), alias)
+        await alias_written(ns, record)
+        return Response(status_code=204)
+
+    @app.post("/v1/functions/{name}/aliases/{alias}/rollback", response_model=AliasView, tags=["aliases"])
+    async def rollback_alias(name: str, alias: str, namespace: NamespaceQuery = None) -> AliasView:
+        """Point the alias back at the version it pointed to before its last move (409 when it never
+        moved)."""
+        ns = namespace_of(namespace)
+        registry: FunctionRegistry = app.state.registry
+        record = await registry.rollback(ns, check_name(name), alias)
+        await alias_written(ns, record)
+        return record.alias_view(alias)
 
     @app.delete("/v1/functions/{name}", status_code=204, tags=["functions"])
     async def delete_function(name: str, namespace: NamespaceQuery = None) -> Response:

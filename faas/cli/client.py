@@ -171,6 +171,20 @@ class GatewayClient:
     def delete_subscription(self, name: str, subscription: str) -> None:
         self._checked("DELETE", _subscription_path(name, subscription))
 
+    # -- aliases ------------------------------------------------------------------------------------
+
+    def aliases(self, name: str) -> builtins.list[dict[str, Any]]:
+        return _items(self._json("GET", f"{_function_path(name)}/aliases"), "aliases")
+
+    def set_alias(self, name: str, alias: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _expect_dict(self._json("PUT", _alias_path(name, alias), json=body))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._checked("DELETE", _alias_path(name, alias))
+
+    def rollback(self, name: str, alias: str) -> dict[str, Any]:
+        return _expect_dict(self._json("POST", f"{_alias_path(name, alias)}/rollback"))
+
     # -- API keys -----------------------------------------------------------------------------------
 
     def whoami(self) -> dict[str, Any]:
@@ -256,6 +270,10 @@ def _function_path(name: str) -> str:
 
 def _subscription_path(name: str, subscription: str) -> str:
     return f"{_function_path(name)}/subscriptions/{quote(subscription, safe='')}"
+
+
+def _alias_path(name: str, alias: str) -> str:
+    return f"{_function_path(name)}/aliases/{quote(alias, safe='')}"
 
 
 def _expect_dict(value: Any) -> dict[str, Any]:

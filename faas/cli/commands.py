@@ -148,6 +148,46 @@ def add_parsers(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser] =
     _output_option(p)
     p.set_defaults(func=cmd_versions)
 
+    p = subparsers.add_parser(
+        "alias", parents=parents, help="a function's aliases: set (to a version, or split two), ls, rm"
+    )
+    alias = p.add_subparsers(dest="alias_command", metavar="ACTION", required=True)
+    q = alias.add_parser(
+        "set",
+        parents=parents,
+        help="point an alias at a version, or split its calls between two versions",
+        description="faas alias set NAME prod 2 --weight 3=10: 90%% of prod's calls go to version 2, "
+        "10%% to version 3. Without --weight, all of them go to VERSION.",
+    )
+    q.add_argument("name")
+    q.add_argument("alias")
+    q.add_argument("version", type=_positive_int)
+    q.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="V=PCT",
+        help="send PCT percent of the calls to version V (the rest go to VERSION); once",
+    )
+    _output_option(q)
+    q.set_defaults(func=cmd_alias_set)
+    q = alias.add_parser("ls", parents=parents, help="list a function's aliases")
+    q.add_argument("name")
+    _output_option(q)
+    q.set_defaults(func=cmd_alias_ls)
+    q = alias.add_parser("rm", parents=parents, help="delete an alias ('latest' cannot be)")
+    q.add_argument("name")
+    q.add_argument("alias")
+    q.set_defaults(func=cmd_alias_rm)
+
+    p = subparsers.add_parser(
+        "rollback", parents=parents, help="point an alias (default: latest) back at its previous version"
+    )
+    p.add_argument("name")
+    p.add_argument("--alias", default="latest", help="the alias to move back (default: latest)")
+    _output_option(p)
+    p.set_defaults(func=cmd_rollback)
+
     p = subparsers.add_parser("logs", parents=parents, help="print a function's recent invocation logs")
     p.add_argument("name")
     p.add_argument(
@@ -572,7 +612,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         ("name", view.get("name", name)),
         ("namespace", view.get("namespace", args.namespace)),
         ("version", f"{view.get('latest_version', '-')} (latest)"),
-        ("aliases", ", ".join(f"{k}={v}" for k, v in sorted(aliases.items())) or "(none)"),
+        ("aliases", ", ".join(_alias_text(k, v, view) for k, v in sorted(aliases.items())) or "(none)"),
         ("url", url),
         ("runtime", config.get("runtime", "-")),
         ("handler", config.get("handler", "-")),
@@ -619,6 +659,93 @@ def cmd_versions(args: argparse.Namespace) -> int:
             ]
         )
     print(format_table(["VERSION", "CREATED", "HANDLER", "MEMORY", "TIMEOUT", "SHA256", "SIZE"], rows))
+    return 0
+
+
+# -- aliases ----------------------------------------------------------------------------------------
+
+
+def alias_weights(version: int, weights: Sequence[str]) -> dict[str, int] | None:
+    """The ``weights`` of an alias's body from ``--weight V=PCT`` flags (VERSION gets the rest), or
+    None when there are none; ``UsageError`` for a malformed flag."""
+    if not weights:
+        return None
+    out: dict[int, int] = {}
+    for flag in weights:
+        left, sep, right = flag.partition("=")
+        if not sep or not left.strip().isdigit() or not right.strip().removesuffix("%").isdigit():
+            raise UsageError(f"--weight {flag!r}: expected V=PCT, a version number and a percent, e.g. 3=10")
+        other, pct = int(left), int(right.strip().removesuffix("%"))
+        if other in out:
+            raise UsageError(f"--weight: version {other} is given twice")
+        out[other] = pct
+    given = sum(out.values())
+    if any(pct > 100 for pct in out.values()) or (version not in out and given > 100):
+        raise UsageError(f"--weight: the percents given add up to {given}%; the alias's calls are 100%")
+    if version not in out:
+        out[version] = 100 - given
+    return {str(v): pct for v, pct in sorted(out.items())}
+
+
+def _alias_text(alias: str, version: Any, view: dict[str, Any]) -> str:
+    """``prod=2`` or, for a split, ``prod=2 (v2 90%, v3 10%)``."""
+    weights = ((view.get("routes") or {}).get(alias) or {}).get("weights") or {}
+    split = ", ".join(f"v{v} {pct}%" for v, pct in sorted(weights.items(), key=lambda kv: int(kv[0])))
+    return f"{alias}={version}" + (f" ({split})" if split else "")
+
+
+def _alias_rows(aliases: list[dict[str, Any]]) -> str:
+    rows = []
+    for item in aliases:
+        weights = item.get("weights") or {}
+        split = ", ".join(f"v{v} {pct}%" for v, pct in sorted(weights.items(), key=lambda kv: int(kv[0])))
+        previous = item.get("previous")
+        rows.append([str(item.get("name")), str(item.get("version")), split or "-", "-" if previous is None else str(previous)])
+    return format_table(["ALIAS", "VERSION", "SPLIT", "PREVIOUS"], rows)
+
+
+def cmd_alias_set(args: argparse.Namespace) -> int:
+    name = _name(args)
+    body: dict[str, Any] = {"version": args.version}
+    weights = alias_weights(args.version, args.weight)
+    if weights is not None:
+        body["weights"] = weights
+    with _client(args) as client:
+        result = _named(name, args, lambda: client.set_alias(name, args.alias, body))
+    if args.output == "json":
+        _print_json(result)
+    else:
+        print(_alias_rows([result]))
+    return 0
+
+
+def cmd_alias_ls(args: argparse.Namespace) -> int:
+    name = _name(args)
+    with _client(args) as client:
+        aliases = _named(name, args, lambda: client.aliases(name))
+    if args.output == "json":
+        _print_json(aliases)
+    else:
+        print(_alias_rows(aliases))
+    return 0
+
+
+def cmd_alias_rm(args: argparse.Namespace) -> int:
+    name = _name(args)
+    with _client(args) as client:
+        client.delete_alias(name, args.alias)
+    print(f"deleted alias {args.alias} of {name}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    name = _name(args)
+    with _client(args) as client:
+        result = client.rollback(name, args.alias)
+    if args.output == "json":
+        _print_json(result)
+    else:
+        print(f"{name}:{result.get('name')} -> version {result.get('version')} (was {result.get('previous')})")
     return 0
 
 

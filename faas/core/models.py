@@ -168,12 +168,76 @@ class VersionSpec(VersionConfig):
         return (self.namespace, self.function, self.version, self.function_uid)
 
 
+def alias_problem(alias: str) -> str | None:
+    """Why ``alias`` cannot name an alias, or None when it can (a number would read as a version)."""
+    if alias.isdigit():
+        return f"invalid alias {alias!r}: a number names a version; an alias must start with a letter"
+    problem = name_problem(alias, "alias")
+    return problem
+
+
+class AliasRoute(BaseModel):
+    """What an alias holds beyond its version (``FunctionRecord.aliases``): a split of its calls
+    between two versions, and the version it pointed to before (``faas rollback``)."""
+
+    weights: dict[int, int] = Field(default_factory=dict)  # version -> percent (sum 100); {}: all to its version
+    previous: int | None = None
+
+
+class AliasSpec(BaseModel):
+    """An alias as a caller sets it: one version, or a split between two by percent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, description="the version the alias points to (the split's main version)")
+    weights: dict[int, int] | None = Field(
+        default=None,
+        description='percent of the calls per version, summing to 100, naming `version` and at most one other: {"2": 90, "3": 10}',
+    )
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> AliasSpec:
+        if self.weights is None:
+            return self
+        if self.version not in self.weights:
+            raise ValueError(f"weights must give the alias's version {self.version} its share")
+        if len(self.weights) > 2:
+            raise ValueError(f"an alias splits calls between at most two versions, not {len(self.weights)}")
+        for version, pct in self.weights.items():
+            if version < 1:
+                raise ValueError(f"weights: {version} is not a version number")
+            if not 0 <= pct <= 100:
+                raise ValueError(f"weights: version {version} has {pct}%; a weight is 0-100")
+        if (total := sum(self.weights.values())) != 100:
+            raise ValueError(f"weights sum to {total}%, not 100%")
+        return self
+
+    def route_weights(self) -> dict[int, int]:
+        """The split as stored: {} when every call goes to one version."""
+        weights = {v: pct for v, pct in (self.weights or {}).items() if pct > 0}
+        return weights if len(weights) > 1 else {}
+
+
+class AliasView(BaseModel):
+    """An alias as the management API shows it."""
+
+    name: str
+    version: int
+    weights: dict[int, int] = Field(default_factory=dict)  # {} when every call goes to ``version``
+    previous: int | None = None  # where ``rollback`` takes it
+
+
 class FunctionRecord(BaseModel):
     namespace: str
     name: str
     uid: str = ""  # set at creation, never changed; "" for a function created before uids existed
     latest_version: int = 0
-    aliases: dict[str, int] = Field(default_factory=dict)
+    aliases: dict[str, int] = Field(default_factory=dict)  # alias -> its version (a split's main one)
+    routes: dict[str, AliasRoute] = Field(default_factory=dict)  # alias -> its split and previous version
+
+    def alias_view(self, alias: str) -> AliasView:
+        route = self.routes.get(alias) or AliasRoute()
+        return AliasView(name=alias, version=self.aliases[alias], weights=route.weights, previous=route.previous)
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
 
@@ -186,6 +250,7 @@ class FunctionView(BaseModel):
     uid: str = ""
     latest_version: int
     aliases: dict[str, int]
+    routes: dict[str, AliasRoute] = Field(default_factory=dict)
     created_at: float
     updated_at: float
     config: VersionSpec | None = None

@@ -13,7 +13,13 @@ Guarantees:
   uid, it re-reads etcd when its copy holds another uid (the copy lags a delete and re-create), and
   answers ``NotFound`` when that function no longer exists;
 - ``Catalog.wait_until_seen`` lets the process that wrote a function read its own write through the
-  copy (the gateway waits for it before answering a deploy or a delete).
+  copy (the gateway waits for it before answering a deploy or a delete);
+- aliases: ``latest`` moves to each new version (dropping any split it had); any other alias moves
+  only when set (``set_alias``, compare-and-swap on the function record), to one version or split by
+  percent between two; every move remembers the version it left (``rollback`` goes back to it).  A
+  split alias sends its calls to its versions by smooth weighted round robin per process
+  (``Catalog.resolve``): every run of 100 calls a process resolves through it holds each version's
+  percent exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import BaseModel
@@ -28,7 +35,17 @@ from pydantic import BaseModel
 from faas.core import keys
 from faas.core.errors import Conflict, InvalidRequest, NotFound
 from faas.core.etcd import Etcd, PrefixMirror
-from faas.core.models import CodeRef, FunctionRecord, VersionConfig, VersionSpec, new_function_uid
+from faas.core.models import (
+    AliasRoute,
+    AliasSpec,
+    CodeRef,
+    FunctionRecord,
+    VersionConfig,
+    VersionSpec,
+    alias_problem,
+    new_function_uid,
+)
+from faas.core.weighted import SmoothWeighted
 
 log = logging.getLogger("faas.registry")
 _MAX_CAS_ATTEMPTS = 20
@@ -81,7 +98,7 @@ class FunctionRegistry:
                 function_uid=record.uid,
             )
             record.latest_version = number
-            record.aliases["latest"] = number
+            _move_alias(record, "latest", number, {})
             record.updated_at = now
             ok, _ = await self.etcd.txn(
                 [guard],
@@ -92,6 +109,64 @@ class FunctionRegistry:
             )
             if ok:
                 return spec
+        raise Conflict(f"function {name!r} is being changed concurrently; try again")
+
+    async def set_alias(self, ns: str, name: str, alias: str, spec: AliasSpec) -> FunctionRecord:
+        """Point ``alias`` at ``spec``'s version (or split), creating it; the function record after."""
+        if problem := alias_problem(alias):
+            raise InvalidRequest(problem)
+
+        def change(record: FunctionRecord) -> None:
+            for version in {spec.version, *(spec.weights or {})}:
+                if version > record.latest_version:
+                    raise InvalidRequest(
+                        f"function {name!r} has no version {version} (its latest is {record.latest_version})"
+                    )
+            _move_alias(record, alias, spec.version, spec.route_weights())
+
+        return await self._change(ns, name, change)
+
+    async def delete_alias(self, ns: str, name: str, alias: str) -> FunctionRecord:
+        if alias == "latest":
+            raise InvalidRequest("the alias 'latest' cannot be deleted: it follows every deploy")
+
+        def change(record: FunctionRecord) -> None:
+            if alias not in record.aliases:
+                raise NotFound(f"function {name!r} has no alias {alias!r}")
+            del record.aliases[alias]
+            record.routes.pop(alias, None)
+
+        return await self._change(ns, name, change)
+
+    async def rollback(self, ns: str, name: str, alias: str = "latest") -> FunctionRecord:
+        """Point ``alias`` back at the version it pointed to before its last move (a split is dropped)."""
+
+        def change(record: FunctionRecord) -> None:
+            if alias not in record.aliases:
+                raise NotFound(f"function {name!r} has no alias {alias!r}")
+            previous = (record.routes.get(alias) or AliasRoute()).previous
+            if previous is None:
+                raise Conflict(f"alias {alias!r} of function {name!r} has no previous version to go back to")
+            _move_alias(record, alias, previous, {})
+
+        return await self._change(ns, name, change)
+
+    async def _change(self, ns: str, name: str, change: Callable[[FunctionRecord], None]) -> FunctionRecord:
+        """Apply ``change`` to the function record by compare-and-swap (retried on a concurrent write)."""
+        fkey = keys.function(ns, name)
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            kv = await self.etcd.get(fkey)
+            if kv is None:
+                raise NotFound(f"function {name!r} not found in namespace {ns!r}")
+            record = FunctionRecord.model_validate_json(kv.value)
+            change(record)
+            record.updated_at = time.time()
+            ok, _ = await self.etcd.txn(
+                [self.etcd.mod_revision(fkey) == kv.mod_revision],
+                [self.etcd.op_put(fkey, record.model_dump_json().encode())],
+            )
+            if ok:
+                return record
         raise Conflict(f"function {name!r} is being changed concurrently; try again")
 
     async def delete_function(self, ns: str, name: str) -> None:
@@ -109,8 +184,25 @@ class FunctionRegistry:
             raise NotFound(f"function {name!r} not found in namespace {ns!r}")
 
 
-def resolve_qualifier(record: FunctionRecord, qualifier: str | None) -> int:
-    """The version number a qualifier (None, an alias, or a number) designates."""
+def _move_alias(record: FunctionRecord, alias: str, version: int, weights: dict[int, int]) -> None:
+    """Point ``alias`` at ``version`` (split by ``weights`` when it has two), remembering where it was."""
+    old = record.aliases.get(alias)
+    route = record.routes.get(alias) or AliasRoute()
+    previous = old if old is not None and old != version else route.previous
+    record.aliases[alias] = version
+    if weights or previous is not None:
+        record.routes[alias] = AliasRoute(weights=weights, previous=previous)
+    else:
+        record.routes.pop(alias, None)
+
+
+Pick = Callable[[FunctionRecord, str, dict[int, int]], int]
+"""Chooses one version of a split alias (function record, alias, its weights)."""
+
+
+def resolve_qualifier(record: FunctionRecord, qualifier: str | None, pick: Pick | None = None) -> int:
+    """The version number a qualifier (None, an alias, or a number) designates; for a split alias,
+    the one ``pick`` chooses (without ``pick``: the alias's main version)."""
     if not qualifier:
         qualifier = "latest"
     if qualifier.isdigit():
@@ -120,6 +212,9 @@ def resolve_qualifier(record: FunctionRecord, qualifier: str | None) -> int:
         return number
     if qualifier not in record.aliases:
         raise InvalidRequest(f"unknown alias {qualifier!r} for function {record.name!r}")
+    route = record.routes.get(qualifier)
+    if pick is not None and route is not None and route.weights:
+        return pick(record, qualifier, route.weights)
     return record.aliases[qualifier]
 
 
@@ -131,6 +226,17 @@ class Catalog:
         self._functions = PrefixMirror(etcd, keys.functions_prefix())
         self._versions = PrefixMirror(etcd, keys.all_versions_prefix())
         self._parsed: dict[bytes, tuple[bytes, object]] = {}
+        # Split aliases' round robins: (namespace, function uid, alias) -> the weights' rotation.
+        self._splits: dict[tuple[str, str, str], SmoothWeighted[int]] = {}
+
+    def _pick(self, record: FunctionRecord, alias: str, weights: dict[int, int]) -> int:
+        key = (record.namespace, record.uid or record.name, alias)
+        rotation = self._splits.get(key)
+        if rotation is None or rotation.weights != weights:
+            if len(self._splits) > 10_000:
+                self._splits.clear()
+            rotation = self._splits[key] = SmoothWeighted(weights)
+        return rotation.pick()
 
     def start(self) -> None:
         self._functions.start()
@@ -182,29 +288,36 @@ class Catalog:
         return spec
 
     async def resolve(self, ns: str, name: str, qualifier: str | None = None) -> VersionSpec:
+        """The version a call of ``qualifier`` goes to (a split alias: the next in its rotation)."""
         record = await self.function(ns, name)
         try:
-            number = resolve_qualifier(record, qualifier)
+            number = resolve_qualifier(record, qualifier, self._pick)
         except NotFound:
             record = await self.registry.get_function(ns, name)  # the cache may lag a fresh deploy
-            number = resolve_qualifier(record, qualifier)
+            number = resolve_qualifier(record, qualifier, self._pick)
         spec = await self.version(ns, name, number)
         if spec.function_uid != record.uid:
             # The two watched copies lag a delete and re-create differently: read both from etcd.
-            return await self.registry.resolve(ns, name, qualifier)
+            record = await self.registry.get_function(ns, name)
+            return await self.registry.get_version(ns, name, resolve_qualifier(record, qualifier, self._pick))
         return spec
 
     async def wait_until_seen(
-        self, ns: str, name: str, *, uid: str | None, version: int = 0, timeout_s: float = 2.0
-    ) -> bool:
+        self, ns: str, name: str, *, uid: str | None, version: int = 0, updated_at: float = 0.0,
+        timeout_s: float = 2.0,
+    ) -> bool:  # fmt: skip
         """Wait until this copy shows the function as this process just wrote it: with ``uid`` at
-        ``version`` or later, or gone (``uid`` None).  False if the watch did not deliver it in time."""
+        ``version`` or later (and changed at ``updated_at`` or later), or gone (``uid`` None).  False
+        if the watch did not deliver it in time."""
 
         def seen() -> bool:
             record = self.cached_function(ns, name)
             if uid is None:
                 return record is None
-            return record is not None and record.uid == uid and record.latest_version >= version
+            return (
+                record is not None and record.uid == uid and record.latest_version >= version
+                and record.updated_at >= updated_at
+            )  # fmt: skip
 
         changed = self._functions.changed
         try:
