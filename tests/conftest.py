@@ -34,6 +34,7 @@ from faas.launcher.embedded import (
     with_credentials,
 )
 from tests.code_server import CodeServer
+from tests.hosts import spawn_host  # noqa: F401  (a fixture: the function host processes of a test)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parent.parent

@@ -351,12 +351,18 @@ class _Spec:
         "timeout_s",
         "concurrency",
         "environment",
+        "kind",
+        "readiness_path",
     )
 
     def __init__(self, raw: Any) -> None:
         bad = _bad_spec
         if not isinstance(raw, dict):
             raise bad("body", "must be a JSON object")
+        self.kind: str = raw.get("kind") or "function"
+        if self.kind not in ("function", "app"):
+            raise bad("kind", "must be 'function' or 'app'")
+        # A function's handler is 'module.function'; an app's entry (sent as 'handler') 'module:attr'.
         for field in ("code_url", "sha256", "handler", "namespace", "function"):
             if not isinstance(raw.get(field), str) or not raw[field]:
                 raise bad(field, "must be a non-empty string")
@@ -365,9 +371,13 @@ class _Spec:
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise bad("sha256", "must be 64 hex digits")
         self.handler: str = raw["handler"]
-        module, _, attr = self.handler.rpartition(".")
+        module, _, attr = self.handler.rpartition(":" if self.kind == "app" else ".")
         if not module or not attr:
-            raise bad("handler", "must look like 'module.function'")
+            raise bad("handler", "must look like 'module:app'" if self.kind == "app" else "must look like 'module.function'")
+        readiness = raw.get("readiness_path") or "/"
+        if not isinstance(readiness, str) or not readiness.startswith("/"):
+            raise bad("readiness_path", "must be a path starting with '/'")
+        self.readiness_path: str = readiness
         self.namespace: str = raw["namespace"]
         self.function: str = raw["function"]
         self.version = _require_int(raw, "version", minimum=None)
@@ -501,7 +511,7 @@ def _load_handler(spec: _Spec, code_dir: str) -> Any:
     sys.path.insert(0, code_dir)
     os.chdir(code_dir)
     importlib.invalidate_caches()
-    module_name, _, attr = spec.handler.rpartition(".")
+    module_name, _, attr = spec.handler.rpartition(":" if spec.kind == "app" else ".")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -535,13 +545,39 @@ def _load_handler(spec: _Spec, code_dir: str) -> Any:
             user_fault=True,
         )
     handler = getattr(module, attr, None)
+    what = "app" if spec.kind == "app" else "function"
     if handler is None:
-        raise _StartError(
-            f"module {module_name!r} has no function {attr!r}", "AttributeError", user_fault=True
-        )
+        raise _StartError(f"module {module_name!r} has no {what} {attr!r}", "AttributeError", user_fault=True)
     if not callable(handler):
+        if spec.kind == "app":
+            raise _StartError(
+                f"entry {spec.handler!r} is a {type(handler).__name__}, not a WSGI or ASGI app", "TypeError",
+                user_fault=True,
+            )
         raise _StartError(f"handler {spec.handler!r} is not callable", "TypeError", user_fault=True)
     return handler
+
+
+def _load_app_host() -> Any:
+    """``app_host.py`` from beside this file, under a private module name (the user's code cannot
+    import it by accident: this folder is not on ``sys.path``)."""
+    import importlib.util
+
+    name = "_faas_app_host"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(_HOST_FILE)), "app_host.py")
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise _StartError(f"the app server is missing ({path})", "FileNotFoundError")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except OSError as exc:
+        del sys.modules[name]
+        raise _StartError(f"the app server cannot be loaded: {exc}", type(exc).__name__) from exc
+    return module
 
 
 def _is_async_callable(handler: Any) -> bool:
@@ -695,6 +731,7 @@ class FunctionHost:
         self.spec: _Spec | None = None
         self.handler: Any = None
         self.handler_is_async = False
+        self.app_server: Any = None  # an app_host.AppServer once specialised as an app
         self.lock = threading.Lock()
         self.inflight = 0  # concurrency slots taken (a handler still running)
         self.open_invocations = 0  # admitted invocations whose response is not written yet
@@ -792,6 +829,7 @@ class FunctionHost:
 
     def _serve_connection(self, conn: socket.socket) -> None:
         reader = _Reader(conn)
+        handed_over = False
         try:
             while True:
                 try:
@@ -799,6 +837,11 @@ class FunctionHost:
                     if head is None:
                         return  # the peer closed the connection between requests
                     method, path, headers, keep_alive = _parse_head(head)
+                    if self.app_server is not None and path.startswith(b"/_/app"):
+                        # An app's request: the app server serves this connection from now on.
+                        self.app_server.adopt(conn, head, bytes(reader.buffer))
+                        handed_over = True
+                        return
                     if b"transfer-encoding" in headers:
                         raise _BadRequest(501, "chunked request bodies are not supported")
                     try:
@@ -840,7 +883,8 @@ class FunctionHost:
         except OSError:
             return  # the client went away (reset, or closed in the middle of a request)
         finally:
-            conn.close()
+            if not handed_over:
+                conn.close()
             with self.lock:
                 self.connections -= 1
 
@@ -874,17 +918,19 @@ class FunctionHost:
     # -- health -------------------------------------------------------------------------------------
 
     def _health(self) -> _Response:
-        idle_s = 0.0 if self.inflight else time.monotonic() - self.last_active
-        return _Response(
-            200,
-            {
-                "state": self.state,
-                "inflight": self.inflight,
-                "idle_s": round(idle_s, 3),
-                "invocations": self.invocations,
-                "pid": os.getpid(),
-            },
-        )
+        return _Response(200, self._health_payload())
+
+    def _health_payload(self) -> dict[str, Any]:
+        server = self.app_server
+        inflight = self.inflight if server is None else server.inflight
+        idle_s = 0.0 if inflight else time.monotonic() - self.last_active
+        return {
+            "state": self.state,
+            "inflight": inflight,
+            "idle_s": round(idle_s, 3),
+            "invocations": self.invocations if server is None else server.requests,
+            "pid": os.getpid(),
+        }
 
     # -- specialise ---------------------------------------------------------------------------------
 
@@ -904,6 +950,8 @@ class FunctionHost:
             code_dir = await asyncio.to_thread(_fetch_code, self.cache_dir, spec.code_url, spec.sha256)
             # Imported on the loop thread, the main thread: modules may install signal handlers.
             handler = _load_handler(spec, code_dir)
+            if spec.kind == "app":
+                await self._start_app(spec, handler)
         except _StartError as exc:
             _diag(f"specialisation failed ({exc.error_type}): {exc.message}")
             return self._start_failure(exc.status, exc.error_type, exc.message, exc.frames, exc.user_fault)
@@ -923,6 +971,25 @@ class FunctionHost:
         )
         return _Response(200, {"state": "ready", "duration_ms": duration_ms})
 
+    async def _start_app(self, spec: _Spec, app: Any) -> None:
+        """Serve ``app`` (WSGI or ASGI): lifespan startup, then its readiness request, before the
+        host says it is ready."""
+        app_host = _load_app_host()
+        server = app_host.AppServer(
+            app, concurrency=spec.concurrency, timeout_s=spec.timeout_s, diag=_diag,
+            health=lambda: (200, self._health_payload()),
+        )  # fmt: skip
+        try:
+            await server.start(spec.readiness_path)
+        except app_host.AppStartError as exc:
+            raise _StartError(str(exc), "AppStartError", user_fault=True) from exc
+        except BaseException as exc:  # noqa: BLE001 - whatever the app's startup raised is the user's
+            raise _StartError(
+                f"the app's startup raised {type(exc).__name__}: {exc}", type(exc).__name__,
+                frames=_user_frames(exc), user_fault=True,
+            ) from exc
+        self.app_server = server
+
     @staticmethod
     def _start_failure(
         status: int, error_type: str, message: str, frames: list[str] | None, user_fault: bool
@@ -940,6 +1007,8 @@ class FunctionHost:
         spec = self.spec
         if spec is None:
             return _invoke_error(409, "conflict", "NotSpecialized", "this host is not specialised")
+        if self.app_server is not None:
+            return _invoke_error(409, "conflict", "NotAFunction", "this instance serves an app: send /_/app requests")
         with self.lock:
             retiring = self.retiring
             busy = self.inflight >= spec.concurrency

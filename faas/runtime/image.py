@@ -6,10 +6,10 @@ Two kinds of image can carry the tag the backend runs (``faas-runtime:py311`` by
   (``/etc/passwd`` and ``/etc/group`` with the user ``faas`` uid/gid 10001, ``/tmp``, ``/code``,
   ``/run/faas``, mount points) and *no* interpreter.  The node's own Python is bind-mounted read-only
   at the same path as on the node (its binary finds ``libpython`` through an RPATH to its own prefix),
-  with the system library dirs (libc, libssl, zlib ...) and ``host.py``, also read-only.  It builds in
+  with the system library dirs (libc, libssl, zlib ...), ``host.py`` and ``app_host.py``, also read-only.  It builds in
   under a second, needs no network, and weighs nothing.
 - **image** (what real users build, see ``docs/docker.md``): ``FROM python:3.11-slim`` with
-  ``host.py`` copied in; nothing is bind-mounted.
+  ``host.py`` and ``app_host.py`` copied in; nothing is bind-mounted.
 
 The image describes how to run it in its labels, so the backend needs no knowledge of the kind:
 ``faas.runtime.python`` (interpreter path inside the container), ``faas.runtime.host`` (the host
@@ -69,6 +69,8 @@ FAAS_UID = 10001
 FAAS_GID = 10001
 HOST_SCRIPT = Path(__file__).with_name("host.py")
 HOST_IN_CONTAINER = "/opt/faas/host.py"
+APP_HOST_SCRIPT = HOST_SCRIPT.with_name("app_host.py")
+APP_HOST_IN_CONTAINER = "/opt/faas/app_host.py"  # beside it: the host loads it when it serves an app
 SOCKET_DIR_IN_CONTAINER = "/run/faas"
 CODE_DIR_IN_CONTAINER = "/code"
 
@@ -160,12 +162,13 @@ def local_build_context() -> _LocalContext:
     if not any(_is_within(prefix, directory) for directory in bound):
         binds.append(f"{prefix}:{prefix}:ro")
     binds.append(f"{HOST_SCRIPT}:{HOST_IN_CONTAINER}:ro")
+    binds.append(f"{APP_HOST_SCRIPT}:{APP_HOST_IN_CONTAINER}:ro")
 
     directories = {"etc", "run", "opt"}
     # Mount points, and every directory above them, readable and traversable by uid 10001.
     for target in (*(b.split(":")[1] for b in binds), SOCKET_DIR_IN_CONTAINER, CODE_DIR_IN_CONTAINER):
         parts = Path(target).parts[1:]
-        limit = len(parts) - 1 if target == HOST_IN_CONTAINER else len(parts)
+        limit = len(parts) - 1 if target in (HOST_IN_CONTAINER, APP_HOST_IN_CONTAINER) else len(parts)
         for depth in range(1, limit + 1):
             directories.add("/".join(parts[:depth]))
     rootfs = [_tar_entry(f"rootfs/{directory}", mode=0o755) for directory in sorted(directories)]
@@ -173,7 +176,8 @@ def local_build_context() -> _LocalContext:
         _tar_entry("rootfs/tmp", mode=0o1777),
         _tar_entry("rootfs/etc/passwd", mode=0o644, data=_PASSWD.encode()),
         _tar_entry("rootfs/etc/group", mode=0o644, data=_GROUP.encode()),
-        _tar_entry("rootfs" + HOST_IN_CONTAINER, mode=0o644, data=b""),  # bind-mount target
+        _tar_entry("rootfs" + HOST_IN_CONTAINER, mode=0o644, data=b""),  # bind-mount targets
+        _tar_entry("rootfs" + APP_HOST_IN_CONTAINER, mode=0o644, data=b""),
         *(_tar_entry("rootfs" + path, mode=0o777, link=target) for path, target in sorted(symlinks.items())),
     ]
     labels = {

@@ -5,7 +5,7 @@ What a sandboxed host gets (``Sandbox.argv``; bubblewrap runs as root, only to b
 - Namespaces: mount, PID, IPC, network (loopback only, nothing listening), UTS and cgroup.  The host
   sees its own processes only, and can reach no socket of the machine but the ones bound into it.
 - A file system of its own: a tmpfs root holding ``/usr`` (and the ``/bin``, ``/lib*`` that point
-  into it) read-only, the interpreter's prefix read-only, ``/faas/host.py`` read-only, its code view
+  into it) read-only, the interpreter's prefix read-only, ``/faas/host.py`` (and ``app_host.py``) read-only, its code view
   on ``/code`` read-only (``code_views``: hard links of exactly the one archive it runs), its socket
   folder on ``/run/faas`` (the only writable bind), a fresh ``/proc`` and ``/dev``, and a private
   ``/tmp`` (tmpfs of ``TMP_BYTES``, charged to its memory cgroup).  Nothing of the platform's home,
@@ -62,6 +62,7 @@ UID_SPAN = 1 << 24
 SOCKET_DIR_IN_SANDBOX = "/run/faas"
 CODE_DIR_IN_SANDBOX = "/code"
 HOST_IN_SANDBOX = "/faas/host.py"
+APP_HOST_IN_SANDBOX = "/faas/app_host.py"  # beside it: the host loads it when it serves an app
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpu")
 KILL_WAIT_S = 5.0
@@ -289,6 +290,7 @@ class Sandbox:
             *_ro_bind_with_parents(self.prefix),
             "--perms", "0755", "--dir", os.path.dirname(HOST_IN_SANDBOX),
             "--ro-bind", str(self.host_script), HOST_IN_SANDBOX,
+            "--ro-bind", str(self.host_script.with_name("app_host.py")), APP_HOST_IN_SANDBOX,
             "--perms", "0755", "--dir", CODE_DIR_IN_SANDBOX,
             "--ro-bind", str(code_dir), CODE_DIR_IN_SANDBOX,
             "--perms", "0755", "--dir", "/run",
