@@ -33,7 +33,7 @@ from faas.core.election import LeaderWatch
 from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
 from faas.core.hop_server import Request as HopRequest
 from faas.core.hop_server import Response as HopServerResponse
-from faas.core.hop_server import relay
+from faas.core.hop_server import app_body, relay, relay_app
 from faas.core.http import HopResponse
 from faas.core.models import (
     AliasSpec,
@@ -463,6 +463,52 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     hot_routes(app).add("POST", "/v1/functions/{name}/invoke", hot_invoke)
     hot_routes(app).add("POST", "/v1/functions/{name}/invoke-async", hot_invoke_async)
 
+    # Web apps (versions of kind "app"): /app/{name}/... passed through to an instance as HTTP, both
+    # bodies streamed.  A hot route: FastAPI would read the body whole.
+    async def app_request(request: HopRequest) -> HopServerResponse:
+        name = check_name(request.params["name"])
+        authorization = request.headers.get("authorization")
+        platform_key = bool(request.headers.get("x-api-key")) or _is_platform_key(authorization)
+        if platform_key:
+            principal = authenticate(app.state.key_index, request.headers.get)
+            ns = namespace_of(None, "invoker", principal)
+            principal.may_invoke(name)
+            spec = await app.state.catalog.resolve(ns, name, None)
+        else:
+            ns = settings.default_namespace
+            try:
+                spec = await app.state.catalog.resolve(ns, name, None)
+            except (NotFound, InvalidRequest):
+                spec = None
+            if spec is None or not spec.public:
+                raise Unauthorized(NO_KEY)  # the same answer whether the app exists or not
+        if spec.kind != "app":
+            raise NotFound(f"{name!r} is a function, not an app: its HTTP trigger is /fn/{name}/")
+        take_invocation(ns)
+        root = f"/app/{name}"
+        headers = [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in request.raw_headers
+            if not n.startswith(b"x-faas-") and n not in _APP_DROPPED and not (n == b"authorization" and platform_key)
+        ]
+        if request.client is not None:
+            forwarded = next((v for n, v in headers if n == "x-forwarded-for"), None)
+            headers = [(n, v) for n, v in headers if n != "x-forwarded-for"]
+            headers.append(("x-forwarded-for", f"{forwarded}, {request.client[0]}" if forwarded else request.client[0]))
+        headers.append((wire.ROOT_PATH, root))
+        path = "/" + request.params.get("path", "")  # below the root path; "/app/shop" is "/"
+        trigger: TriggerClient = app.state.trigger
+        resp = await trigger.app_request(
+            ns, name, spec.version, method=request.method, path=path, query=request.query, headers=headers,
+            body=app_body(request), function_uid=spec.function_uid,
+            deadline=wire.invocation_deadline(timeout_s=spec.timeout_s, cold_start_timeout_s=settings.cold_start_timeout_s),
+        )  # fmt: skip
+        return await relay_app(resp, head_request=request.method == "HEAD")
+
+    for method in wire.APP_METHODS:
+        hot_routes(app).add(method, "/app/{name}", app_request)
+        hot_routes(app).add(method, "/app/{name}/{path:path}", app_request)
+
     @app.post("/v1/functions/{name}/invoke", tags=["invocation"])
     async def invoke(
         name: str,
@@ -628,6 +674,20 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         app, settings, namespace_of=namespace_of, check_name=check_name, read_payload=read_payload
     )
     return app
+
+
+# A web app's request headers the gateway never passes on: the platform key's, and the framing of the
+# client's connection (each hop frames its own).
+_APP_DROPPED = frozenset({b"x-api-key", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
+                          b"upgrade", b"proxy-connection"})  # fmt: skip
+
+
+def _is_platform_key(authorization: str | None) -> bool:
+    """Whether an Authorization header carries a platform API key (else it is the app's business)."""
+    if not authorization:
+        return False
+    scheme, _, value = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and value.strip().startswith("faas_")
 
 
 def _last(query: dict[str, list[str]], name: str) -> str | None:

@@ -54,8 +54,11 @@ MANIFEST_FILE = "faas.yaml"
 
 # Manifest key -> VersionConfig field.
 CONFIG_FIELDS: dict[str, str] = {
+    "kind": "kind",
     "runtime": "runtime",
     "handler": "handler",
+    "entry": "handler",  # an app's 'module:app' (kind: app)
+    "readiness_path": "readiness_path",
     "memory": "memory_mb",
     "timeout": "timeout_s",
     "concurrency": "concurrency",
@@ -84,7 +87,7 @@ _DESTINATION_KEYS = ("function", "stream")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _DURATION_KEYS = ("timeout", "max_event_age")  # seconds, or a string such as 30s, 15m, 6h
-_KEY_OF_FIELD = {field: key for key, field in CONFIG_FIELDS.items()}
+_KEY_OF_FIELD = {field: key for key, field in reversed(CONFIG_FIELDS.items())}  # handler -> 'handler'
 _NUMERIC_KEYS = (
     "memory",
     "timeout",
@@ -174,6 +177,8 @@ def parse_manifest(text: str, file: Path) -> Manifest:
     elif reason := name_problem(name):
         problems.append(f"{where}: field 'name': {reason}")
 
+    if "handler" in data and "entry" in data:
+        problems.append(f"{where}: give 'entry' (an app's module:app) or 'handler' (a function's), not both")
     values: dict[str, Any] = {}
     for key, field in CONFIG_FIELDS.items():
         if key not in data:

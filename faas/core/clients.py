@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 from faas.core import wire
@@ -163,6 +164,21 @@ class LeaderClient:
             return resp
 
 
+class ReadOnce:
+    """A request body that can be sent once, telling whether sending it has begun."""
+
+    __slots__ = ("body", "started")
+
+    def __init__(self, body: AsyncIterable[bytes]) -> None:
+        self.body = body
+        self.started = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        async for chunk in self.body:
+            yield chunk
+
+
 class TriggerClient(LeaderClient):
     """The gateway's path to the primary trigger."""
 
@@ -193,6 +209,44 @@ class TriggerClient(LeaderClient):
         return await self.call(
             "POST", path, body=body, headers=headers, deadline=deadline, what=f"invocation of {name!r}", stream=stream
         )
+
+    async def app_request(
+        self, ns: str, name: str, version: int, *, method: str, path: str, query: bytes,
+        headers: list[tuple[str, str]], body: bytes | AsyncIterable[bytes], deadline: float, function_uid: str,
+    ) -> HopResponse:  # fmt: skip
+        """One request of a web app to the primary, its body and answer streamed.  Sent again to a
+        new primary only while none of its body has been read (a body read once cannot be re-sent);
+        a 503 ``not_leader`` is told from the app's own 503 by ``wire.NOT_LEADER``."""
+        once = body if isinstance(body, bytes) else ReadOnce(body)
+        target = wire.app_request(ns, name, version, path, query)
+        sent = [*headers, (wire.DEADLINE_MS, wire.deadline_header(deadline)), (wire.FUNCTION_UID, function_uid)]
+        what = f"a request of app {name!r}"
+        skip: str | None = None
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{what} did not finish before its deadline")
+            leader = await self.leader.wait_for_leader(remaining, not_address=skip)
+            try:
+                resp = await self.http.request(
+                    method, wire.hop_address(leader) + target, body=once, headers=sent, timeout_s=remaining + 1.0,
+                    stream=True, multiplex=False,
+                )  # fmt: skip
+            except HopTimeout as exc:
+                raise DeadlineExceeded(f"{what} did not finish before its deadline") from exc
+            except HopError as exc:
+                if isinstance(once, ReadOnce) and once.started:
+                    raise Unavailable(f"the trigger went away during {what}: {exc}") from exc
+                skip = None if isinstance(exc, NotDelivered) else leader.address
+                await asyncio.sleep(0.05)
+                continue
+            if resp.status == 503 and resp.headers.get(wire.NOT_LEADER) == "1":
+                resp.close()
+                if isinstance(once, ReadOnce) and once.started:
+                    raise Unavailable(f"the trigger lost its leadership during {what}")
+                await asyncio.sleep(0.1)
+                continue
+            return resp
 
     async def enqueue(self, events: list[dict[str, object]], *, deadline: float) -> HopResponse:
         """Queue events for several functions in one transaction on the primary (all or none).
@@ -253,6 +307,19 @@ class DispatcherClient:
             resp.close()
             raise token_refused(f"the dispatcher at {address}", f"invocation of {name!r}")
         return resp
+
+    async def app_request(
+        self, address: str, ns: str, name: str, version: int, *, method: str, path: str, query: bytes,
+        headers: list[tuple[str, str]], body: bytes | AsyncIterable[bytes], deadline: float,
+    ) -> HopResponse:  # fmt: skip
+        """One request of a web app, its body and answer streamed (an HTTP connection, not the
+        multiplexed one, whose answers come whole); ``HopError`` as it comes."""
+        resp = await self.http.request(
+            method, address + wire.app_request(ns, name, version, path, query), body=body,
+            headers=[*headers, (wire.DEADLINE_MS, wire.deadline_header(deadline))],
+            timeout_s=deadline - time.time() + 0.5, stream=True, multiplex=False,
+        )  # fmt: skip
+        return resp  # a 401 is the app's own: a dispatcher's refusal of the token looks no different
 
     async def close(self) -> None:
         await self.http.close()

@@ -105,6 +105,10 @@ class Unavailable(FaasError):
 class NotLeader(Unavailable):
     kind = "not_leader"
 
+    def response_headers(self) -> dict[str, str]:
+        # Tells a caller that relays web apps' answers this 503 apart from an app's own.
+        return {"x-faas-not-leader": "1"}  # wire.NOT_LEADER (faas.core.wire imports nothing of errors)
+
 
 class DeadlineExceeded(FaasError):
     http_status = 504

@@ -38,7 +38,7 @@ import logging
 import re
 import socket
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -104,7 +104,7 @@ class Response:
         self,
         status: int = 200,
         body: bytes = b"",
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
         *,
         stream: AsyncIterable[bytes] | None = None,
         content_type: str | None = "application/json",
@@ -145,6 +145,73 @@ async def relay(resp: HopResponse) -> Response:
     return Response(resp.status, headers=passed, stream=resp.stream(), content_type=content_type, on_close=resp.close)
 
 
+# What a hop does not pass on of a web app's response: the framing of its own connection.
+_APP_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "content-length"))
+
+
+async def relay_app(resp: HopResponse, *, head_request: bool = False) -> Response:
+    """Answer with a web app's response as the next hop relayed it: its status, every header line it
+    sent (``Set-Cookie`` repeated included) and its body, streamed through as it arrives."""
+    raw = resp.raw_headers if resp.raw_headers is not None else list(resp.headers.items())
+    headers = [(name, value) for name, value in raw if name not in _APP_HOP_BY_HOP]
+    length = resp.headers.get("content-length")
+    no_body = head_request or resp.status in (204, 304) or 100 <= resp.status < 200
+    if no_body or not resp.streamed or (length is not None and length.isdigit() and int(length) <= RELAY_WHOLE_BYTES):
+        body = await resp.read()
+        return Response(resp.status, b"" if no_body else body, headers, content_type=None)
+    if length is not None and length.isdigit():
+        headers.append(("content-length", length))
+    return Response(resp.status, headers=headers, stream=resp.stream(), content_type=None, on_close=resp.close)
+
+
+async def released_after(resp: HopResponse, release: Callable[[], None], *, head_request: bool = False) -> Response:
+    """``relay_app(resp)``, calling ``release`` once its body is relayed or given up (at once when it
+    was read whole)."""
+    try:
+        out = await relay_app(resp, head_request=head_request)
+    except BaseException:
+        resp.close()
+        release()
+        raise
+    if out.stream is None:
+        release()
+        return out
+    close = out.on_close
+
+    def closed() -> None:
+        if close is not None:
+            close()
+        release()
+
+    out.on_close = closed
+    return out
+
+
+# A web app's request headers a hop does not pass on: the framing of its own connection, and the
+# internal token and deadline, which each hop sends itself.
+_APP_NOT_FORWARDED = frozenset(
+    name.encode() for name in (wire.INTERNAL_TOKEN, wire.DEADLINE_MS, "connection", "keep-alive",
+                               "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection")
+)  # fmt: skip
+
+
+def app_headers(request: Request) -> list[tuple[str, str]]:
+    """A web app's request headers to pass on to the next hop, every line as it came."""
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in request.raw_headers
+        if name not in _APP_NOT_FORWARDED
+    ]
+
+
+def app_body(request: Request) -> bytes | AsyncIterator[bytes]:
+    """A web app's request body to pass on: nothing when it has none, else streamed as it arrives."""
+    length = request.headers.get("content-length")
+    if "transfer-encoding" not in request.headers and (length is None or length == "0"):
+        return b""
+    return request.body.chunks()
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 ASGIApp = Callable[..., Awaitable[None]]  # (scope, receive, send)
 
@@ -174,6 +241,8 @@ class Router:
             if kind == "int":
                 ints.append(name)
                 return f"(?P<{name}>[0-9]{{1,18}})"
+            if kind == "path":  # the rest of the path, slashes included (possibly empty)
+                return f"(?P<{name}>.*)"
             return f"(?P<{name}>[^/]+)"
 
         pattern = re.compile("^" + re.sub(r"\{([^}]+)\}", group, template) + "$")
@@ -445,15 +514,14 @@ class _Connection(asyncio.Protocol, WriteFlow):
         if self._closed or self.transport is None:
             return False
         headers = response.headers
-        if headers is not None and headers.get("connection", "").lower() == "close":
+        if (_header(headers, "connection") or "").lower() == "close":
             keep_alive = False
         if response.stream is None:
             body = response.body
             self.transport.write(_head(response.status, headers, response.content_type, len(body), keep_alive) + body)
             return keep_alive
-        length: int | None = None
-        if headers is not None and "content-length" in headers:
-            length = int(headers["content-length"])
+        declared = _header(headers, "content-length")
+        length = int(declared) if declared is not None and declared.isdigit() else None
         self.transport.write(_head(response.status, headers, response.content_type, length, keep_alive))
         sent = 0
         async for chunk in response.stream:
@@ -585,12 +653,24 @@ class _Connection(asyncio.Protocol, WriteFlow):
         return keep_alive and request.body.complete
 
 
-def _head(status: int, headers: dict[str, str] | None, content_type: str | None, length: int | None, keep_alive: bool) -> bytes:
+def _header(headers: dict[str, str] | list[tuple[str, str]] | None, name: str) -> str | None:
+    """A response header's value (the first, when the headers are a list of lines)."""
+    if headers is None:
+        return None
+    if isinstance(headers, dict):
+        return headers.get(name)
+    return next((value for key, value in headers if key == name), None)
+
+
+def _head(
+    status: int, headers: dict[str, str] | list[tuple[str, str]] | None, content_type: str | None,
+    length: int | None, keep_alive: bool,
+) -> bytes:  # fmt: skip
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
     if content_type is not None:
         parts.append(b"content-type: %s\r\n" % content_type.encode("latin-1"))
     if headers:
-        for name, value in headers.items():
+        for name, value in headers.items() if isinstance(headers, dict) else headers:
             if name in ("content-length", "connection", "transfer-encoding"):
                 continue
             parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))

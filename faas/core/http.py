@@ -34,7 +34,9 @@ from faas.core import wire
 from faas.core.body import Body, BodyIncomplete, WriteFlow, set_nodelay
 
 IDLE_REUSE_S = 50.0
-_HOP_BY_HOP = frozenset(("host", "connection", "transfer-encoding"))
+_HOP_BY_HOP = frozenset(("connection", "transfer-encoding"))
+Headers = dict[str, str] | list[tuple[str, str]]
+"""A request's headers: a dict, or a list of (name, value) when a name may repeat (a web app's request)."""
 _socket_paths: dict[str, str] = {}  # the quoted authority of an http+unix:// URL -> its socket path
 _WRITE_HIGH_WATER = 256 * 1024
 
@@ -59,12 +61,15 @@ class HopResponse:
     """``headers`` has lowercase names.  ``body`` is the whole body, unless the call was made with
     ``stream=True``: then ``stream`` yields it and ``body`` is empty."""
 
-    __slots__ = ("status", "headers", "body", "_stream", "_release")
+    __slots__ = ("status", "headers", "body", "raw_headers", "_stream", "_release")
 
-    def __init__(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+    def __init__(
+        self, status: int, headers: dict[str, str], body: bytes = b"", raw_headers: list[tuple[str, str]] | None = None
+    ) -> None:
         self.status = status
-        self.headers = headers
+        self.headers = headers  # a repeated header's values joined with ", "
         self.body = body
+        self.raw_headers = raw_headers  # every header line as it came (lowercase names), when kept
         self._stream: Body | None = None
         self._release: Any = None
 
@@ -121,7 +126,7 @@ class HopResponse:
 class _Connection(asyncio.Protocol, WriteFlow):
     __slots__ = (
         "key", "parser", "transport", "closed", "idle_since", "_head", "_body", "_headers", "_keep_alive",
-        "_failure",
+        "_failure", "raw_headers",
     )  # fmt: skip
 
     def __init__(self, key: str) -> None:
@@ -133,6 +138,7 @@ class _Connection(asyncio.Protocol, WriteFlow):
         self._head: asyncio.Future[tuple[int, dict[str, str], Body]] | None = None
         self._body: Body | None = None
         self._headers: dict[str, str] = {}
+        self.raw_headers: list[tuple[str, str]] = []  # the current response's header lines, as they came
         self._keep_alive = False
         self._failure: HopError | None = None
         WriteFlow.__init__(self)
@@ -165,10 +171,12 @@ class _Connection(asyncio.Protocol, WriteFlow):
     # parser callbacks
     def on_message_begin(self) -> None:
         self._headers = {}
+        self.raw_headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
+        self.raw_headers.append((key, text))
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
     def on_headers_complete(self) -> None:
@@ -248,7 +256,7 @@ class HopClient:
         self._closed = False
 
     async def post(
-        self, url: str, *, body: bytes | AsyncIterable[bytes], headers: dict[str, str], timeout_s: float,
+        self, url: str, *, body: bytes | AsyncIterable[bytes], headers: Headers, timeout_s: float,
         stream: bool = False,
     ) -> HopResponse:  # fmt: skip
         return await self.request("POST", url, body=body, headers=headers, timeout_s=timeout_s, stream=stream)
@@ -259,13 +267,15 @@ class HopClient:
         url: str,
         *,
         body: bytes | AsyncIterable[bytes] = b"",  # bytes (not bytearray) or chunks
-        headers: dict[str, str] | None = None,
+        headers: Headers | None = None,
         timeout_s: float,
         stream: bool = False,
+        multiplex: bool = True,
     ) -> HopResponse:
         """One request; with ``stream`` the response comes back at its head (read its body with
         ``stream()`` or ``read()``, or ``close()`` it).  ``timeout_s`` bounds the whole exchange, the
-        body of a streamed response included."""
+        body of a streamed response included.  ``multiplex=False``: an HTTP connection even to a
+        service that speaks the multiplexed protocol (whose answers arrive whole, never streamed)."""
         unix = self._unix
         if url.startswith("http://"):
             authority, slash, path = url[7:].partition("/")
@@ -277,7 +287,7 @@ class HopClient:
             if unix is None:
                 unix = _socket_paths[authority] = unquote(authority)
             authority = "localhost"
-            if self._multiplex and isinstance(body, bytes):
+            if self._multiplex and multiplex and isinstance(body, bytes):
                 # A platform service on this machine: many calls share one framed connection.
                 if self._mux is None:
                     from faas.core.mux import MuxClient
@@ -313,7 +323,7 @@ class HopClient:
             if stream:
                 # The timer stays armed until the body was read (or given up): a peer that stops in
                 # the middle of a body does not hold the caller past its timeout.
-                resp = HopResponse(status, resp_headers)
+                resp = HopResponse(status, resp_headers, raw_headers=conn.raw_headers)
                 resp._stream = resp_body
 
                 def release(abandon: bool = False) -> None:
@@ -341,16 +351,20 @@ class HopClient:
             self._give_back(conn)
         else:
             conn.abort(ConnectionBroken("not reusable"))
-        return HopResponse(status, resp_headers, data)
+        return HopResponse(status, resp_headers, data, conn.raw_headers)
 
     def _head(
-        self, method: str, path: str, authority: str, headers: dict[str, str] | None, length: int | None
+        self, method: str, path: str, authority: str, headers: Headers | None, length: int | None
     ) -> tuple[list[str], bool]:
         """The request head's lines (without the blank line) and whether the caller gave a length."""
-        lines = [f"{method} {path} HTTP/1.1\r\nhost: {authority or 'localhost'}\r\n{self._token_line}"]
+        lines = [f"{method} {path} HTTP/1.1\r\n"]
+        pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
+        if not any(name.lower() == "host" for name, _ in pairs):
+            lines.append(f"host: {authority or 'localhost'}\r\n")
+        lines.append(self._token_line)
         length_given = False
-        if headers:
-            for name, value in headers.items():
+        if pairs:
+            for name, value in pairs:
                 lower = name.lower()
                 if lower in _HOP_BY_HOP:
                     continue
@@ -362,7 +376,7 @@ class HopClient:
         return lines, length_given
 
     async def _send(
-        self, conn: _Connection, method: str, path: str, authority: str, headers: dict[str, str] | None,
+        self, conn: _Connection, method: str, path: str, authority: str, headers: Headers | None,
         body: AsyncIterable[bytes],
     ) -> None:  # fmt: skip
         lines, length_given = self._head(method, path, authority, headers, None)

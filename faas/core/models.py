@@ -18,10 +18,12 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.[A-Za-z_][A-Za-z0-9_]*$")
+APP_ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+APP_CONCURRENCY = 32  # an app's default concurrency: requests one instance serves at once
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RUNTIMES = ("python3.11",)
 RESERVED_ENV_PREFIXES = ("FAAS_", "AWS_")
@@ -106,6 +108,8 @@ class Destination(BaseModel):
 class VersionConfig(BaseModel):
     """What a user sets for a version (from ``faas.yaml`` or the API)."""
 
+    # "app": a long-running WSGI/ASGI web app (handler 'module:app'), served at /app/{name}/, kept warm.
+    kind: Literal["function", "app"] = "function"
     runtime: Literal["python3.11"] = "python3.11"
     handler: str = "handler.handler"
     memory_mb: int = Field(default=256, ge=64, le=10240)
@@ -124,11 +128,16 @@ class VersionConfig(BaseModel):
     # The HTTP trigger (``/fn/{name}/...``) answers callers without an API key (web hooks, browsers).
     # The management routes and the invoke API still need a key.
     public: bool = False
+    # An app's instance gets traffic once its answer to GET readiness_path (any status) came back.
+    readiness_path: str = Field(default="/", pattern=r"^/[^\s?#]*$", max_length=1024)
 
     @field_validator("handler")
     @classmethod
-    def _handler_shape(cls, value: str) -> str:
-        if not HANDLER_RE.fullmatch(value):
+    def _handler_shape(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "app":
+            if not APP_ENTRY_RE.fullmatch(value):
+                raise ValueError(f"an app's entry {value!r} must look like 'module:app' (e.g. 'main:app')")
+        elif not HANDLER_RE.fullmatch(value):
             raise ValueError(f"handler {value!r} must look like 'module.function' (e.g. 'handler.handler')")
         return value
 
@@ -145,12 +154,20 @@ class VersionConfig(BaseModel):
         return value
 
     def model_post_init(self, __context: Any) -> None:
+        if self.kind == "app":
+            # Always warm: an app has an instance from its deploy on, unless it asks for more.
+            if "min_instances" not in self.model_fields_set:
+                self.min_instances = 1
+            if "concurrency" not in self.model_fields_set:
+                self.concurrency = APP_CONCURRENCY
+            if self.min_instances < 1:
+                raise ValueError("an app keeps at least one instance: min_instances must be 1 or more")
         if self.min_instances > self.max_instances:
             raise ValueError("min_instances must not exceed max_instances")
 
     @property
     def handler_module(self) -> str:
-        return self.handler.rsplit(".", 1)[0]
+        return self.handler.split(":", 1)[0] if self.kind == "app" else self.handler.rsplit(".", 1)[0]
 
 
 class VersionSpec(VersionConfig):

@@ -133,13 +133,15 @@ def hello(token: str | None) -> bytes:
     return PREFACE if token is None else PREFACE + frame(HELLO, REFUSAL_STREAM, token.encode("latin-1"))
 
 
-def response_payload(status: int, headers: dict[str, str] | None, content_type: str | None, body: bytes) -> bytes:
+def response_payload(
+    status: int, headers: dict[str, str] | list[tuple[str, str]] | None, content_type: str | None, body: bytes
+) -> bytes:
     """The payload of a ``RESPONSE`` frame."""
     parts = [b"%d\r\n" % status]
     if content_type is not None:
         parts.append(b"content-type: %s\r\n" % content_type.encode("latin-1"))
     if headers:
-        for name, value in headers.items():
+        for name, value in headers.items() if isinstance(headers, dict) else headers:
             if name not in ("content-length", "connection", "transfer-encoding"):
                 parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
     parts.append(b"\r\n")
@@ -149,8 +151,11 @@ def response_payload(status: int, headers: dict[str, str] | None, content_type: 
 
 def parse_response(payload: bytes) -> HopResponse:
     lines, body = split_head(payload)
-    headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in parse_headers(lines[1:])}
-    return HopResponse(int(lines[0]), headers, body)
+    raw = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in parse_headers(lines[1:])]
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return HopResponse(int(lines[0]), headers, body, raw)
 
 
 class _MuxConnection(asyncio.Protocol):
@@ -262,8 +267,9 @@ class MuxClient:
         return conn
 
     async def request(
-        self, path: str, method: str, target: str, headers: dict[str, str] | None, body: bytes, timeout_s: float
-    ) -> HopResponse:
+        self, path: str, method: str, target: str, headers: dict[str, str] | list[tuple[str, str]] | None, body: bytes,
+        timeout_s: float,
+    ) -> HopResponse:  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         conn = await self._connection(path, timeout_s)
@@ -273,7 +279,8 @@ class MuxClient:
             raise NotDelivered(f"the connection to {path} closed before the call was sent")
         lines = [f"{method} {target}\r\n"]
         if headers:
-            lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+            pairs = headers.items() if isinstance(headers, dict) else headers
+            lines.extend(f"{name}: {value}\r\n" for name, value in pairs)
         lines.append("\r\n")
         stream, future = conn.send("".join(lines), body)
         timer = loop.call_at(deadline, _time_out, future, path, timeout_s)

@@ -39,6 +39,14 @@ DURATION_MS = "x-faas-duration-ms"
 FUNCTION_ERROR = "x-faas-function-error"
 RETRY_AFTER = "retry-after"
 PASSED_HEADERS = (REQUEST_ID, VERSION, INSTANCE, COLD, DURATION_MS, FUNCTION_ERROR, RETRY_AFTER)
+# On a standby's 503 ``not_leader``: tells it apart from a web app's own 503 in a relayed answer.
+NOT_LEADER = "x-faas-not-leader"
+# A web app's request: the public prefix the app is mounted at (its root path), passed to the host.
+ROOT_PATH = "x-faas-root-path"
+# Headers of a web app's request that are the platform's, never the app's: a client's are dropped at
+# the gateway (with the API key it sent), so an app sees only what its callers meant for it.
+APP_HOP_HEADERS = frozenset({INTERNAL_TOKEN, DEADLINE_MS, FUNCTION_UID, ROOT_PATH, "connection", "keep-alive",
+                             "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"})  # fmt: skip
 # Caller headers an async event keeps in its envelope (W3C trace context, and who sent it).
 ENVELOPE_HEADERS = ("traceparent", "tracestate", "user-agent")
 
@@ -131,6 +139,19 @@ def scheduler_retire(instance_id: str) -> str:
     return f"/v1/instances/{instance_id}/retire"
 
 
+def app_request(ns: str, name: str, version: int, path: str, query: bytes) -> str:
+    """A web app's request between the trigger and a dispatcher: ``path`` is below the app's root
+    (``/`` at least), ``query`` the raw query string."""
+    target = f"/v1/app/{ns}/{name}/{version}{path}"
+    return f"{target}?{query.decode('latin-1')}" if query else target
+
+
+def host_app_request(path: str, query: bytes) -> str:
+    """A web app's request as its instance's host takes it (``faas/runtime/app_host.py``)."""
+    target = f"/_/app{path}"
+    return f"{target}?{query.decode('latin-1')}" if query else target
+
+
 NODE_INSTANCES = "/v1/instances"
 
 
@@ -150,6 +171,8 @@ OPEN_PATHS = frozenset({HEALTH})
 TRIGGER_INVOKE_ROUTE = "/v1/invoke/{ns}/{name}/{version:int}"
 TRIGGER_INVOKE_ASYNC_ROUTE = "/v1/invoke-async/{ns}/{name}/{version:int}"
 DISPATCHER_INVOKE_ROUTE = "/v1/invoke/{ns}/{name}/{version:int}"
+APP_ROUTE = "/v1/app/{ns}/{name}/{version:int}{path:path}"  # the trigger's and the dispatcher's
+APP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 # -- deadlines -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from faas.core import keys, wire
 from faas.core.etcd import PrefixMirror
-from faas.core.hop_server import Request, Response
+from faas.core.hop_server import Request, Response, app_body, app_headers, released_after
 from faas.core.queue import InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
@@ -105,5 +105,22 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return Response(result.status, result.body, result.headers)
 
     hot_routes(app).add("POST", wire.DISPATCHER_INVOKE_ROUTE, invoke)
+
+    async def app_request(request: Request) -> Response:
+        """A web app's request: to one of its instances, streamed both ways (a hot route)."""
+        dispatcher: Dispatcher = app.state.dispatcher
+        params = request.params
+        deadline = wire.deadline_from_header(
+            request.headers.get(wire.DEADLINE_MS), cold_start_timeout_s=settings.cold_start_timeout_s
+        )
+        resp, release = await dispatcher.app_request(
+            params["ns"], params["name"], params["version"], method=request.method, path=params["path"] or "/",
+            query=request.query, headers=app_headers(request), body=app_body(request), deadline=deadline,
+            uid=request.headers.get(wire.FUNCTION_UID),
+        )  # fmt: skip
+        return await released_after(resp, release, head_request=request.method == "HEAD")
+
+    for method in wire.APP_METHODS:
+        hot_routes(app).add(method, wire.APP_ROUTE, app_request)
 
     return app

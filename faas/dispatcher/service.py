@@ -31,18 +31,20 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterable, Callable
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 
 from faas.core import keys, redis_keys, wire
-from faas.core.clients import NodeClient, SchedulerClient
+from faas.core.clients import NodeClient, ReadOnce, SchedulerClient
 from faas.core.election import LeaderWatch
 from faas.core.errors import (
     DeadlineExceeded,
     FaasError,
     FunctionTimeout,
     InstanceStartError,
+    NotFound,
     TooManyRequests,
 )
 from faas.core.etcd import Etcd, PrefixMirror
@@ -265,6 +267,56 @@ class Dispatcher:
             if outcome.retire:
                 self._drop(pool, inst, reason="instance retired itself")
             return self._finish(spec, inst, outcome, request_id=request_id, cold=cold, total_ms=(ended - started) * 1000)
+
+    async def app_request(
+        self, ns: str, name: str, version: int, *, method: str, path: str, query: bytes,
+        headers: list[tuple[str, str]], body: bytes | AsyncIterable[bytes], deadline: float, uid: str | None,
+    ) -> tuple[HopResponse, Callable[[], None]]:  # fmt: skip
+        """Send one request of a web app to one of its instances, its body and answer streamed.
+
+        Returns the instance's response (its body still to be read) and the function that gives the
+        instance's slot back, to be called once that body is relayed or given up.  A request no
+        instance received, with none of its body read yet, goes to another instance; any other
+        failure is answered, never retried (the app may have acted on it)."""
+        spec = await self.catalog.version(ns, name, version, uid=uid)
+        if spec.kind != "app":
+            raise NotFound(f"{name!r} is a function, not an app: call it at /v1/functions/{name}/invoke")
+        key = spec.key
+        stream = body if isinstance(body, bytes) else ReadOnce(body)
+        while True:
+            pool = self._pool(key)
+            inst, _ = await self._acquire(pool, key, spec, deadline)
+            inst.invocations += 1
+            try:
+                resp = await inst.client.request(
+                    method, inst.base_url + wire.host_app_request(path, query), body=stream,
+                    headers=[*headers, (wire.DEADLINE_MS, wire.deadline_header(deadline))],
+                    timeout_s=max(deadline - time.time(), 0.001), stream=True,
+                )  # fmt: skip
+            except NotDelivered as exc:
+                pool.release(inst)
+                self._drop(pool, inst, reason=f"unreachable ({exc})")
+                if isinstance(stream, ReadOnce) and stream.started:
+                    raise InstanceStartError(f"the instance went away while the request was sent: {exc}") from exc
+                continue
+            except HopTimeout as exc:
+                pool.release(inst)
+                raise FunctionTimeout(f"the app did not answer within its timeout of {spec.timeout_s:g} s") from exc
+            except ConnectionBroken as exc:
+                pool.release(inst)
+                self._drop(pool, inst, reason=f"connection broke during a request ({exc})")
+                raise InstanceStartError(
+                    f"the app's instance stopped answering during the request: {exc}", error_type="InstanceCrashed"
+                ) from exc
+            released = False
+
+            def release(pool: FunctionPool = pool, inst: WarmInstance = inst) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    pool.release(inst)
+
+            return resp, release
 
     async def _acquire(
         self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float

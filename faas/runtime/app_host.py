@@ -117,10 +117,10 @@ class Request:
         self.version = version
         raw_path, _, self.query = target.partition(b"?")
         if not raw_path.startswith(APP_PREFIX):
-            raise BadRequest(404, "not an app request")
+            raise BadRequest(404, f"not an app request: {raw_path[:200].decode('latin-1')}")
         self.raw_path = raw_path[len(APP_PREFIX) :] or b"/"
         if not self.raw_path.startswith(b"/"):
-            raise BadRequest(404, "not an app request")
+            raise BadRequest(404, f"not an app request: {raw_path[:200].decode('latin-1')}")
         self.path = unquote_to_bytes(self.raw_path)
         self.headers = [(n, v) for n, v in headers if n not in HOP_HEADERS]
         own = dict(headers)

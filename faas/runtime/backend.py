@@ -34,6 +34,8 @@ class InstanceSpec(BaseModel):
     concurrency: int
     environment: dict[str, str] = Field(default_factory=dict)
     function_uid: str = ""  # the function's identity (a function deleted and created again differs)
+    kind: str = "function"  # or "app": the host serves the WSGI/ASGI app ``handler`` names (module:app)
+    readiness_path: str = "/"
 
     def specialize_body(self) -> dict[str, object]:
         return {
@@ -48,6 +50,8 @@ class InstanceSpec(BaseModel):
             "timeout_s": self.timeout_s,
             "concurrency": self.concurrency,
             "environment": self.environment,
+            "kind": self.kind,
+            "readiness_path": self.readiness_path,
         }
 
 

@@ -228,6 +228,8 @@ class Scheduler:
             "concurrency": spec.concurrency,
             "environment": spec.environment,
             "function_uid": spec.function_uid,
+            "kind": spec.kind,
+            "readiness_path": spec.readiness_path,
         }
         self._starting_mb[node.node_id] += spec.memory_mb
         try:

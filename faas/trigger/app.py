@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from faas.core import redis_keys, wire
 from faas.core.election import Election
-from faas.core.hop_server import Request, Response, json_response, relay
+from faas.core.hop_server import Request, Response, app_body, app_headers, json_response, relay, relay_app
 from faas.core.queue import AsyncEnvelope, EnqueueBatcher, InvocationQueue
 from faas.core.registry import Catalog
 from faas.core.service import (
@@ -132,6 +132,22 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         return await relay(resp)
 
     hot_routes(app).add("POST", wire.TRIGGER_INVOKE_ROUTE, invoke)
+
+    async def app_request(request: Request) -> Response:
+        """A web app's request, relayed to a dispatcher and back, streamed (a hot route)."""
+        trigger: Trigger = app.state.trigger
+        params = request.params
+        deadline = wire.deadline_from_header(
+            request.headers.get(wire.DEADLINE_MS), cold_start_timeout_s=settings.cold_start_timeout_s
+        )
+        resp = await trigger.app_request(
+            params["ns"], params["name"], params["version"], method=request.method, path=params["path"] or "/",
+            query=request.query, headers=app_headers(request), body=app_body(request), deadline=deadline,
+        )  # fmt: skip
+        return await relay_app(resp, head_request=request.method == "HEAD")
+
+    for method in wire.APP_METHODS:
+        hot_routes(app).add(method, wire.APP_ROUTE, app_request)
 
     async def invoke_async(request: Request) -> Response:
         """Write the event durably to the queue, then answer 202 (only the primary does)."""

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterable
 
 from faas.core import keys, wire
-from faas.core.clients import DispatcherClient
+from faas.core.clients import DispatcherClient, ReadOnce
 from faas.core.election import Election
 from faas.core.errors import DeadlineExceeded, Unavailable
 from faas.core.etcd import Etcd, PrefixMirror
@@ -81,6 +82,35 @@ class Trigger:
                 self._ranked.clear()
             ranked = self._ranked[function_key] = rank(self._members, function_key)
         return self._members, ranked
+
+    async def app_request(
+        self, ns: str, name: str, version: int, *, method: str, path: str, query: bytes,
+        headers: list[tuple[str, str]], body: bytes | AsyncIterable[bytes], deadline: float,
+    ) -> HopResponse:  # fmt: skip
+        """A web app's request, to the dispatcher rendezvous hashing picks for the app (the next one
+        while none has received it), its body and answer streamed."""
+        self.election.require_serving()
+        members, ranked = self.ranking(f"{ns}/{name}")
+        if not members:
+            raise Unavailable("no dispatcher is registered")
+        once = body if isinstance(body, bytes) else ReadOnce(body)
+        last_error = "no dispatcher answered"
+        for member_id in ranked:
+            if deadline <= time.time():
+                break
+            try:
+                return await self.dispatcher_client.app_request(
+                    members[member_id], ns, name, version, method=method, path=path, query=query,
+                    headers=headers, body=once, deadline=deadline,
+                )  # fmt: skip
+            except HopTimeout as exc:
+                raise DeadlineExceeded(f"a request of app {name!r} did not finish before its deadline") from exc
+            except HopError as exc:
+                if isinstance(once, ReadOnce) and once.started:
+                    raise Unavailable(f"dispatcher {member_id} went away during a request of app {name!r}") from exc
+                last_error = f"dispatcher {member_id} unreachable: {exc}"
+                log.warning(last_error)
+        raise Unavailable(last_error)
 
     async def invoke_sync(
         self, ns: str, name: str, version: int, body: bytes, *, request_id: str, deadline: float,
