@@ -27,10 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from faas.core import redis_keys, wire
 from faas.core.api_keys import NO_KEY, KeyIndex, KeyStore, Principal, Role, Unauthorized
 from faas.core.body import BodyTooLarge
-from faas.core.clients import TriggerClient
+from faas.core.clients import SchedulerClient, TriggerClient
 from faas.core.codestore import CodeStore
 from faas.core.election import LeaderWatch
-from faas.core.errors import InvalidRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
+from faas.core.errors import (
+    FaasError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unavailable,
+)
 from faas.core.hop_server import Request as HopRequest
 from faas.core.hop_server import Response as HopServerResponse
 from faas.core.hop_server import app_body, relay, relay_app
@@ -107,6 +114,10 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         app.state.code_store = code_store
         app.state.trigger = TriggerClient(leader, internal_token=settings.internal_token)
         app.state.trigger.start()
+        scheduler_leader = LeaderWatch(etcd, "scheduler")
+        scheduler_leader.start()
+        app.state.scheduler = SchedulerClient(scheduler_leader, internal_token=settings.internal_token)
+        app.state.scheduler.start()
         app.state.redis = redis
         app.state.queue = InvocationQueue(redis, status_ttl_s=settings.invocation_ttl_s)
         app.state.subscriptions = SubscriptionStore(etcd)
@@ -127,7 +138,9 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             await tasks.cancel_all()
             await membership.deregister()
             await app.state.trigger.close()
+            await app.state.scheduler.close()
             await leader.stop()
+            await scheduler_leader.stop()
             await subscription_index.stop()
             await key_index.stop()
             await limits.stop()
@@ -168,11 +181,21 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             raise InvalidRequest(problem)
         return name
 
-    def function_url(name: str) -> str:
-        return f"{settings.gateway_url}/fn/{name}/"
+    def function_url(name: str, kind: str = "function") -> str:
+        return f"{settings.gateway_url}/{'app' if kind == 'app' else 'fn'}/{name}/"
 
     def view(record: FunctionRecord, spec: VersionSpec | None) -> FunctionView:
-        return FunctionView(**record.model_dump(), config=spec, url=function_url(record.name))
+        return FunctionView(
+            **record.model_dump(), config=spec, url=function_url(record.name, spec.kind if spec else "function")
+        )
+
+    def not_an_app(spec: VersionSpec) -> VersionSpec:
+        """``spec``, unless it is a web app's: those answer HTTP at /app/{name}/, not events."""
+        if spec.kind == "app":
+            raise InvalidRequest(
+                f"{spec.function!r} is a web app: send it HTTP requests at /app/{spec.function}/, not events"
+            )
+        return spec
 
     @app.get("/healthz", tags=["platform"])
     async def healthz() -> dict[str, object]:
@@ -211,10 +234,34 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         code_store: CodeStore = app.state.code_store
         registry: FunctionRegistry = app.state.registry
         ref = await code_store.put_archive(data)
-        spec = await registry.create_version(ns, name, parsed, ref)
+        spec = await registry.create_version(ns, name, parsed, ref, move_latest=parsed.kind != "app")
+        if parsed.kind == "app":
+            await start_app_version(ns, spec)
         record = await registry.get_function(ns, name)
-        await app.state.catalog.wait_until_seen(ns, name, uid=spec.function_uid, version=spec.version)
+        await app.state.catalog.wait_until_seen(
+            ns, name, uid=spec.function_uid, version=spec.version, updated_at=record.updated_at
+        )
         return view(record, spec)
+
+    async def start_app_version(ns: str, spec: VersionSpec) -> None:
+        """Start a new version's first instance (import, lifespan startup, readiness request) and only
+        then point ``latest`` at it: an app that does not start leaves the version before serving."""
+        scheduler: SchedulerClient = app.state.scheduler
+        deadline = time.time() + settings.cold_start_timeout_s + APP_START_GRACE_S
+        try:
+            await scheduler.acquire(spec.key, deadline)
+        except FaasError as exc:
+            record = await app.state.registry.get_function(ns, spec.function)
+            serving = record.aliases.get("latest")
+            where = (
+                f"version {serving} keeps serving" if serving != spec.version else "the app has no version that started"
+            )
+            raise type(exc)(
+                f"version {spec.version} of app {spec.function!r} did not start, so it was not made latest "
+                f"({where}): {exc.message}",
+                error_type=exc.error_type, fault=exc.fault,
+            ) from exc
+        await app.state.registry.set_alias(ns, spec.function, "latest", AliasSpec(version=spec.version))
 
     async def check_function_quota(ns: str, name: str) -> None:
         """A deploy that would create a function refused when the namespace has its limit of them."""
@@ -363,7 +410,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         ns: str, name: str, qualifier: str | None, body: bytes, request_id: str, *, stream: bool = False
     ) -> tuple[Any, VersionSpec]:
         catalog: Catalog = app.state.catalog
-        spec = await catalog.resolve(ns, name, qualifier)
+        spec = not_an_app(await catalog.resolve(ns, name, qualifier))
         deadline = wire.invocation_deadline(timeout_s=spec.timeout_s, cold_start_timeout_s=settings.cold_start_timeout_s)
         trigger: TriggerClient = app.state.trigger
         resp = await trigger.invoke(
@@ -390,7 +437,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         if not asynchronous:
             resp, _ = await invoke_version(ns, name, qualifier, body, request_id, stream=stream)
             return resp
-        spec = await app.state.catalog.resolve(ns, name, qualifier)
+        spec = not_an_app(await app.state.catalog.resolve(ns, name, qualifier))
         key = headers.get(wire.IDEMPOTENCY_KEY)
         if key is not None and not (0 < len(key) <= 256):
             raise InvalidRequest("X-Faas-Idempotency-Key must be 1-256 characters")
@@ -676,6 +723,8 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     return app
 
 
+# How long a web app's new version may take to pass its readiness request at deploy, beyond a cold start.
+APP_START_GRACE_S = 30.0
 # A web app's request headers the gateway never passes on: the platform key's, and the framing of the
 # client's connection (each hop frames its own).
 _APP_DROPPED = frozenset({b"x-api-key", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import signal
+import textwrap
 import time
+import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +88,8 @@ async def test_a_fastapi_app_is_served_as_sent(platform: Platform, gw: httpx.Asy
     assert [v.split(";")[0] for v in cookies.headers.get_list("set-cookie")] == ["a=1", "b=2"]
     missing = await gw.get("/app/shop/nope")
     assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+    head = await asyncio.wait_for(gw.head("/app/shop/hello"), 10)  # no body, whatever length the app gave
+    assert head.status_code in (200, 405) and head.content == b""
     boom = await gw.get("/app/shop/boom")
     assert boom.status_code == 500
     assert (await gw.get("/app/shop/hello")).status_code == 200
@@ -194,3 +199,48 @@ async def test_a_function_is_not_an_app(platform: Platform, gw: httpx.AsyncClien
         files={"code": ("code.zip", vendored(KEY_SEEN_APP, "flask"), "application/zip")},
     )
     assert bad.status_code == 400 and "module:app" in bad.json()["error"]["message"]
+
+
+def wsgi_archive(code: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("app.py", textwrap.dedent(code))
+    return buf.getvalue()
+
+
+def version_app(version: int) -> str:
+    return f"""
+        def app(environ, start_response):
+            start_response("200 OK", [("content-type", "text/plain")])
+            return [b"v{version}"]
+    """
+
+
+async def test_an_app_that_does_not_start_is_not_made_latest(platform: Platform, gw: httpx.AsyncClient) -> None:
+    first = await gw.put(
+        "/v1/functions/fragile",
+        data={"config": json.dumps({"kind": "app", "handler": "app:app"})},
+        files={"code": ("code.zip", wsgi_archive("raise RuntimeError('no database at startup')\n"), "application/zip")},
+    )
+    assert first.status_code == 502, first.text
+    error = first.json()["error"]
+    assert error["kind"] == "instance_start_error" and error["fault"] == "function"
+    assert "no database at startup" in error["message"] and "no version that started" in error["message"]
+
+    await deploy_app(gw, "fragile", wsgi_archive(version_app(2)))
+    assert (await ready(gw, "/app/fragile/")).text == "v2"
+    broken = await gw.put(
+        "/v1/functions/fragile",
+        data={"config": json.dumps({"kind": "app", "handler": "app:app"})},
+        files={"code": ("code.zip", wsgi_archive("app = 'not an app'\n"), "application/zip")},
+    )
+    assert broken.status_code == 502, broken.text
+    message = broken.json()["error"]["message"]
+    assert "version 3" in message and "version 2 keeps serving" in message and "not a WSGI or ASGI app" in message
+    for _ in range(5):
+        assert (await gw.get("/app/fragile/")).text == "v2"
+    fixed = await deploy_app(gw, "fragile", wsgi_archive(version_app(4)))
+    assert fixed["aliases"]["latest"] == 4 and fixed["routes"]["latest"]["previous"] == 2
+    assert (await ready(gw, "/app/fragile/")).text == "v4"
+    called = await gw.post("/v1/functions/fragile/invoke", json={})
+    assert called.status_code == 400 and "web app" in called.json()["error"]["message"]

@@ -52,6 +52,19 @@ def names_in(archive: bytes) -> list[str]:
 # -- manifest ---------------------------------------------------------------------------------------
 
 
+def test_an_app_manifest_names_its_entry_and_is_always_warm(tmp_path: Path) -> None:
+    write(tmp_path / "faas.yaml", "name: shop\nkind: app\nentry: main:app\nreadiness_path: /healthz\n")
+    config = load_manifest(tmp_path).config
+    assert (config.kind, config.handler, config.handler_module) == ("app", "main:app", "main")
+    assert (config.min_instances, config.concurrency, config.readiness_path) == (1, 32, "/healthz")
+    assert "not both" in manifest_error(tmp_path, "name: shop\nkind: app\nentry: main:app\nhandler: h.h\n")
+    assert "must look like 'module:app'" in manifest_error(tmp_path, "name: shop\nkind: app\nentry: main.app\n")
+    assert "min_instances must be 1 or more" in manifest_error(
+        tmp_path, "name: shop\nkind: app\nentry: main:app\nmin_instances: 0\n"
+    )
+    assert "kind" in manifest_error(tmp_path, "name: shop\nkind: website\nentry: main:app\n")
+
+
 def test_manifest_maps_user_fields_onto_version_config(tmp_path: Path) -> None:
     write(
         tmp_path / "faas.yaml",
@@ -234,6 +247,7 @@ def test_init_creates_a_project_that_deploys_as_is(
     manifest = load_manifest(root)
     assert manifest.name == "hello"
     assert manifest.config.model_dump() == {
+        "kind": "function",
         "runtime": "python3.11",
         "handler": "handler.handler",
         "memory_mb": 256,
@@ -248,6 +262,7 @@ def test_init_creates_a_project_that_deploys_as_is(
         "on_success": None,
         "on_failure": None,
         "public": False,
+        "readiness_path": "/",
     }
     assert manifest.events is None  # the template's events are commented out: deploy leaves them alone
     # The generated handler answers with a greeting built from event["name"].

@@ -492,6 +492,8 @@ def _validation_lines(exc: ValidationError) -> list[str]:
             key = _KEY_OF_FIELD.get(str(loc[0]), str(loc[0]))
             label = ".".join([key, *(str(part) for part in loc[1:])])
             lines.append(f"field '{label}': {error_reason(error)}")
+        elif "min_instances must be 1 or more" in str(error.get("msg", "")):
+            lines.append("field 'min_instances': an app keeps at least one instance: min_instances must be 1 or more")
         elif "min_instances" in str(error.get("msg", "")) and isinstance(error.get("input"), dict):
             given = error["input"]
             low, high = (

@@ -81,7 +81,11 @@ class FunctionRegistry:
         record = await self.get_function(ns, name)
         return await self.get_version(ns, name, resolve_qualifier(record, qualifier))
 
-    async def create_version(self, ns: str, name: str, config: VersionConfig, code: CodeRef) -> VersionSpec:
+    async def create_version(
+        self, ns: str, name: str, config: VersionConfig, code: CodeRef, *, move_latest: bool = True
+    ) -> VersionSpec:
+        """A new version; ``latest`` moves to it unless ``move_latest`` is False and the function
+        has a version already (a web app's moves once its new version has started)."""
         fkey = keys.function(ns, name)
         for _ in range(_MAX_CAS_ATTEMPTS):
             kv = await self.etcd.get(fkey)
@@ -98,7 +102,8 @@ class FunctionRegistry:
                 function_uid=record.uid,
             )
             record.latest_version = number
-            _move_alias(record, "latest", number, {})
+            if move_latest or "latest" not in record.aliases:
+                _move_alias(record, "latest", number, {})
             record.updated_at = now
             ok, _ = await self.etcd.txn(
                 [guard],

@@ -44,6 +44,7 @@ from faas.core.errors import (
     FaasError,
     FunctionTimeout,
     InstanceStartError,
+    InvalidRequest,
     NotFound,
     TooManyRequests,
 )
@@ -250,6 +251,8 @@ class Dispatcher:
         uid: str | None,
     ) -> InvocationResult:
         spec = await self.catalog.version(ns, name, version, uid=uid)
+        if spec.kind == "app":  # its hosts answer /_/app requests only (an event queued for it, a destination)
+            raise InvalidRequest(f"{name!r} is a web app: it takes HTTP requests at /app/{name}/, not events")
         key = spec.key
         started = time.perf_counter()
         while True:
@@ -308,6 +311,9 @@ class Dispatcher:
                 raise InstanceStartError(
                     f"the app's instance stopped answering during the request: {exc}", error_type="InstanceCrashed"
                 ) from exc
+            except BaseException:  # cancelled (the caller went away): the slot is given back all the same
+                pool.release(inst)
+                raise
             released = False
 
             def release(pool: FunctionPool = pool, inst: WarmInstance = inst) -> None:

@@ -58,8 +58,8 @@ READINESS_TIMEOUT_S = 30.0
 LIFESPAN_TIMEOUT_S = 30.0
 TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Headers of the hop between the dispatcher and the host, not the client's: the app does not see them.
-HOP_HEADERS = frozenset({b"x-faas-root-path", b"x-faas-deadline-ms", b"x-faas-internal-token", b"connection",
-                         b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade"})  # fmt: skip
+HOP_HEADERS = frozenset({b"x-faas-root-path", b"x-faas-deadline-ms", b"x-faas-internal-token", b"x-faas-function-uid",
+                         b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade"})  # fmt: skip
 REASONS = {
     200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 301: "Moved Permanently", 302: "Found",
     303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
@@ -246,10 +246,15 @@ class Response:
         self.headers = [(n.lower(), v) for n, v in headers if n.lower() not in (b"connection", b"transfer-encoding")]
 
     def _head(self, final: bytes | None) -> bytes:
-        has_length = any(n == b"content-length" for n, _ in self.headers)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, REASONS.get(self.status, "Unknown").encode())]
-        lines += [b"%s: %s\r\n" % (n, v) for n, v in self.headers]
         no_body = self.head_only or self.status in (204, 304) or 100 <= self.status < 200
+        headers = self.headers
+        if no_body:
+            # No body follows, whatever length the app announced (a HEAD answer gives the GET's): the
+            # hop's client cannot know the request was a HEAD, so the framing says 0.
+            headers = [(n, v) for n, v in headers if n != b"content-length"] + [(b"content-length", b"0")]
+        has_length = any(n == b"content-length" for n, _ in headers)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, REASONS.get(self.status, "Unknown").encode())]
+        lines += [b"%s: %s\r\n" % (n, v) for n, v in headers]
         if not has_length and not no_body:
             if final is not None:
                 lines.append(b"content-length: %d\r\n" % len(final))  # the whole body is known
