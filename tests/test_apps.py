@@ -244,3 +244,34 @@ async def test_an_app_that_does_not_start_is_not_made_latest(platform: Platform,
     assert (await ready(gw, "/app/fragile/")).text == "v4"
     called = await gw.post("/v1/functions/fragile/invoke", json={})
     assert called.status_code == 400 and "web app" in called.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("platform", ["process"], indirect=True)
+async def test_a_new_version_rolls_out_under_a_steady_stream_with_no_failed_request(
+    platform: Platform, gw: httpx.AsyncClient
+) -> None:
+    await deploy_app(gw, "rolling", wsgi_archive(version_app(1)), concurrency=4)
+    assert (await ready(gw, "/app/rolling/")).text == "v1"
+    answers: list[tuple[int, str]] = []
+    stop = asyncio.Event()
+
+    async def stream() -> None:  # four callers back to back, as a small site's traffic
+        while not stop.is_set():
+            resp = await gw.get("/app/rolling/")
+            answers.append((resp.status_code, resp.text))
+
+    callers = [asyncio.create_task(stream()) for _ in range(4)]
+    try:
+        await asyncio.sleep(1.0)
+        await deploy_app(gw, "rolling", wsgi_archive(version_app(2)), concurrency=4)
+        await asyncio.sleep(2.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)
+    failed = [a for a in answers if a[0] != 200]
+    assert not failed, failed[:5]
+    served = [text for _, text in answers]
+    assert served[0] == "v1" and served[-1] == "v2", (served[:3], served[-3:])
+    switched = served.index("v2")
+    assert set(served[switched + 4 :]) == {"v2"}, "requests went back to the old version after the switch"
+    assert len(answers) > 50
