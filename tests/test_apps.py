@@ -275,3 +275,39 @@ async def test_a_new_version_rolls_out_under_a_steady_stream_with_no_failed_requ
     switched = served.index("v2")
     assert set(served[switched + 4 :]) == {"v2"}, "requests went back to the old version after the switch"
     assert len(answers) > 50
+
+
+BURNER_APP = """
+    import os, threading, time
+
+    TOKEN = os.urandom(4).hex()  # which instance answered (pids repeat across sandboxes)
+
+    def burn(seconds):
+        end = time.time() + seconds
+        while time.time() < end:
+            pass
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/burn":  # keeps this instance's CPU busy, off any request
+            threading.Thread(target=burn, args=(float(environ["QUERY_STRING"]),), daemon=True).start()
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [TOKEN.encode()]
+"""
+
+
+async def test_light_requests_go_to_the_instance_that_is_not_busy(platform: Platform, gw: httpx.AsyncClient) -> None:
+    await deploy_app(gw, "burner", wsgi_archive(BURNER_APP), min_instances=2, concurrency=8)
+    seen: set[str] = set()
+
+    async def both_serving() -> bool:
+        seen.add((await gw.get("/app/burner/")).text)
+        return len(seen) == 2
+
+    await wait_until(both_serving, timeout_s=60, interval_s=0.05, what="both instances to answer")
+    burn = await gw.get("/app/burner/burn?20")
+    busy = burn.text
+    # The node agents measure each instance's CPU every 2 s; give the dispatcher a report of it.
+    await asyncio.sleep(5.0)
+    answers = [(await gw.get("/app/burner/")).text for _ in range(40)]
+    elsewhere = sum(1 for token in answers if token != busy)
+    assert elsewhere >= 32, f"{elsewhere} of 40 light requests avoided the busy instance"

@@ -25,12 +25,12 @@ def test_pick_prefers_least_loaded_and_respects_concurrency() -> None:
     a, b = _inst("a", 2), _inst("b", 2)
     pool.add(a)
     pool.add(b)
-    first = pool.pick(lambda _: 0.0)
-    second = pool.pick(lambda _: 0.0)
+    first = pool.pick(lambda _: (0.0, 0.0))
+    second = pool.pick(lambda _: (0.0, 0.0))
     assert {first.instance_id, second.instance_id} == {"a", "b"}  # spread, not stacked
-    pool.pick(lambda _: 0.0)
-    pool.pick(lambda _: 0.0)
-    assert pool.pick(lambda _: 0.0) is None  # 2 x 2 slots taken
+    pool.pick(lambda _: (0.0, 0.0))
+    pool.pick(lambda _: (0.0, 0.0))
+    assert pool.pick(lambda _: (0.0, 0.0)) is None  # 2 x 2 slots taken
     assert a.inflight == 2 and b.inflight == 2
 
 
@@ -38,15 +38,26 @@ def test_node_load_breaks_ties() -> None:
     pool = FunctionPool()
     pool.add(_inst("busy-node", node="n1"))
     pool.add(_inst("calm-node", node="n2"))
-    picked = pool.pick(lambda node: 0.9 if node == "n1" else 0.1)
+    picked = pool.pick(lambda inst: (0.0, 0.9 if inst.record.node_id == "n1" else 0.1))
     assert picked.instance_id == "calm-node"
+
+
+def test_an_instance_measured_busy_gets_calls_only_once_the_others_are_fuller() -> None:
+    pool = FunctionPool()
+    burning, calm = _inst("burning", 8), _inst("calm", 8)
+    pool.add(burning)
+    pool.add(calm)
+    measured = {"burning": 1.0, "calm": 0.05}
+    picks = [pool.pick(lambda inst: (measured[inst.instance_id], 0.0)) for _ in range(12)]
+    assert [p.instance_id for p in picks if p is not None][:8] == ["calm"] * 8  # all of calm's slots first
+    assert picks[8] is not None and picks[8].instance_id == "burning"
 
 
 async def test_release_hands_slot_to_oldest_waiter() -> None:
     pool = FunctionPool()
     inst = _inst("a")
     pool.add(inst)
-    assert pool.pick(lambda _: 0.0) is inst
+    assert pool.pick(lambda _: (0.0, 0.0)) is inst
     loop = asyncio.get_running_loop()
     w1, w2 = loop.create_future(), loop.create_future()
     pool.waiters.extend([w1, w2])
@@ -100,7 +111,7 @@ async def test_a_slot_handed_to_a_waiter_that_gave_up_goes_to_the_next() -> None
     pool = FunctionPool()
     inst = _inst("a")
     pool.add(inst)
-    assert pool.pick(lambda _: 0.0) is inst
+    assert pool.pick(lambda _: (0.0, 0.0)) is inst
     loop = asyncio.get_running_loop()
     late, next_one = loop.create_future(), loop.create_future()
     pool.waiters.extend([late, next_one])

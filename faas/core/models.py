@@ -318,6 +318,9 @@ class NodeRecord(BaseModel):
     cpu_load: float = 0.0
     instances: int = 0
     runtime_error: str = ""  # why the backend cannot start instances now ("" when it can)
+    # Each instance's use over the last report interval: CPU in cores, resident memory in MiB.
+    instance_cpu: dict[str, float] = Field(default_factory=dict)
+    instance_rss_mb: dict[str, float] = Field(default_factory=dict)
     updated_at: float = Field(default_factory=now)
 
 

@@ -24,6 +24,37 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def proc_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds used, user and system, by all its threads; resident bytes) of a process, from
+    /proc, or None when it is gone or /proc is unavailable."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S, int(statm[1]) * _PAGE_BYTES
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc's ``children`` lists; [pid] where there are none)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo and len(out) < 1024:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
 def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
     """True when ``pid`` runs (not a zombie) and, if ``start_ticks`` is given, is that same process."""
     try:

@@ -8,8 +8,10 @@ Guarantees:
   ``len(waiters)`` is the number of callers really waiting;
 - ``wants_start`` asks for a new instance only while the waiters outnumber the capacity already
   being started, and never beyond ``max_instances`` (coalescing on the dispatcher's side);
-- routing picks the least-loaded instance with a free slot: the lowest in-flight/concurrency ratio,
-  ties broken by the load its node reports (JAE's weighted routing);
+- routing picks the least-loaded instance with a free slot (JAE's weighted routing): the lowest sum
+  of its in-flight/concurrency ratio here and the load its node agent measured for it (``load``: the
+  CPU it used over the last report interval, in cores, plus a quarter of its memory's share of its
+  limit), ties broken by the load its node reports, then taken in turn;
 - admission (``admit``, asked only of a caller that found no free slot while the pool is at
   ``max_instances``): the queue is bounded. Capacity is ``max_instances * concurrency`` slots; the pool
   keeps ``call_s``, an EWMA of the time a completed call held its slot. A caller joins the queue only
@@ -63,14 +65,21 @@ class FunctionPool:
     waiters: deque[asyncio.Future[WarmInstance]] = field(default_factory=deque)
     pending_starts: int = 0
     call_s: float = 0.0  # EWMA of how long a completed call held its slot; 0.0 until one completed
+    _turn: int = 0  # where the next pick starts looking: equal scores take turns
 
-    def pick(self, node_load: Callable[[str], float]) -> WarmInstance | None:
+    def pick(self, load: Callable[[WarmInstance], tuple[float, float]]) -> WarmInstance | None:
+        """The instance to send a call to, its slot taken; ``load(instance)`` is (the load measured
+        for the instance, its node's load)."""
         best: WarmInstance | None = None
-        best_score = (2.0, 0.0)
-        for inst in self.instances.values():
+        best_score = (math.inf, 0.0)
+        candidates = list(self.instances.values())
+        # Equal scores go round in turn (idle instances share the calls), not always to the first.
+        self._turn = turn = (self._turn + 1) % len(candidates) if candidates else 0
+        for inst in candidates[turn:] + candidates[:turn]:
             if not inst.free:
                 continue
-            score = (inst.inflight / inst.record.concurrency, node_load(inst.record.node_id))
+            measured, node = load(inst)
+            score = (inst.inflight / inst.record.concurrency + measured, node)
             if best is None or score < best_score:
                 best, best_score = inst, score
         if best is not None:

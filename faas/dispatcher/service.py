@@ -62,6 +62,9 @@ log = logging.getLogger("faas.dispatcher")
 TIMEOUT_GRACE_S = 1.5
 _LOG_LINGER_S = 0.05
 _POOL_SWEEP_S = 30.0
+# Routing: how much an instance's memory (its share of its limit) counts against it, next to its CPU
+# in cores and its in-flight share of its concurrency (README, "Load-aware routing").
+MEMORY_WEIGHT = 0.25
 
 
 class InvocationResult:
@@ -126,7 +129,7 @@ class Dispatcher:
         self.logs = LogSink(redis, settings.logs_per_function)
         self.tasks = TaskSet("dispatcher")
         self._calls: dict[str, asyncio.Future[InvocationResult]] = {}  # in flight, by request id
-        self._node_load: dict[str, tuple[bytes, float]] = {}
+        self._node_records: dict[str, tuple[bytes, NodeRecord]] = {}
 
     async def start(self) -> None:
         self.catalog.start()
@@ -200,17 +203,28 @@ class Dispatcher:
             await asyncio.sleep(0.1)
         await inst.client.close()
 
-    def node_load(self, node_id: str) -> float:
-        """The load a node last reported, parsed once per record it writes (routing asks per pick)."""
+    def _node(self, node_id: str) -> NodeRecord | None:
+        """The record a node last wrote, parsed once per record (routing asks per pick)."""
         raw = self.nodes.items.get(keys.node(node_id))
         if raw is None:
-            return 0.0
-        cached = self._node_load.get(node_id)
+            return None
+        cached = self._node_records.get(node_id)
         if cached is not None and cached[0] is raw:
             return cached[1]
-        load = NodeRecord.model_validate_json(raw).cpu_load
-        self._node_load[node_id] = (raw, load)
-        return load
+        record = NodeRecord.model_validate_json(raw)
+        self._node_records[node_id] = (raw, record)
+        return record
+
+    def instance_load(self, inst: WarmInstance) -> tuple[float, float]:
+        """(The load measured for ``inst``: its CPU in cores over its node's last report interval plus
+        ``MEMORY_WEIGHT`` times its resident memory's share of its limit; its node's CPU load)."""
+        node = self._node(inst.record.node_id)
+        if node is None:
+            return 0.0, 0.0
+        cpu = node.instance_cpu.get(inst.instance_id, 0.0)
+        limit = inst.record.memory_mb
+        memory = node.instance_rss_mb.get(inst.instance_id, 0.0) / limit if limit else 0.0
+        return cpu + MEMORY_WEIGHT * min(memory, 1.0), node.cpu_load
 
     # -- invocation --------------------------------------------------------------------------
 
@@ -327,7 +341,7 @@ class Dispatcher:
     async def _acquire(
         self, pool: FunctionPool, key: VersionKey, spec: VersionSpec, deadline: float
     ) -> tuple[WarmInstance, bool]:
-        inst = pool.pick(self.node_load)
+        inst = pool.pick(self.instance_load)
         if inst is not None:
             return inst, inst.invocations == 0
         if pool.at_max(spec.max_instances):

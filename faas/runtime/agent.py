@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import NoReturn
@@ -35,6 +36,7 @@ from faas.core import keys
 from faas.core.errors import FaasError, NotFound, Unavailable
 from faas.core.etcd import Etcd, Lease
 from faas.core.models import InstanceRecord, NodeRecord
+from faas.core.procs import proc_usage
 from faas.core.service import Backoff, Membership, etcd_from_settings, install_error_handlers, member_record
 from faas.core.settings import Settings
 from faas.core.tasks import TaskSet
@@ -43,6 +45,7 @@ from faas.runtime.backend import InstanceExit, InstanceSpec, InstanceStatus, Run
 log = logging.getLogger("faas.agent")
 
 _REPORT_INTERVAL_S = 2.0
+_MIN_USAGE_WINDOW_S = 0.5  # an instance's CPU is measured over at least this long
 _RECENT_EXITS_KEPT = 1000
 
 
@@ -141,10 +144,40 @@ class NodeAgent:
         self.recent_exits: dict[str, InstanceExit] = {}
         self._exits_changed = asyncio.Condition()
         self.tasks = TaskSet(f"agent:{node_id}")
+        # instance -> (CPU seconds, when, cores since the one before) at its last measurement
+        self._cpu_seen: dict[str, tuple[float, float, float]] = {}
         backend.set_exit_callback(self._on_instance_exit)
+
+    def _instance_usage(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Each instance's CPU (cores, since the last report) and resident memory (MiB)."""
+        try:
+            pids = self.backend.usage_pids()
+        except Exception:  # noqa: BLE001 - a report without usage is better than none
+            log.exception("cannot list the instances' processes")
+            return {}, {}
+        now = time.monotonic()
+        cpu: dict[str, float] = {}
+        rss: dict[str, float] = {}
+        for instance_id, members in pids.items():
+            used = [u for u in map(proc_usage, members) if u is not None]
+            if not used:
+                continue
+            cpu_s = sum(u[0] for u in used)
+            rss[instance_id] = round(sum(u[1] for u in used) / (1024 * 1024), 1)
+            last = self._cpu_seen.get(instance_id)
+            if last is not None and now - last[1] < _MIN_USAGE_WINDOW_S:
+                cpu[instance_id] = last[2]  # a second record moments after the last: its figure stands
+                continue
+            cores = round((cpu_s - last[0]) / (now - last[1]), 3) if last is not None and cpu_s >= last[0] else 0.0
+            cpu[instance_id] = cores
+            self._cpu_seen[instance_id] = (cpu_s, now, cores)
+        for gone in set(self._cpu_seen) - set(pids):
+            del self._cpu_seen[gone]
+        return cpu, rss
 
     def node_record(self, runtime_error: str = "") -> NodeRecord:
         total, avail = machine_memory_mb()
+        cpu, rss = self._instance_usage()
         if self.settings.node_memory_mb:
             total = avail = self.settings.node_memory_mb
         return NodeRecord(
@@ -158,6 +191,8 @@ class NodeAgent:
             cpu_load=os.getloadavg()[0] / (os.cpu_count() or 1),
             instances=len(self.specs),
             runtime_error=runtime_error,
+            instance_cpu=cpu,
+            instance_rss_mb=rss,
         )
 
     async def start(self) -> None:

@@ -83,6 +83,10 @@ class RuntimeBackend(Protocol):
     async def list_instances(self) -> list[InstanceStatus]:
         """The specialised instances this backend runs, with their live load."""
 
+    def usage_pids(self) -> dict[str, list[int]]:
+        """Each instance's processes, whose CPU and memory are its use (the node's load report)."""
+        ...
+
     def set_exit_callback(self, callback: InstanceExitCallback) -> None:
         """Register a coroutine called with how an instance ended, when it exits on its own."""
 

@@ -86,6 +86,7 @@ import aiodocker
 import httpx
 
 from faas.core.errors import InstanceStartError, Unavailable
+from faas.core.procs import descendants
 from faas.runtime.backend import InstanceExit, InstanceSpec
 from faas.runtime.code_cache import DEFAULT_SWEEP_INTERVAL_S, DEFAULT_TTL_S, CodeCache
 from faas.runtime.code_views import CodeFetcher, link_tree
@@ -144,6 +145,7 @@ class _Container:
     code_dir: Path
     client: httpx.AsyncClient
     container_id: str | None = None
+    pid: int | None = None  # its main process, as this machine numbers it (its CPU and memory use)
     instance_id: str | None = None
     role: str = "spawning"  # spawning | pool | launching | instance
     stopping: bool = False
@@ -367,6 +369,13 @@ class DockerBackend(PooledBackend[_Container]):
 
     def _node_filters(self) -> dict[str, list[str]]:
         return {"label": [f"{LABEL_PLATFORM}=1", f"{LABEL_NODE}={self._node_id}"]}
+
+    def _pid(self, host: _Container) -> int | None:
+        return host.pid
+
+    def _usage_pids(self, host: _Container) -> list[int]:
+        # The container's main process is its init (docker-init); the host runs below it.
+        return [] if host.pid is None else descendants(host.pid)
 
     def _journal_handle(self, container: _Container) -> dict[str, Any]:
         return {"container_id": container.container_id, "folder": container.folder}
@@ -636,6 +645,8 @@ class DockerBackend(PooledBackend[_Container]):
                 container.container_id = created.id
                 self._by_id[created.id] = container
                 await created.start()
+                info = await created.show()
+                container.pid = int((info.get("State") or {}).get("Pid") or 0) or None
             except aiodocker.DockerError as exc:
                 raise Unavailable(f"cannot start a function container: {exc}") from exc
             await self._wait_ready(container, HOST_READY_TIMEOUT_S)

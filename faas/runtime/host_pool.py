@@ -230,6 +230,15 @@ class PooledBackend(ABC, Generic[H]):
         """The host's process id, if this backend knows it."""
         return None
 
+    def _usage_pids(self, host: H) -> list[int]:
+        """The processes whose CPU and memory are the host's use (as this machine numbers them)."""
+        pid = self._pid(host)
+        return [] if pid is None else [pid]
+
+    def usage_pids(self) -> dict[str, list[int]]:
+        """Each instance's processes (``_usage_pids``), for the node agent's load report."""
+        return {instance_id: self._usage_pids(host) for instance_id, host in list(self._instances.items())}
+
     @abstractmethod
     def _journal_handle(self, host: H) -> dict[str, Any]:
         """How a restarted backend finds ``host`` again (written to the journal)."""

@@ -325,6 +325,12 @@ class ProcessBackend(PooledBackend[_Host]):
     def _pid(self, host: _Host) -> int | None:
         return host.process.pid
 
+    def _usage_pids(self, host: _Host) -> list[int]:
+        # A sandboxed host's processes are in its cgroup (the one started is its wrapper's shell).
+        if self._sandbox is not None and host.uid is not None:
+            return self._sandbox.cgroups.pids(host.name)
+        return [host.process.pid]
+
     def _journal_handle(self, host: _Host) -> dict[str, Any]:
         stat = proc_stat(host.process.pid)
         return {"pid": host.process.pid, "start_ticks": stat[1] if stat else None, "uid": host.uid}
