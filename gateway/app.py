@@ -532,7 +532,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
         if spec.kind != "app":
             raise NotFound(f"{name!r} is a function, not an app: its HTTP trigger is /fn/{name}/")
         take_invocation(ns)
-        root = f"/app/{name}"
+        root = request.params.get("root", f"/app/{name}")
         headers = [
             (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in request.raw_headers
@@ -543,7 +543,7 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
             headers = [(n, v) for n, v in headers if n != "x-forwarded-for"]
             headers.append(("x-forwarded-for", f"{forwarded}, {request.client[0]}" if forwarded else request.client[0]))
         headers.append((wire.ROOT_PATH, root))
-        path = "/" + request.params.get("path", "")  # below the root path; "/app/shop" is "/"
+        path = "/" + request.params.get("path", "").lstrip("/")  # below the root path; "/app/shop" is "/"
         trigger: TriggerClient = app.state.trigger
         resp = await trigger.app_request(
             ns, name, spec.version, method=request.method, path=path, query=request.query, headers=headers,
@@ -555,6 +555,21 @@ def build_app(settings: Settings, member_id: str, address: str) -> FastAPI:
     for method in wire.APP_METHODS:
         hot_routes(app).add(method, "/app/{name}", app_request)
         hot_routes(app).add(method, "/app/{name}/{path:path}", app_request)
+
+    app_domain = settings.app_domain.strip(".").lower()
+
+    def by_host(request: HopRequest) -> tuple[Any, dict[str, Any]] | None:
+        """``<name>.<app_domain>``: the app ``name``, mounted at its host's root."""
+        host = request.headers.get("host", "").rsplit(":", 1)[0].lower()
+        if not host.endswith("." + app_domain):
+            return None
+        name = host[: -len(app_domain) - 1]
+        if "." in name or request.method not in wire.APP_METHODS:
+            return None
+        return app_request, {"name": name, "path": request.path, "root": ""}
+
+    if app_domain:
+        hot_routes(app).by_host = by_host
 
     @app.post("/v1/functions/{name}/invoke", tags=["invocation"])
     async def invoke(

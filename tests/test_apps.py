@@ -28,7 +28,7 @@ import pytest
 
 from faas.core.models import InstanceRecord
 from faas.core.procs import processes_matching
-from tests.conftest import Platform
+from tests.conftest import Platform, running_platform
 from tests.helpers import deploy, instances_of, wait_until
 from tests.test_app_host import FASTAPI_APP, FLASK_APP, vendored
 
@@ -311,3 +311,22 @@ async def test_light_requests_go_to_the_instance_that_is_not_busy(platform: Plat
     answers = [(await gw.get("/app/burner/")).text for _ in range(40)]
     elsewhere = sum(1 for token in answers if token != busy)
     assert elsewhere >= 32, f"{elsewhere} of 40 light requests avoided the busy instance"
+
+
+async def test_an_app_answers_at_its_own_host_name(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With ``FAAS_APP_DOMAIN=apps.test``, ``shop.apps.test`` is the app ``shop`` at its host's root."""
+    async with running_platform(tmp_path_factory, "faas-hostnames", runtime="process", app_domain="apps.test") as p:
+        async with httpx.AsyncClient(base_url=p.url, timeout=120, headers=p.admin_headers) as gw:
+            await deploy_app(gw, "shop", vendored(FASTAPI_APP, "fastapi"), public=True)
+            await ready(gw, "/app/shop/")
+            by_name = await gw.get("/inspect", headers={"host": "shop.apps.test"})
+            assert by_name.status_code == 200, by_name.text
+            body = by_name.json()
+            assert body["root_path"] == "" and body["path"] == "/inspect"
+            assert body["url_for"] == "http://shop.apps.test/hello"
+            by_path = await gw.get("/app/shop/inspect")  # the path still works, with its prefix
+            assert by_path.json()["root_path"] == "/app/shop"
+            unknown = await gw.get("/", headers={"host": "nosuch.apps.test"})
+            assert unknown.status_code in (401, 404)
+            api = await gw.get("/v1/functions")  # another host name: the API as before
+            assert api.status_code == 200

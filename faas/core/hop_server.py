@@ -229,6 +229,9 @@ class Router:
         # raises is the answer (the gateway checks the API key here, so FastAPI never parses the body
         # of a caller without one).
         self.fallback_guard: Callable[[Request], None] | None = None
+        # Consulted before the paths: a request it claims (by its Host, say) goes to the handler it
+        # names, with the path parameters it gives, whatever its path.
+        self.by_host: Callable[[Request], tuple[Handler, dict[str, Any]] | None] | None = None
 
     def add(self, method: str, template: str, handler: Handler) -> None:
         if "{" not in template:
@@ -697,7 +700,9 @@ def _method_not_allowed(method: str, allowed: list[str]) -> Response:
 
 async def _respond(server: HopServer, request: Request) -> Response | None:
     """The response of ``request``'s hot route, or None when it is the fallback's."""
-    found = server.router.match(request.path)
+    by_host = server.router.by_host
+    claimed = by_host(request) if by_host is not None else None
+    found = ({request.method: claimed[0]}, claimed[1]) if claimed is not None else server.router.match(request.path)
     if found is None or (request.method not in found[0] and server.fallback is not None):
         return _not_found(request.path) if server.fallback is None else None
     handler = found[0].get(request.method)

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # ``?secret=`` on the webhook URL or a bearer token; empty: refused.  ``faas up`` generates one.
     webhook_secret: str = ""
 
+    # Web apps by host name: with "apps.example.com", a request for "shop.apps.example.com" goes to
+    # the app "shop" (mounted at "/", not "/app/shop"). Empty: by path only.
+    app_domain: str = ""
+
     # Per-namespace limits, unless an admin set others for a namespace (faas/core/namespaces.py);
     # 0 is no limit.
     namespace_max_functions: int = Field(default=0, ge=0)
