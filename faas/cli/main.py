@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from faas.core.errors import FaasError
 
-from . import cluster, commands
+from . import cluster, commands, serve
 from .archive import HandlerModuleNotFound
 from .errors import UsageError
 from .manifest import ManifestError
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(common, url=argparse.SUPPRESS, namespace=argparse.SUPPRESS, api_key=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     commands.add_parsers(subparsers, parents=[common])
+    serve.add_parsers(subparsers, parents=[common])
     cluster.add_parsers(subparsers)
     return parser
 
