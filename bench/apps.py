@@ -196,7 +196,10 @@ async def run(args: argparse.Namespace) -> int:
                         if result.errors:
                             raise il.BenchError(f"{kind} {side} c={connections}: {result.errors} errors")
                         results.setdefault((kind, side, connections), []).append(result)
+        rollout = await measure_rollout(settings.gateway_url, home, quick)
+        burst = await measure_burst(settings.gateway_url, home, quick)
         print("\n".join(report(results, code, wrk.version(wrk_path), duration, rounds)))
+        print("\n".join([*rollout, *burst]))
         return 0
     finally:
         for proc in direct:
@@ -210,6 +213,100 @@ async def run(args: argparse.Namespace) -> int:
         await cluster.stop()
         if not args.keep_home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+VERSION_APP = """
+def app(environ, start_response):
+    import time
+    delay = float(environ.get("QUERY_STRING") or 0)
+    if delay:
+        time.sleep(delay)
+    start_response("200 OK", [("content-type", "text/plain")])
+    return [b"v%d"]
+"""
+
+
+def plain_archive(code: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("app.py", code)
+    return buf.getvalue()
+
+
+async def deploy_version(gw: httpx.AsyncClient, name: str, version: int, **config: object) -> float:
+    """Deploy ``VERSION_APP`` answering ``v<version>``; the seconds the deploy took."""
+    started = time.monotonic()
+    resp = await gw.put(
+        f"/v1/functions/{name}",
+        data={"config": json.dumps({"kind": "app", "handler": "app:app", "public": True, **config})},
+        files={"code": ("code.zip", plain_archive(VERSION_APP % version), "application/zip")},
+    )
+    if resp.status_code != 201:
+        raise il.BenchError(f"deploying {name} v{version} answered {resp.status_code}: {resp.text}")
+    return time.monotonic() - started
+
+
+async def measure_rollout(gateway: str, home: Path, quick: bool) -> list[str]:
+    """Failed requests while version 2 of an app replaces version 1 under a steady stream."""
+    callers, before_s, after_s = 8, 2.0, 3.0 if quick else 5.0
+    async with httpx.AsyncClient(base_url=gateway, timeout=30, trust_env=False, auth=il.AdminKey(home)) as gw:
+        await deploy_version(gw, "bench-rollout", 1, concurrency=8)
+        await wait_http(f"{gateway}/app/bench-rollout/")
+        answers: list[tuple[float, int, str]] = []
+        stop = asyncio.Event()
+
+        async def caller() -> None:
+            async with httpx.AsyncClient(base_url=gateway, timeout=30, trust_env=False) as client:
+                while not stop.is_set():
+                    try:
+                        resp = await client.get("/app/bench-rollout/")
+                        answers.append((time.monotonic(), resp.status_code, resp.text))
+                    except httpx.HTTPError as exc:
+                        answers.append((time.monotonic(), 0, type(exc).__name__))
+
+        log(f"rollout: {callers} callers back to back; version 2 deployed after {before_s:g} s")
+        tasks = [asyncio.create_task(caller()) for _ in range(callers)]
+        await asyncio.sleep(before_s)
+        deploy_s = await deploy_version(gw, "bench-rollout", 2, concurrency=8)
+        await asyncio.sleep(after_s)
+        stop.set()
+        await asyncio.gather(*tasks)
+    failed = [a for a in answers if a[1] != 200]
+    texts = [a[2] for a in answers if a[1] == 200]
+    switched = texts.index("v2") if "v2" in texts else len(texts)
+    back = sum(1 for t in texts[switched:] if t == "v1")
+    return [
+        "",
+        f"rollout: {len(answers)} requests by {callers} callers back to back while v2 replaced v1 "
+        f"(its deploy took {deploy_s:.1f} s, the first instance started and ready before latest moved): "
+        f"failed {len(failed)}, served by v1 after the first v2 answer {back}.",
+    ]
+
+
+async def measure_burst(gateway: str, home: Path, quick: bool) -> list[str]:
+    """From a burst of slow concurrent requests to the instances added for it serving."""
+    burst, delay_s = 16, 1.0
+    async with httpx.AsyncClient(base_url=gateway, timeout=60, trust_env=False, auth=il.AdminKey(home)) as gw:
+        await deploy_version(gw, "bench-burst", 1, concurrency=4, max_instances=4)
+        await wait_http(f"{gateway}/app/bench-burst/")
+        started = time.monotonic()
+        done: list[float] = []
+
+        async def one() -> None:
+            resp = await gw.get(f"/app/bench-burst/?{delay_s}")
+            if resp.status_code != 200:
+                raise il.BenchError(f"a burst request answered {resp.status_code}: {resp.text}")
+            done.append(time.monotonic() - started)
+
+        log(f"burst: {burst} concurrent requests of {delay_s:g} s to an app of concurrency 4 and one instance")
+        await asyncio.gather(*(one() for _ in range(burst)))
+    done.sort()
+    return [
+        f"burst: {burst} concurrent requests of {delay_s:g} s each on one instance of concurrency 4 "
+        f"(max_instances 4): all answered {done[-1]:.2f} s after the burst began (one instance alone: "
+        f"{burst // 4 * delay_s:.0f} s); the first answers at {done[0]:.2f} s, the fifth at {done[4]:.2f} s "
+        "(the first served by an instance started for the burst).",
+    ]
 
 
 def report(

@@ -321,6 +321,7 @@ class AppServer:
             None if self.asgi else concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="wsgi")
         )
         self._lifespan: asyncio.Task[Any] | None = None
+        self.connections: set[asyncio.Task[None]] = set()  # the adopted connections' tasks
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -412,7 +413,15 @@ class AppServer:
         """Serve ``sock`` on the loop from now on; ``head`` is its first request's, ``buffered`` what was
         read after it.  Called from the connection's thread, which then lets go of the socket."""
         assert self.loop is not None
-        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._serve(sock, head, buffered)))  # type: ignore[union-attr]
+        self.loop.call_soon_threadsafe(self._start_serving, sock, head, buffered)
+
+    def _start_serving(self, sock: Any, head: bytes, buffered: bytes) -> None:
+        # The loop keeps only weak references to tasks: one nobody holds may be collected while it
+        # waits, closing its connection under a request.  ``connections`` holds each until it ends.
+        assert self.loop is not None
+        task = self.loop.create_task(self._serve(sock, head, buffered))
+        self.connections.add(task)
+        task.add_done_callback(self.connections.discard)
 
     async def _serve(self, sock: Any, head: bytes | None, buffered: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -483,6 +492,7 @@ class AppServer:
         """Run the app on one request; False when the connection must close (the response is cut)."""
         assert self.loop is not None
         remaining = request.deadline - time.time()
+        # Held by this frame until it returns (the loop references tasks only weakly).
         if self.asgi:
             work: asyncio.Future[Any] = self.loop.create_task(self._asgi(request, body, response))
         else:
