@@ -138,3 +138,22 @@ def test_no_code_yet_is_a_503_saying_why(served) -> None:  # type: ignore[no-unt
     wait_for(lambda: "does not start" in log.read_text(), what="the start error")
     resp = httpx.post(f"http://127.0.0.1:{port}/", json={}, timeout=5)
     assert resp.status_code == 503 and "missing config" in resp.json()["error"]["message"]
+
+
+def test_a_functions_http_trigger_gets_the_gateways_event(served) -> None:  # type: ignore[no-untyped-def]
+    project, port, start, log = served
+    (project / "faas.yaml").write_text("name: web\n")
+    (project / "handler.py").write_text(
+        "def handler(event, context):\n"
+        "    return {'statusCode': 201, 'headers': {'x-path': event['rawPath']}, 'cookies': ['a=1', 'b=2'],\n"
+        "            'body': {'method': event['requestContext']['http']['method'],\n"
+        "                     'q': event['queryStringParameters'], 'body': event['body']}}\n"
+    )
+    start()
+    url = f"http://127.0.0.1:{port}/fn/web/items/7?q=1&q=2"
+    resp = wait_for(lambda: answered("PUT", url, content=b"payload", headers={"content-type": "text/plain"}),
+                    what="the trigger to answer")  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    assert resp.json() == {"method": "PUT", "q": {"q": "1,2"}, "body": "payload"}
+    assert resp.headers["x-path"] == "/items/7"
+    assert resp.headers.get_list("set-cookie") == ["a=1", "b=2"]

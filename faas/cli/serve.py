@@ -8,7 +8,9 @@ A small HTTP server on ``127.0.0.1:PORT`` passes requests to it:
 
 - an app (``kind: app``): every request, streamed both ways, the app mounted at ``/``;
 - a function: ``POST /`` (or ``/invoke``) with the event as its JSON body, answered with the result,
-  as ``POST /v1/functions/{name}/invoke`` answers; what the handler prints goes to this terminal.
+  as ``POST /v1/functions/{name}/invoke`` answers; and its HTTP trigger at ``/fn/{name}/...``, the
+  request as the same API Gateway event the gateway builds (``faas.core.http_events``), the result
+  as the same HTTP answer.  What the handler prints goes to this terminal.
 
 Guarantees: the host is specialised exactly as a platform instance of the manifest would be (handler
 or entry, memory, timeout, concurrency, environment, readiness); a change of any file of the folder
@@ -17,7 +19,6 @@ it is ready stops the old one; code that fails to start is reported here with it
 code before keeps serving (before any code started, requests get 503 saying why), and the next change
 tries again.  Nothing listens beyond loopback; SIGTERM or Ctrl-C stops the hosts too.
 
-Caveat: the HTTP trigger's event shape (``/fn/{name}/...``) is not served here yet.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from faas.core.http_events import http_answer, http_event
 from faas.core.models import VersionConfig
 
 from .errors import UsageError
@@ -215,22 +218,39 @@ def make_handler(host: DevHost, is_app: bool) -> type[BaseHTTPRequestHandler]:
                 self._error(503, "unavailable", f"the code does not run: {host.error}")
                 return
             body = self._body()
+            trigger_path: str | None = None
             if is_app:
                 target = "/_/app" + self.path
             elif self.command == "POST" and self.path.split("?")[0] in ("/", "/invoke"):
                 target = "/_/invoke"
+            elif self.path.startswith(f"/fn/{host.name}/") or self.path.split("?")[0] == f"/fn/{host.name}":
+                # The HTTP trigger, as the gateway's /fn/{name}/...: the request as an API Gateway event.
+                path, _, query = self.path.removeprefix(f"/fn/{host.name}").lstrip("/").partition("?")
+                trigger_path, target = path, "/_/invoke"
+                event = http_event(
+                    method=self.command, path=path, query=query,
+                    headers=[(k.lower(), v) for k, v in self.headers.items()], body=body,
+                    request_id=uuid.uuid4().hex, source_ip=self.client_address[0],
+                )  # fmt: skip
+                body = json.dumps(event).encode()
             else:
-                self._error(404, "not_found", "a function is invoked with POST / and the event as JSON body")
+                self._error(
+                    404, "not_found",
+                    f"a function takes POST / (the event as JSON body) or its HTTP trigger at /fn/{host.name}/",
+                )  # fmt: skip
                 return
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=host.config.timeout_s + 30)
             try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                if is_app:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                    headers["x-faas-root-path"] = ""
+                else:  # an invocation: the event, as the dispatcher sends it
+                    headers = {"content-type": "application/json", "x-faas-request-id": uuid.uuid4().hex}
                 headers["content-length"] = str(len(body))
-                headers["x-faas-root-path"] = ""
-                conn.request(self.command, target, body=body, headers=headers)
+                conn.request(self.command if is_app else "POST", target, body=body, headers=headers)
                 resp = conn.getresponse()
                 if not is_app:
-                    self._answer_invocation(resp)
+                    self._answer_invocation(resp, trigger=trigger_path is not None)
                     return
                 self.send_response(resp.status)
                 length = resp.getheader("content-length")
@@ -252,17 +272,22 @@ def make_handler(host: DevHost, is_app: bool) -> type[BaseHTTPRequestHandler]:
             finally:
                 conn.close()
 
-        def _answer_invocation(self, resp: http.client.HTTPResponse) -> None:
+        def _answer_invocation(self, resp: http.client.HTTPResponse, *, trigger: bool) -> None:
             data = resp.read()
             logs_bytes = int(resp.getheader("x-faas-logs-bytes") or 0)
             logs, result = data[:logs_bytes], data[logs_bytes:]
             if logs:
                 sys.stderr.write(logs.decode(errors="replace"))
-            self.send_response(resp.status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(result)))
+            status, headers, content = resp.status, [("content-type", "application/json")], result
+            if trigger and resp.status == 200:
+                status, headers, content = http_answer(json.loads(result))
+            self.send_response(status)
+            for name, value in headers:
+                if name not in ("content-length", *HOP_HEADERS):
+                    self.send_header(name, value)
+            self.send_header("content-length", str(len(content)))
             self.end_headers()
-            self.wfile.write(result)
+            self.wfile.write(content)
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _forward
 
