@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from faas.core.errors import InstanceStartError, Unavailable
-from faas.core.procs import processes_matching
+from faas.core.procs import proc_stat, processes_matching
 from faas.runtime.backend import InstanceExit
 from faas.runtime.process_backend import ProcessBackend
 from faas.runtime.sandbox import is_sandbox, same_pid_namespace
@@ -366,6 +366,12 @@ async def test_unreachable_instance_is_listed_as_not_alive(
     for pid in frozen_pids:
         os.kill(pid, signal.SIGSTOP)  # alive but not answering
     try:
+        # A stop is delivered when the process next runs: on a busy machine a thread may still answer
+        # a moment after kill() returned.  Query once every process shows as stopped.
+        deadline = time.monotonic() + 5
+        while not all((proc_stat(pid) or ("T", 0))[0] in ("T", "t", "X", "Z") for pid in frozen_pids):
+            assert time.monotonic() < deadline, "the host's processes did not stop"
+            await asyncio.sleep(0.01)
         [frozen] = await backend.list_instances()
         assert frozen.instance_id == spec.instance_id and frozen.alive is False
     finally:
